@@ -1,0 +1,120 @@
+//! client-go-style callbacks over the same engine, for code ported from Go.
+
+use std::future::Future;
+
+use futures::future::BoxFuture;
+use tokio_util::sync::CancellationToken;
+
+use crate::elector::{ElectionError, Elector};
+use crate::lock::Lock;
+use crate::term::Term;
+
+/// What to call as leadership changes, as client-go's `LeaderCallbacks`.
+///
+/// ```no_run
+/// # async fn doc(client: kube::Client) -> Result<(), Box<dyn std::error::Error>> {
+/// use leaderz::{Callbacks, ElectionConfig, Elector, LeaseLock};
+/// use tokio_util::sync::CancellationToken;
+///
+/// let elector = Elector::new(LeaseLock::new(client, "default", "my-lock"), ElectionConfig::new("pod-a"))?;
+/// let callbacks = Callbacks::new(|term| async move {
+///         // Runs while leading; stop when the term is cancelled.
+///         term.cancelled().await;
+///     })
+///     .on_stopped_leading(|| eprintln!("leaderelection lost"))
+///     .on_new_leader(|leader| println!("leader is now {leader:?}"));
+/// elector.run(callbacks, CancellationToken::new()).await?;
+/// # Ok(()) }
+/// ```
+#[allow(clippy::type_complexity)]
+pub struct Callbacks {
+    started: Box<dyn FnMut(Term) -> BoxFuture<'static, ()> + Send>,
+    stopped: Box<dyn FnMut() + Send>,
+    new_leader: Box<dyn FnMut(Option<&str>) + Send>,
+}
+
+impl std::fmt::Debug for Callbacks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Callbacks").finish_non_exhaustive()
+    }
+}
+
+impl Callbacks {
+    /// `on_started_leading`: spawned with the term each time this process starts
+    /// leading. The term ends when its token is cancelled; the elector waits for the
+    /// returned future to finish before it releases the lease or campaigns again.
+    pub fn new<F, Fut>(mut on_started_leading: F) -> Self
+    where
+        F: FnMut(Term) -> Fut + Send + 'static,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        Self {
+            started: Box::new(move |term| Box::pin(on_started_leading(term))),
+            stopped: Box::new(|| {}),
+            new_leader: Box::new(|_| {}),
+        }
+    }
+
+    /// Called after each term ends and its work has finished.
+    #[must_use]
+    pub fn on_stopped_leading(mut self, f: impl FnMut() + Send + 'static) -> Self {
+        self.stopped = Box::new(f);
+        self
+    }
+
+    /// Called when the observed leader changes (including to this process, and to
+    /// `None` when nobody leads); never twice in a row with the same value.
+    #[must_use]
+    pub fn on_new_leader(mut self, f: impl FnMut(Option<&str>) + Send + 'static) -> Self {
+        self.new_leader = Box::new(f);
+        self
+    }
+}
+
+impl<L: Lock> Elector<L> {
+    /// Runs the election with callbacks until `shutdown` is cancelled (then ends the
+    /// term, waits for `on_started_leading` to return, releases) or a fatal error.
+    pub async fn run(self, mut callbacks: Callbacks, shutdown: CancellationToken) -> Result<(), ElectionError> {
+        let mut handle = self.spawn();
+        let mut leader = handle.leader();
+        let stop = handle.shutdown_token();
+        let _stop_on_exit = stop.clone().drop_guard();
+        loop {
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break,
+                changed = leader.changed() => {
+                    if changed.is_err() {
+                        break;
+                    }
+                    let who = leader.borrow_and_update().clone();
+                    (callbacks.new_leader)(who.as_deref());
+                }
+                term = handle.acquired() => {
+                    let Ok(term) = term else { break };
+                    let token = term.token();
+                    let work = tokio::spawn((callbacks.started)(term));
+                    // Keep reporting leader changes while leading.
+                    loop {
+                        tokio::select! {
+                            biased;
+                            // The elector ends the term; the work sees its token cancelled.
+                            _ = shutdown.cancelled() => { stop.cancel(); break; }
+                            () = token.cancelled() => break,
+                            changed = leader.changed() => {
+                                if changed.is_ok() {
+                                    let who = leader.borrow_and_update().clone();
+                                    (callbacks.new_leader)(who.as_deref());
+                                }
+                            }
+                        }
+                    }
+                    let _ = work.await;
+                    (callbacks.stopped)();
+                }
+            }
+        }
+        stop.cancel();
+        handle.join().await
+    }
+}

@@ -1,0 +1,188 @@
+//! The running election as the application sees it: terms, the current leader,
+//! status and health, and a helper that runs work only while leading.
+
+use std::future::Future;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use crate::elector::ElectionError;
+use crate::record::Observed;
+use crate::term::{Term, TermInfo};
+
+/// What the elector knows right now (for status pages, sidecars and health checks).
+#[derive(Clone, Debug, Default, PartialEq)]
+#[non_exhaustive]
+pub struct Status {
+    /// The latest record this process read or was sent, and when it first saw it.
+    pub observed: Option<Observed>,
+    /// This process's current term, if it leads.
+    pub term: Option<TermInfo>,
+    /// Send time of this process's last successful write of the lease (acquire or renew).
+    pub last_renewed: Option<Instant>,
+    /// The last API failure, cleared by the next successful renewal.
+    pub last_error: Option<String>,
+    /// Whether a watch on the lease is open (followers only).
+    pub watching: bool,
+}
+
+/// The elector has stopped; [`ElectionHandle::shutdown`] tells why.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("the elector has stopped")]
+pub struct Stopped;
+
+/// A running election. Dropping it stops the election (releasing the lease in the
+/// background once the work has stopped); [`ElectionHandle::shutdown`] does the same
+/// and waits for it.
+#[derive(Debug)]
+pub struct ElectionHandle {
+    shutdown: CancellationToken,
+    task: Option<JoinHandle<Result<(), ElectionError>>>,
+    leader: watch::Receiver<Option<String>>,
+    term: watch::Receiver<Option<Term>>,
+    status: watch::Receiver<Status>,
+}
+
+impl ElectionHandle {
+    pub(crate) fn new(
+        shutdown: CancellationToken,
+        task: JoinHandle<Result<(), ElectionError>>,
+        leader: watch::Receiver<Option<String>>,
+        term: watch::Receiver<Option<Term>>,
+        status: watch::Receiver<Status>,
+    ) -> Self {
+        Self { shutdown, task: Some(task), leader, term, status }
+    }
+
+    /// Waits until this process leads and returns the term (at once if it leads now).
+    /// Drop the term when the work it guards has stopped.
+    pub async fn acquired(&self) -> Result<Term, Stopped> {
+        let mut rx = self.term.clone();
+        let term = rx.wait_for(Option::is_some).await.map_err(|_| Stopped)?;
+        term.clone().ok_or(Stopped)
+    }
+
+    /// The current term, if this process leads.
+    pub fn current_term(&self) -> Option<Term> {
+        self.term.borrow().clone()
+    }
+
+    /// Whether this process leads now.
+    pub fn is_leader(&self) -> bool {
+        self.term.borrow().is_some()
+    }
+
+    /// Who leads, as this process sees it: `None` when nobody does (released, deleted,
+    /// or the holder's lease expired). Changes are deduplicated.
+    pub fn leader(&self) -> watch::Receiver<Option<String>> {
+        self.leader.clone()
+    }
+
+    /// What the elector knows right now.
+    pub fn status(&self) -> watch::Receiver<Status> {
+        self.status.clone()
+    }
+
+    /// A token that stops the election when cancelled (same as dropping the handle).
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+
+    /// Health, in the sense of client-go's `HealthzAdaptor`: unhealthy only if this
+    /// process believes it leads but has not renewed for longer than the lease duration
+    /// plus `tolerance` — the elector is stuck, and a restart is the cure. Followers
+    /// and leaders that step down on time are healthy.
+    pub fn check_health(&self, lease_duration: Duration, tolerance: Duration) -> Result<(), HealthError> {
+        let status = self.status.borrow();
+        if let (Some(term), Some(last)) = (&status.term, status.last_renewed) {
+            let since = last.elapsed();
+            if since > lease_duration + tolerance {
+                return Err(HealthError { lock: term.lock.clone(), since });
+            }
+        }
+        if self.task.as_ref().is_none_or(JoinHandle::is_finished) {
+            return Err(HealthError { lock: String::from("<stopped>"), since: Duration::ZERO });
+        }
+        Ok(())
+    }
+
+    /// Runs `work` each time this process leads, and drops (aborts) it when the term
+    /// ends. Returns when the elector stops.
+    ///
+    /// ```no_run
+    /// # async fn doc(handle: leaderz::ElectionHandle) {
+    /// handle.run_while_leading(|term| async move {
+    ///     loop {
+    ///         println!("working as term {}", term.fencing_token());
+    ///         tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    ///     }
+    /// }).await;
+    /// # }
+    /// ```
+    pub async fn run_while_leading<F, Fut>(&self, mut work: F)
+    where
+        F: FnMut(Term) -> Fut,
+        Fut: Future<Output = ()>,
+    {
+        while let Ok(term) = self.acquired().await {
+            let token = term.token();
+            tokio::select! {
+                () = work(term) => {
+                    // Finished early: the term stays ours until it ends.
+                    token.cancelled().await;
+                }
+                () = token.cancelled() => {}
+            }
+        }
+    }
+
+    /// Stops the election: ends the term, waits (up to the configured grace) for the
+    /// work to drop its [`Term`], releases the lease if configured, and returns how the
+    /// elector ended.
+    pub async fn shutdown(mut self) -> Result<(), ElectionError> {
+        self.shutdown.cancel();
+        self.join().await
+    }
+
+    /// Stops the elector at once, as a crash would: no release, and the term's token is
+    /// not cancelled. For simulations and fault tests.
+    #[doc(hidden)]
+    pub fn abort(mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
+        }
+    }
+
+    /// Waits for the elector to stop by itself (a fatal error) without stopping it.
+    pub async fn join(&mut self) -> Result<(), ElectionError> {
+        let Some(task) = self.task.as_mut() else {
+            return Ok(());
+        };
+        let result = match task.await {
+            Ok(r) => r,
+            Err(e) => Err(ElectionError::Task(e.to_string())),
+        };
+        self.task = None;
+        result
+    }
+}
+
+impl Drop for ElectionHandle {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// The elector believes it leads but has not renewed in time (see
+/// [`ElectionHandle::check_health`]).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("failed election to renew leadership on lease {lock} (last renewal {since:?} ago)")]
+pub struct HealthError {
+    /// The lock.
+    pub lock: String,
+    /// Time since the last successful renewal.
+    pub since: Duration,
+}

@@ -1,0 +1,170 @@
+//! The Kubernetes lock: one `coordination.k8s.io/v1` Lease, written as client-go does.
+
+use std::sync::Arc;
+
+use futures::stream::BoxStream;
+use futures::{StreamExt, TryStreamExt};
+use k8s_openapi::api::coordination::v1::Lease;
+use kube::api::{ObjectMeta, PostParams, WatchEvent, WatchParams};
+use kube::{Api, Client};
+
+use super::{Lock, LockError, LockEvent, Versioned};
+use crate::record::LeaderRecord;
+
+/// How long the server keeps one watch open before we re-read and watch again.
+const WATCH_TIMEOUT_SECS: u32 = 290;
+
+/// A [`Lock`] on a Lease in one namespace.
+///
+/// Reads with `get`, creates with `create`, and writes with `replace` carrying the
+/// `resourceVersion` that was read, so a concurrent write fails with 409 instead of
+/// being overwritten. Watches use a single-object watch (`fieldSelector=metadata.name=`),
+/// which RBAC can restrict to the lease's `resourceNames`; no `list` is needed.
+///
+/// ```no_run
+/// # async fn doc() -> Result<(), kube::Error> {
+/// let client = kube::Client::try_default().await?;
+/// let lock = leaderz::LeaseLock::new(client, "default", "my-lock");
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct LeaseLock {
+    api: Api<Lease>,
+    namespace: String,
+    name: String,
+}
+
+impl std::fmt::Debug for LeaseLock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LeaseLock")
+            .field("namespace", &self.namespace)
+            .field("name", &self.name)
+            .finish()
+    }
+}
+
+impl LeaseLock {
+    /// A lock on Lease `name` in `namespace`.
+    pub fn new(client: Client, namespace: &str, name: &str) -> Self {
+        Self {
+            api: Api::namespaced(client, namespace),
+            namespace: namespace.to_owned(),
+            name: name.to_owned(),
+        }
+    }
+
+    /// The Lease's namespace.
+    pub fn namespace(&self) -> &str {
+        &self.namespace
+    }
+
+    /// The Lease's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn error(&self, verb: &'static str, err: kube::Error) -> LockError {
+        match err {
+            kube::Error::Api(status) => match status.code {
+                409 if verb == "create" => LockError::AlreadyExists,
+                409 => LockError::Conflict,
+                404 => LockError::NotFound,
+                403 => LockError::Forbidden {
+                    verb,
+                    namespace: self.namespace.clone(),
+                    name: self.name.clone(),
+                    message: status.message,
+                },
+                401 => LockError::Unauthorized(status.message),
+                code => LockError::Api { code, reason: status.reason, message: status.message },
+            },
+            other => LockError::Transport(Box::new(other)),
+        }
+    }
+}
+
+fn versioned(lease: Lease) -> Versioned {
+    Versioned {
+        record: LeaderRecord::from_spec(lease.spec.as_ref()),
+        version: lease.metadata.resource_version.clone().unwrap_or_default(),
+        lease: Some(Arc::new(lease)),
+    }
+}
+
+impl Lock for LeaseLock {
+    async fn get(&self) -> Result<Option<Versioned>, LockError> {
+        match self.api.get_opt(&self.name).await {
+            Ok(lease) => Ok(lease.map(versioned)),
+            Err(e) => Err(self.error("get", e)),
+        }
+    }
+
+    async fn create(&self, record: &LeaderRecord) -> Result<Versioned, LockError> {
+        let lease = Lease {
+            metadata: ObjectMeta {
+                name: Some(self.name.clone()),
+                namespace: Some(self.namespace.clone()),
+                ..Default::default()
+            },
+            spec: Some(record.to_spec()),
+        };
+        match self.api.create(&PostParams::default(), &lease).await {
+            Ok(lease) => Ok(versioned(lease)),
+            Err(e) => Err(self.error("create", e)),
+        }
+    }
+
+    async fn update(&self, current: &Versioned, record: &LeaderRecord) -> Result<Versioned, LockError> {
+        // Keep whatever else the Lease carries (labels, annotations, owners); replace
+        // the spec and pin the version we read.
+        let mut lease = match &current.lease {
+            Some(lease) => Lease::clone(lease),
+            None => Lease {
+                metadata: ObjectMeta {
+                    name: Some(self.name.clone()),
+                    namespace: Some(self.namespace.clone()),
+                    ..Default::default()
+                },
+                spec: None,
+            },
+        };
+        lease.metadata.resource_version = Some(current.version.clone());
+        lease.metadata.managed_fields = None;
+        lease.spec = Some(record.to_spec());
+        match self.api.replace(&self.name, &PostParams::default(), &lease).await {
+            Ok(lease) => Ok(versioned(lease)),
+            Err(e) => Err(self.error("update", e)),
+        }
+    }
+
+    async fn watch(&self, version: &str) -> Result<BoxStream<'static, Result<LockEvent, LockError>>, LockError> {
+        let params = WatchParams::default()
+            .fields(&format!("metadata.name={}", self.name))
+            .timeout(WATCH_TIMEOUT_SECS);
+        let stream = self.api.watch(&params, version).await.map_err(|e| self.error("watch", e))?;
+        let this = self.clone();
+        let events = stream
+            .map_err(move |e| this.error("watch", e))
+            .filter_map(|ev| {
+                let out = match ev {
+                    Ok(WatchEvent::Added(lease) | WatchEvent::Modified(lease)) => {
+                        Some(Ok(LockEvent::Changed(versioned(lease))))
+                    }
+                    Ok(WatchEvent::Deleted(_)) => Some(Ok(LockEvent::Deleted)),
+                    Ok(WatchEvent::Bookmark(_)) => None,
+                    Ok(WatchEvent::Error(status)) => Some(Err(LockError::Api {
+                        code: status.code,
+                        reason: status.reason,
+                        message: status.message,
+                    })),
+                    Err(e) => Some(Err(e)),
+                };
+                futures::future::ready(out)
+            });
+        Ok(events.boxed())
+    }
+
+    fn describe(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+}

@@ -1,0 +1,178 @@
+//! An in-process lock for deterministic tests and simulations.
+
+use std::sync::Arc;
+
+use futures::StreamExt;
+use futures::stream::BoxStream;
+use tokio::sync::watch;
+
+use super::{Lock, LockError, LockEvent, Versioned};
+use crate::record::LeaderRecord;
+
+/// A [`Lock`] held in memory, shared by cloning. It behaves like the API server does
+/// for one Lease: versions rise on every write, `update` is a compare-and-swap, and
+/// watchers see every state after the version they name (intermediate states may be
+/// coalesced, as a real watch may deliver them late).
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")] async fn main() {
+/// use leaderz::{Lock, LeaderRecord, MemoryLock};
+///
+/// let lock = MemoryLock::new("my-lock");
+/// assert!(lock.get().await.unwrap().is_none());
+/// let v = lock.create(&LeaderRecord::default()).await.unwrap();
+/// assert_eq!(lock.get().await.unwrap(), Some(v));
+/// # }
+/// ```
+#[derive(Clone, Debug)]
+pub struct MemoryLock {
+    name: Arc<str>,
+    state: Arc<watch::Sender<State>>,
+}
+
+#[derive(Clone, Debug, Default)]
+struct State {
+    current: Option<Versioned>,
+    next_version: u64,
+}
+
+impl MemoryLock {
+    /// An empty lock (no record yet) called `name`.
+    pub fn new(name: &str) -> Self {
+        Self {
+            name: name.into(),
+            state: Arc::new(watch::Sender::new(State { current: None, next_version: 1 })),
+        }
+    }
+
+    /// Writes `record` unconditionally, as an administrator could; `None` deletes it.
+    pub fn force(&self, record: Option<LeaderRecord>) -> Option<Versioned> {
+        let mut out = None;
+        self.state.send_modify(|s| {
+            s.current = record.map(|record| Versioned {
+                record,
+                version: s.bump(),
+                lease: None,
+            });
+            out = s.current.clone();
+        });
+        out
+    }
+
+    /// The record as it is now, without going through the [`Lock`] API.
+    pub fn peek(&self) -> Option<Versioned> {
+        self.state.borrow().current.clone()
+    }
+}
+
+impl State {
+    fn bump(&mut self) -> String {
+        let v = self.next_version;
+        self.next_version += 1;
+        v.to_string()
+    }
+}
+
+impl Lock for MemoryLock {
+    async fn get(&self) -> Result<Option<Versioned>, LockError> {
+        Ok(self.peek())
+    }
+
+    async fn create(&self, record: &LeaderRecord) -> Result<Versioned, LockError> {
+        let mut out = Err(LockError::AlreadyExists);
+        self.state.send_if_modified(|s| {
+            if s.current.is_some() {
+                return false;
+            }
+            let v = Versioned { record: record.clone(), version: s.bump(), lease: None };
+            s.current = Some(v.clone());
+            out = Ok(v);
+            true
+        });
+        out
+    }
+
+    async fn update(&self, current: &Versioned, record: &LeaderRecord) -> Result<Versioned, LockError> {
+        let mut out = Err(LockError::NotFound);
+        self.state.send_if_modified(|s| {
+            match &s.current {
+                None => return false,
+                Some(c) if c.version != current.version => {
+                    out = Err(LockError::Conflict);
+                    return false;
+                }
+                Some(_) => {}
+            }
+            let v = Versioned { record: record.clone(), version: s.bump(), lease: None };
+            s.current = Some(v.clone());
+            out = Ok(v);
+            true
+        });
+        out
+    }
+
+    async fn watch(&self, version: &str) -> Result<BoxStream<'static, Result<LockEvent, LockError>>, LockError> {
+        let mut rx = self.state.subscribe();
+        let mut last = Some(version.to_owned());
+        // Report the current state at once if it differs from what the caller saw.
+        rx.mark_changed();
+        let stream = futures::stream::unfold(rx, |mut rx| async move {
+            rx.changed().await.ok()?;
+            let current = rx.borrow_and_update().current.clone();
+            Some((current, rx))
+        })
+        .filter_map(move |current| {
+            let version = current.as_ref().map(|v| v.version.clone());
+            let event = if version == last {
+                None
+            } else {
+                last = version;
+                Some(Ok(match current {
+                    Some(v) => LockEvent::Changed(v),
+                    None => LockEvent::Deleted,
+                }))
+            };
+            futures::future::ready(event)
+        });
+        Ok(stream.boxed())
+    }
+
+    fn describe(&self) -> String {
+        format!("memory/{}", self.name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rec(holder: &str) -> LeaderRecord {
+        LeaderRecord { holder_identity: holder.into(), ..Default::default() }
+    }
+
+    #[tokio::test]
+    async fn update_is_compare_and_swap() {
+        let lock = MemoryLock::new("l");
+        let v1 = lock.create(&rec("a")).await.unwrap();
+        assert!(matches!(lock.create(&rec("b")).await, Err(LockError::AlreadyExists)));
+        let v2 = lock.update(&v1, &rec("b")).await.unwrap();
+        assert_ne!(v1.version, v2.version);
+        assert!(matches!(lock.update(&v1, &rec("c")).await, Err(LockError::Conflict)));
+        lock.force(None);
+        assert!(matches!(lock.update(&v2, &rec("c")).await, Err(LockError::NotFound)));
+    }
+
+    #[tokio::test]
+    async fn watch_reports_changes_after_the_named_version() {
+        let lock = MemoryLock::new("l");
+        let v1 = lock.create(&rec("a")).await.unwrap();
+        let mut w = lock.watch(&v1.version).await.unwrap();
+        let v2 = lock.update(&v1, &rec("b")).await.unwrap();
+        match w.next().await {
+            Some(Ok(LockEvent::Changed(v))) => assert_eq!(v, v2),
+            other => panic!("{other:?}"),
+        }
+        lock.force(None);
+        assert!(matches!(w.next().await, Some(Ok(LockEvent::Deleted))));
+    }
+}

@@ -1,0 +1,152 @@
+//! The lock: where the leader record is read and written.
+//!
+//! A [`Lock`] is a compare-and-swap register holding one [`LeaderRecord`]: `update`
+//! only succeeds if the record is still at the version the caller read. The
+//! Kubernetes implementation is [`LeaseLock`] (a `coordination.k8s.io/v1` Lease,
+//! written with `replace` carrying the `resourceVersion`); [`MemoryLock`] is an
+//! in-process one for deterministic tests and simulations.
+//!
+//! Implementations do not time out on their own: the elector bounds every call.
+
+use std::future::Future;
+use std::sync::Arc;
+
+use futures::stream::BoxStream;
+use k8s_openapi::api::coordination::v1::Lease;
+
+use crate::record::LeaderRecord;
+
+mod lease;
+mod memory;
+
+pub use lease::LeaseLock;
+pub use memory::MemoryLock;
+
+/// A record and the version it was read at.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Versioned {
+    /// The record.
+    pub record: LeaderRecord,
+    /// An opaque version (a `resourceVersion`); an update must name the current one.
+    pub version: String,
+    /// The whole Lease the record came from, if it came from one, so that an update
+    /// keeps its labels, annotations and owner references.
+    pub lease: Option<Arc<Lease>>,
+}
+
+/// A change seen by [`Lock::watch`].
+#[derive(Clone, Debug, PartialEq)]
+pub enum LockEvent {
+    /// The record was created or changed.
+    Changed(Versioned),
+    /// The record was deleted.
+    Deleted,
+}
+
+/// Where the leader record lives. See the [module docs](self).
+pub trait Lock: Send + Sync + 'static {
+    /// Reads the record; `None` if it does not exist.
+    fn get(&self) -> impl Future<Output = Result<Option<Versioned>, LockError>> + Send;
+
+    /// Creates the record; [`LockError::AlreadyExists`] if someone else did first.
+    fn create(
+        &self,
+        record: &LeaderRecord,
+    ) -> impl Future<Output = Result<Versioned, LockError>> + Send;
+
+    /// Replaces the record if it is still at `current.version`, else
+    /// [`LockError::Conflict`].
+    fn update(
+        &self,
+        current: &Versioned,
+        record: &LeaderRecord,
+    ) -> impl Future<Output = Result<Versioned, LockError>> + Send;
+
+    /// A stream of changes after `version`. It ends when the server ends the watch;
+    /// the caller reads again and watches anew.
+    fn watch(
+        &self,
+        version: &str,
+    ) -> impl Future<Output = Result<BoxStream<'static, Result<LockEvent, LockError>>, LockError>> + Send;
+
+    /// A short description for logs and metrics labels, e.g. `default/my-lock`.
+    fn describe(&self) -> String;
+
+    /// Tells the world that `identity` started (`leading`) or stopped leading, for
+    /// example as a Kubernetes Event on the Lease. Best effort: failures are only
+    /// logged. Does nothing unless the implementation opts in.
+    fn announce(&self, identity: &str, leading: bool) -> impl Future<Output = ()> + Send {
+        let _ = (identity, leading);
+        async {}
+    }
+}
+
+/// Why a lock operation failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum LockError {
+    /// The record changed since it was read (HTTP 409 on update): someone else wrote first.
+    #[error("conflict: the lease changed since it was read")]
+    Conflict,
+    /// The record already exists (HTTP 409 on create).
+    #[error("the lease already exists")]
+    AlreadyExists,
+    /// The record does not exist (on update: it was deleted).
+    #[error("the lease does not exist")]
+    NotFound,
+    /// RBAC denied the request (HTTP 403).
+    #[error(
+        "forbidden: grant `{verb}` on `leases.coordination.k8s.io` in namespace `{namespace}` (lease `{name}`): {message}"
+    )]
+    Forbidden {
+        /// The verb that was denied: get, create, update or watch.
+        verb: &'static str,
+        /// The Lease's namespace.
+        namespace: String,
+        /// The Lease's name.
+        name: String,
+        /// The API server's message.
+        message: String,
+    },
+    /// The credentials were refused (HTTP 401).
+    #[error("unauthorized: the API server refused our credentials: {0}")]
+    Unauthorized(String),
+    /// The call did not finish within its time limit.
+    #[error("the API call did not finish within {0:?}")]
+    Timeout(std::time::Duration),
+    /// The API server answered with another error (HTTP 5xx, 429, 410, ...).
+    #[error("API error {code} {reason}: {message}")]
+    Api {
+        /// HTTP status code.
+        code: u16,
+        /// Machine-readable reason.
+        reason: String,
+        /// Human-readable message.
+        message: String,
+    },
+    /// The request did not get an answer (connection refused, reset, TLS, ...).
+    #[error("cannot reach the API server: {0}")]
+    Transport(#[source] Box<dyn std::error::Error + Send + Sync>),
+}
+
+impl LockError {
+    /// A short label for metrics: `conflict`, `forbidden`, `timeout`, ...
+    pub fn kind(&self) -> &'static str {
+        match self {
+            LockError::Conflict => "conflict",
+            LockError::AlreadyExists => "already_exists",
+            LockError::NotFound => "not_found",
+            LockError::Forbidden { .. } => "forbidden",
+            LockError::Unauthorized(_) => "unauthorized",
+            LockError::Timeout(_) => "timeout",
+            LockError::Api { .. } => "api",
+            LockError::Transport(_) => "transport",
+        }
+    }
+
+    /// Whether retrying can help without someone changing RBAC or credentials.
+    /// Forbidden and unauthorized are fatal: the elector stops and reports them.
+    pub fn is_fatal(&self) -> bool {
+        matches!(self, LockError::Forbidden { .. } | LockError::Unauthorized(_))
+    }
+}

@@ -1,0 +1,298 @@
+//! The leader record: what a Lease says, how it maps to and from `LeaseSpec`, and
+//! when an observed record expires.
+//!
+//! This is the one place where expiry is decided ([`Observed::expires_at`]).
+//!
+//! # Garbage in a Lease
+//!
+//! Anyone with `update` on a Lease can write anything the API server accepts into it.
+//! The rules, chosen so that a bad record can never make us take over sooner than a
+//! well-formed one from a holder with our own settings would:
+//!
+//! | what the Lease says | how it is read |
+//! |---|---|
+//! | no `spec`, or no/empty `holderIdentity` | no holder: free to take |
+//! | `leaseDurationSeconds` missing, zero or negative | our own `lease_duration` |
+//! | `leaseDurationSeconds` shorter than ours | our own `lease_duration` (never shorter) |
+//! | `leaseDurationSeconds` longer than `max_record_duration` | `max_record_duration`, with a warning |
+//! | `leaseTransitions` missing or negative | 0 |
+//! | `leaseTransitions` at `i32::MAX` | kept (cannot rise); taking over is refused, see [`TakeoverError`] |
+//! | `acquireTime`/`renewTime` missing or in the future/past | ignored: times only tell that the record changed |
+
+use std::time::Duration;
+
+use jiff::Timestamp;
+use k8s_openapi::api::coordination::v1::LeaseSpec;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
+use tokio::time::Instant;
+
+/// A Lease's leader-election fields, as client-go's `LeaderElectionRecord` holds them.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LeaderRecord {
+    /// Who holds the lease; empty when nobody does (after a release).
+    pub holder_identity: String,
+    /// `leaseDurationSeconds` as written (may be garbage: see the module docs).
+    pub lease_duration_seconds: Option<i32>,
+    /// When the current holder acquired the lease.
+    pub acquire_time: Option<Timestamp>,
+    /// When the current holder last renewed the lease.
+    pub renew_time: Option<Timestamp>,
+    /// How many times the lease changed hands (`leaseTransitions`); leaderz's fencing token.
+    pub lease_transitions: i32,
+    /// `preferredHolder` and `strategy` (coordinated election), kept as found.
+    pub preferred_holder: Option<String>,
+    /// See [`LeaderRecord::preferred_holder`].
+    pub strategy: Option<String>,
+}
+
+impl LeaderRecord {
+    /// The holder, or `None` if nobody holds the lease.
+    pub fn holder(&self) -> Option<&str> {
+        (!self.holder_identity.is_empty()).then_some(self.holder_identity.as_str())
+    }
+
+    /// Reads a `LeaseSpec` (a missing spec reads as an empty record).
+    pub fn from_spec(spec: Option<&LeaseSpec>) -> Self {
+        let Some(spec) = spec else {
+            return Self::default();
+        };
+        Self {
+            holder_identity: spec.holder_identity.clone().unwrap_or_default(),
+            lease_duration_seconds: spec.lease_duration_seconds,
+            acquire_time: spec.acquire_time.as_ref().map(|t| t.0),
+            renew_time: spec.renew_time.as_ref().map(|t| t.0),
+            lease_transitions: spec.lease_transitions.unwrap_or(0).max(0),
+            preferred_holder: spec.preferred_holder.clone(),
+            strategy: spec.strategy.clone(),
+        }
+    }
+
+    /// Writes the record as client-go does: every field set, times in microseconds,
+    /// `holderIdentity: ""` (not null) when nobody holds it.
+    pub fn to_spec(&self) -> LeaseSpec {
+        LeaseSpec {
+            holder_identity: Some(self.holder_identity.clone()),
+            lease_duration_seconds: self.lease_duration_seconds,
+            acquire_time: self.acquire_time.map(micro_time),
+            renew_time: self.renew_time.map(micro_time),
+            lease_transitions: Some(self.lease_transitions),
+            preferred_holder: self.preferred_holder.clone(),
+            strategy: self.strategy.clone(),
+        }
+    }
+
+    /// How long this record keeps its holder valid after it was observed, by the rules
+    /// in the module docs: never shorter than `own`, never longer than `max`.
+    pub fn effective_duration(&self, own: Duration, max: Duration) -> Duration {
+        let written = self
+            .lease_duration_seconds
+            .and_then(|s| u64::try_from(s).ok())
+            .map(Duration::from_secs)
+            .unwrap_or(Duration::ZERO);
+        if written > max {
+            tracing::warn!(
+                holder = %self.holder_identity,
+                lease_duration_seconds = ?self.lease_duration_seconds,
+                max_secs = max.as_secs(),
+                "lease record's duration is longer than max_record_duration; capping it"
+            );
+        }
+        written.clamp(own, max)
+    }
+
+    /// The transitions count after a new term starts on this record: one more, since a
+    /// new term is a transition even when the identity is the same as before (see
+    /// [`crate::Term::fencing_token`]).
+    pub(crate) fn next_transitions(&self) -> Result<i32, TakeoverError> {
+        self.lease_transitions
+            .checked_add(1)
+            .ok_or(TakeoverError::TransitionsExhausted)
+    }
+}
+
+/// Why a lease cannot be taken over even though it is free.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum TakeoverError {
+    /// `leaseTransitions` is `i32::MAX`, so the fencing token could not rise.
+    #[error(
+        "leaseTransitions is at its maximum (2147483647); the fencing token cannot rise: delete the Lease to reset it"
+    )]
+    TransitionsExhausted,
+}
+
+/// Formats a timestamp as a Kubernetes MicroTime value (microseconds, UTC, `Z`).
+pub fn micro_time(t: Timestamp) -> MicroTime {
+    // Truncate to microseconds so that what we hold equals what we read back.
+    let micros = t.as_microsecond();
+    MicroTime(Timestamp::from_microsecond(micros).unwrap_or(t))
+}
+
+/// The current wall-clock time at MicroTime's resolution: only ever written into a
+/// record, never used to judge expiry.
+pub(crate) fn now_micros() -> Timestamp {
+    let now = Timestamp::now();
+    Timestamp::from_microsecond(now.as_microsecond()).unwrap_or(now)
+}
+
+/// A record as this process saw it, and when (on the local monotonic clock).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Observed {
+    /// The record.
+    pub record: LeaderRecord,
+    /// The version it was read at (the Lease's `resourceVersion`).
+    pub version: String,
+    /// When this process first saw this version of the record.
+    pub observed_at: Instant,
+}
+
+impl Observed {
+    /// The instant after which the record's holder no longer holds it in this process's
+    /// eyes: `observed_at` plus the record's own (sanitised) duration. This is the only
+    /// expiry rule in leaderz; renewTime is never compared with the local clock.
+    pub fn expires_at(&self, own: Duration, max: Duration) -> Instant {
+        self.observed_at + self.record.effective_duration(own, max)
+    }
+
+    /// Whether someone holds the record and it has not expired at `now`.
+    pub fn is_held_at(&self, now: Instant, own: Duration, max: Duration) -> bool {
+        self.record.holder().is_some() && now < self.expires_at(own, max)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn micro_time_is_formatted_exactly_as_client_go_writes_it() {
+        let t: Timestamp = "2020-03-06T19:38:10.890381Z".parse().unwrap();
+        let json = serde_json::to_string(&micro_time(t)).unwrap();
+        assert_eq!(json, "\"2020-03-06T19:38:10.890381Z\"");
+        // Nanoseconds are truncated, whole seconds keep six zeros.
+        let t: Timestamp = "2020-03-06T19:38:10.890381999Z".parse().unwrap();
+        assert_eq!(
+            serde_json::to_string(&micro_time(t)).unwrap(),
+            "\"2020-03-06T19:38:10.890381Z\""
+        );
+        let t: Timestamp = "2020-03-06T19:38:10Z".parse().unwrap();
+        assert_eq!(
+            serde_json::to_string(&micro_time(t)).unwrap(),
+            "\"2020-03-06T19:38:10.000000Z\""
+        );
+    }
+
+    #[test]
+    fn spec_json_matches_client_go_field_for_field() {
+        let rec = LeaderRecord {
+            holder_identity: "pod-a".into(),
+            lease_duration_seconds: Some(15),
+            acquire_time: Some("2020-03-06T19:38:10.890381Z".parse().unwrap()),
+            renew_time: Some("2020-03-06T19:38:12.000001Z".parse().unwrap()),
+            lease_transitions: 3,
+            preferred_holder: None,
+            strategy: None,
+        };
+        let json = serde_json::to_value(rec.to_spec()).unwrap();
+        assert_eq!(
+            json,
+            serde_json::json!({
+                "holderIdentity": "pod-a",
+                "leaseDurationSeconds": 15,
+                "acquireTime": "2020-03-06T19:38:10.890381Z",
+                "renewTime": "2020-03-06T19:38:12.000001Z",
+                "leaseTransitions": 3,
+            })
+        );
+    }
+
+    #[test]
+    fn released_record_writes_empty_holder_not_null() {
+        let rec = LeaderRecord { lease_duration_seconds: Some(1), ..Default::default() };
+        let json = serde_json::to_value(rec.to_spec()).unwrap();
+        assert_eq!(json["holderIdentity"], "");
+        assert_eq!(rec.holder(), None);
+    }
+
+    #[test]
+    fn missing_or_garbage_spec_reads_safely() {
+        assert_eq!(LeaderRecord::from_spec(None), LeaderRecord::default());
+        let spec = LeaseSpec {
+            holder_identity: None,
+            lease_transitions: Some(-7),
+            ..Default::default()
+        };
+        let rec = LeaderRecord::from_spec(Some(&spec));
+        assert_eq!(rec.holder(), None);
+        assert_eq!(rec.lease_transitions, 0);
+    }
+
+    #[test]
+    fn effective_duration_rules() {
+        let own = Duration::from_secs(15);
+        let max = Duration::from_secs(3600);
+        let with = |s: Option<i32>| LeaderRecord {
+            holder_identity: "x".into(),
+            lease_duration_seconds: s,
+            ..Default::default()
+        };
+        assert_eq!(with(None).effective_duration(own, max), own);
+        assert_eq!(with(Some(0)).effective_duration(own, max), own);
+        assert_eq!(with(Some(-5)).effective_duration(own, max), own);
+        assert_eq!(with(Some(1)).effective_duration(own, max), own);
+        assert_eq!(with(Some(137)).effective_duration(own, max), Duration::from_secs(137));
+        assert_eq!(with(Some(i32::MAX)).effective_duration(own, max), max);
+    }
+
+    #[test]
+    fn transitions_cannot_overflow() {
+        let rec = LeaderRecord { lease_transitions: i32::MAX, ..Default::default() };
+        assert_eq!(rec.next_transitions(), Err(TakeoverError::TransitionsExhausted));
+        let rec = LeaderRecord { lease_transitions: 4, ..Default::default() };
+        assert_eq!(rec.next_transitions(), Ok(5));
+    }
+
+    fn arb_timestamp() -> impl Strategy<Value = Option<Timestamp>> {
+        // Years 1 to 9999 at microsecond resolution: everything MicroTime can carry.
+        proptest::option::of(
+            (-62_135_596_800_000_000i64..253_402_300_799_000_000i64)
+                .prop_map(|us| Timestamp::from_microsecond(us).unwrap()),
+        )
+    }
+
+    proptest! {
+        #[test]
+        fn record_round_trips_through_spec_and_json(
+            holder in "[a-z0-9-]{0,20}",
+            dur in proptest::option::of(1i32..=i32::MAX),
+            acquire in arb_timestamp(),
+            renew in arb_timestamp(),
+            transitions in 0i32..=i32::MAX,
+        ) {
+            let rec = LeaderRecord {
+                holder_identity: holder,
+                lease_duration_seconds: dur,
+                acquire_time: acquire,
+                renew_time: renew,
+                lease_transitions: transitions,
+                preferred_holder: None,
+                strategy: None,
+            };
+            let spec = rec.to_spec();
+            prop_assert_eq!(LeaderRecord::from_spec(Some(&spec)), rec.clone());
+            let json = serde_json::to_string(&spec).unwrap();
+            let back: LeaseSpec = serde_json::from_str(&json).unwrap();
+            prop_assert_eq!(LeaderRecord::from_spec(Some(&back)), rec);
+        }
+
+        #[test]
+        fn effective_duration_is_never_below_own(dur in proptest::option::of(any::<i32>()), own in 1u64..100_000) {
+            let own = Duration::from_secs(own);
+            let max = Duration::from_secs(100_000);
+            let rec = LeaderRecord { lease_duration_seconds: dur, ..Default::default() };
+            let d = rec.effective_duration(own, max);
+            prop_assert!(d >= own && d <= max);
+        }
+    }
+}

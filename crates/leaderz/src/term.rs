@@ -1,0 +1,128 @@
+//! A leadership term: what the leader's work holds while it runs.
+
+use std::sync::Arc;
+
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
+
+/// One leadership term of this process.
+///
+/// Hand it to the work that must run only while leading, and drop it when that work
+/// has stopped: the elector waits for every clone to be dropped before it campaigns
+/// again or releases the lease on shutdown. The term's [token](Term::token) is
+/// cancelled when leadership ends, no later than [`Term::deadline`].
+#[derive(Clone, Debug)]
+pub struct Term {
+    inner: Arc<TermInfo>,
+    deadline: watch::Receiver<Instant>,
+    cancel: CancellationToken,
+    _alive: mpsc::Sender<()>,
+}
+
+/// The facts of a term, without the ability to keep it alive.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct TermInfo {
+    /// This process's identity (the Lease's `holderIdentity`).
+    pub identity: String,
+    /// The lock, e.g. `default/my-lock`.
+    pub lock: String,
+    /// The Lease's `leaseTransitions` when this term began.
+    pub fencing_token: i64,
+    /// When the term began (when the acquiring write was sent).
+    pub started_at: Instant,
+}
+
+impl Term {
+    /// The identity that leads.
+    pub fn identity(&self) -> &str {
+        &self.inner.identity
+    }
+
+    /// The fencing token: the Lease's `leaseTransitions` at the start of this term.
+    ///
+    /// It rises with every new term on this Lease (leaderz counts a new term as a
+    /// transition even when the same identity takes the lease again), so a downstream
+    /// system that remembers the highest token it has seen can reject writes from a
+    /// stale leader. Deleting the Lease resets it to 0, and client-go candidates do
+    /// not raise it when they re-take a lease under the same identity.
+    pub fn fencing_token(&self) -> i64 {
+        self.inner.fencing_token
+    }
+
+    /// The latest instant this term can last: the send time of the last successful
+    /// renewal plus the renew deadline. It moves forward with each renewal.
+    pub fn deadline(&self) -> Instant {
+        *self.deadline.borrow()
+    }
+
+    /// The facts of this term.
+    pub fn info(&self) -> &TermInfo {
+        &self.inner
+    }
+
+    /// A token cancelled when this term ends.
+    pub fn token(&self) -> CancellationToken {
+        self.cancel.clone()
+    }
+
+    /// Completes when this term ends.
+    pub fn cancelled(&self) -> WaitForCancellationFuture<'_> {
+        self.cancel.cancelled()
+    }
+
+    /// Whether the term is still going on.
+    pub fn is_active(&self) -> bool {
+        !self.cancel.is_cancelled()
+    }
+}
+
+/// The elector's side of a term: it ends the term and learns when the work stopped.
+#[derive(Debug)]
+pub(crate) struct TermControl {
+    pub(crate) info: Arc<TermInfo>,
+    deadline: watch::Sender<Instant>,
+    cancel: CancellationToken,
+    alive: mpsc::Receiver<()>,
+    alive_tx: Option<mpsc::Sender<()>>,
+}
+
+impl TermControl {
+    pub(crate) fn new(info: TermInfo, deadline: Instant) -> Self {
+        let (alive_tx, alive) = mpsc::channel(1);
+        Self {
+            info: Arc::new(info),
+            deadline: watch::Sender::new(deadline),
+            cancel: CancellationToken::new(),
+            alive,
+            alive_tx: Some(alive_tx),
+        }
+    }
+
+    /// A new handle on the term for the work (only while the term is active).
+    pub(crate) fn term(&self) -> Option<Term> {
+        let alive = self.alive_tx.clone()?;
+        Some(Term {
+            inner: self.info.clone(),
+            deadline: self.deadline.subscribe(),
+            cancel: self.cancel.clone(),
+            _alive: alive,
+        })
+    }
+
+    pub(crate) fn set_deadline(&self, deadline: Instant) {
+        self.deadline.send_replace(deadline);
+    }
+
+    /// Ends the term: cancels the token; no new handles are given out.
+    pub(crate) fn end(&mut self) {
+        self.cancel.cancel();
+        self.alive_tx = None;
+    }
+
+    /// Waits until every [`Term`] handle has been dropped.
+    pub(crate) async fn work_stopped(&mut self) {
+        while self.alive.recv().await.is_some() {}
+    }
+}

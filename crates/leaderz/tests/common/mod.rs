@@ -1,0 +1,227 @@
+//! Test support for the in-memory engine tests: a fault-injecting lock and a ledger
+//! of leadership terms that checks they never overlap.
+#![allow(dead_code, unreachable_pub, missing_docs)]
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::StreamExt;
+use futures::stream::BoxStream;
+use leaderz::{LeaderRecord, Lock, LockError, LockEvent, MemoryLock, Versioned};
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+use tokio::sync::oneshot;
+use tokio::time::Instant;
+
+/// What can go wrong with one candidate's API calls.
+#[derive(Clone, Debug, Default)]
+pub struct Faults {
+    /// Each call's latency before the server applies it, and after: up to this long.
+    pub max_latency: Duration,
+    /// Probability that a call fails before reaching the server.
+    pub fail_before: f64,
+    /// Probability that a call is applied but its answer is lost (the caller sees an error).
+    pub fail_after: f64,
+    /// Every call hangs until the caller gives up (a black-holed connection).
+    pub hang: bool,
+    /// Watch requests are refused with 403.
+    pub forbid_watch: bool,
+    /// Probability that a call takes far longer than any timeout (yet may still apply).
+    pub stall: f64,
+}
+
+/// A lock that reaches the shared [`MemoryLock`] through injected faults. Calls are
+/// carried out by a detached task, so a write the caller gave up on may still land
+/// later, as a real request can.
+#[derive(Clone)]
+pub struct FaultyLock {
+    inner: MemoryLock,
+    faults: Arc<Mutex<Faults>>,
+    rng: Arc<Mutex<SmallRng>>,
+}
+
+impl FaultyLock {
+    pub fn new(inner: MemoryLock, seed: u64) -> Self {
+        Self {
+            inner,
+            faults: Arc::default(),
+            rng: Arc::new(Mutex::new(SmallRng::seed_from_u64(seed))),
+        }
+    }
+
+    pub fn set(&self, f: Faults) {
+        *self.faults.lock().unwrap() = f;
+    }
+
+    pub fn faults(&self) -> Faults {
+        self.faults.lock().unwrap().clone()
+    }
+
+    fn plan(&self) -> Plan {
+        let f = self.faults();
+        let mut rng = self.rng.lock().unwrap();
+        let mut lat = || {
+            if f.max_latency.is_zero() {
+                Duration::ZERO
+            } else {
+                f.max_latency.mul_f64(rng.random::<f64>())
+            }
+        };
+        let before = lat();
+        let after = lat();
+        let stall = rng.random::<f64>() < f.stall;
+        Plan {
+            before: if stall { before + Duration::from_secs(30) } else { before },
+            after,
+            fail_before: rng.random::<f64>() < f.fail_before,
+            fail_after: rng.random::<f64>() < f.fail_after,
+            hang: f.hang,
+        }
+    }
+
+    async fn call<T: Send + 'static>(
+        &self,
+        op: impl FnOnce(MemoryLock) -> Result<T, LockError> + Send + 'static,
+    ) -> Result<T, LockError> {
+        let plan = self.plan();
+        if plan.hang {
+            return std::future::pending().await;
+        }
+        let (tx, rx) = oneshot::channel();
+        let inner = self.inner.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(plan.before).await;
+            if plan.fail_before {
+                let _ = tx.send(Err(unavailable()));
+                return;
+            }
+            let result = op(inner);
+            tokio::time::sleep(plan.after).await;
+            let _ = tx.send(if plan.fail_after { Err(unavailable()) } else { result });
+        });
+        rx.await.unwrap_or_else(|_| Err(unavailable()))
+    }
+}
+
+struct Plan {
+    before: Duration,
+    after: Duration,
+    fail_before: bool,
+    fail_after: bool,
+    hang: bool,
+}
+
+fn unavailable() -> LockError {
+    LockError::Api { code: 503, reason: "ServiceUnavailable".into(), message: "injected".into() }
+}
+
+/// Runs a MemoryLock operation synchronously (it never waits).
+fn now<T>(fut: impl std::future::Future<Output = T>) -> T {
+    futures::executor::block_on(fut)
+}
+
+impl Lock for FaultyLock {
+    async fn get(&self) -> Result<Option<Versioned>, LockError> {
+        self.call(|l| now(l.get())).await
+    }
+
+    async fn create(&self, record: &LeaderRecord) -> Result<Versioned, LockError> {
+        let record = record.clone();
+        self.call(move |l| now(l.create(&record))).await
+    }
+
+    async fn update(&self, current: &Versioned, record: &LeaderRecord) -> Result<Versioned, LockError> {
+        let (current, record) = (current.clone(), record.clone());
+        self.call(move |l| now(l.update(&current, &record))).await
+    }
+
+    async fn watch(&self, version: &str) -> Result<BoxStream<'static, Result<LockEvent, LockError>>, LockError> {
+        let f = self.faults();
+        if f.forbid_watch {
+            return Err(LockError::Forbidden {
+                verb: "watch",
+                namespace: "test".into(),
+                name: "lock".into(),
+                message: "injected".into(),
+            });
+        }
+        if f.hang {
+            return std::future::pending().await;
+        }
+        let stream = self.inner.watch(version).await?;
+        // Deliver events late, in order.
+        let max = f.max_latency;
+        let rng = self.rng.clone();
+        Ok(stream
+            .then(move |ev| {
+                let d = if max.is_zero() { Duration::ZERO } else { max.mul_f64(rng.lock().unwrap().random::<f64>()) };
+                async move {
+                    tokio::time::sleep(d).await;
+                    ev
+                }
+            })
+            .boxed())
+    }
+
+    fn describe(&self) -> String {
+        self.inner.describe()
+    }
+}
+
+/// Leadership terms as the work saw them: who, and from when to when.
+#[derive(Clone, Default)]
+pub struct Ledger {
+    terms: Arc<Mutex<Vec<Interval>>>,
+}
+
+#[derive(Clone, Debug)]
+pub struct Interval {
+    pub who: usize,
+    pub token: i64,
+    pub start: Instant,
+    pub end: Option<Instant>,
+}
+
+impl Ledger {
+    pub fn start(&self, who: usize, token: i64) -> usize {
+        let mut t = self.terms.lock().unwrap();
+        t.push(Interval { who, token, start: Instant::now(), end: None });
+        t.len() - 1
+    }
+
+    pub fn end(&self, idx: usize) {
+        let mut t = self.terms.lock().unwrap();
+        if t[idx].end.is_none() {
+            t[idx].end = Some(Instant::now());
+        }
+    }
+
+    pub fn terms(&self) -> Vec<Interval> {
+        self.terms.lock().unwrap().clone()
+    }
+
+    /// Panics with the two terms if any two overlap, or if tokens do not rise.
+    pub fn check(&self, context: &str) {
+        let mut terms = self.terms();
+        let far = Instant::now() + Duration::from_secs(1_000_000);
+        terms.sort_by_key(|t| t.start);
+        for pair in terms.windows(2) {
+            let (a, b) = (&pair[0], &pair[1]);
+            let a_end = a.end.unwrap_or(far);
+            assert!(
+                b.start >= a_end,
+                "{context}: overlapping terms: {a:?} and {b:?} (overlap {:?})",
+                a_end - b.start
+            );
+            assert!(b.token > a.token, "{context}: fencing token did not rise: {a:?} then {b:?}");
+        }
+    }
+}
+
+/// Installs a test subscriber once (RUST_LOG controls it).
+pub fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+}

@@ -1,0 +1,352 @@
+//! The engine on the in-memory lock, on paused tokio time: no real sleeps, exact timings.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Faults, FaultyLock, init_tracing};
+use leaderz::{Callbacks, ElectionConfig, Elector, LeaderRecord, MemoryLock};
+use tokio::time::{Instant, sleep};
+use tokio_util::sync::CancellationToken;
+
+fn config(id: &str) -> ElectionConfig {
+    ElectionConfig::new(id)
+}
+
+fn secs(s: u64) -> Duration {
+    Duration::from_secs(s)
+}
+
+#[tokio::test(start_paused = true)]
+async fn lone_candidate_creates_the_lease_like_client_go() {
+    let lock = MemoryLock::new("l");
+    let h = Elector::new(lock.clone(), config("a")).unwrap().spawn();
+    let term = h.acquired().await.unwrap();
+    assert_eq!(term.identity(), "a");
+    assert_eq!(term.fencing_token(), 0);
+    let rec = lock.peek().unwrap().record;
+    assert_eq!(rec.holder_identity, "a");
+    assert_eq!(rec.lease_duration_seconds, Some(15));
+    assert_eq!(rec.lease_transitions, 0);
+    assert_eq!(rec.acquire_time, rec.renew_time);
+    assert_eq!(*h.leader().borrow(), Some("a".to_owned()));
+}
+
+#[tokio::test(start_paused = true)]
+async fn three_candidates_one_leader() {
+    let lock = MemoryLock::new("l");
+    let hs: Vec<_> =
+        ["a", "b", "c"].iter().map(|id| Elector::new(lock.clone(), config(id)).unwrap().spawn()).collect();
+    sleep(secs(60)).await;
+    let leaders: Vec<_> = hs.iter().filter(|h| h.is_leader()).collect();
+    assert_eq!(leaders.len(), 1);
+    let holder = lock.peek().unwrap().record.holder_identity;
+    for h in &hs {
+        assert_eq!(h.leader().borrow().as_deref(), Some(holder.as_str()));
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn leader_renews_once_per_retry_period_and_followers_stay_quiet() {
+    let lock = MemoryLock::new("l");
+    let a = Elector::new(lock.clone(), config("a")).unwrap().spawn();
+    a.acquired().await.unwrap();
+    let b = Elector::new(lock.clone(), config("b")).unwrap().spawn();
+    sleep(Duration::from_millis(100)).await;
+    let v0: u64 = lock.peek().unwrap().version.parse().unwrap();
+    sleep(secs(20)).await;
+    let v1: u64 = lock.peek().unwrap().version.parse().unwrap();
+    // One write per 2 s retry period, nothing else writes.
+    assert_eq!(v1 - v0, 10, "writes in 20 s");
+    assert!(b.status().borrow().watching, "follower should be watching");
+    assert!(!b.is_leader());
+}
+
+#[tokio::test(start_paused = true)]
+async fn graceful_release_hands_over_at_once() {
+    init_tracing();
+    let lock = MemoryLock::new("l");
+    let a = Elector::new(lock.clone(), config("a")).unwrap().spawn();
+    let term_a = a.acquired().await.unwrap();
+    let b = Elector::new(lock.clone(), config("b")).unwrap().spawn();
+    sleep(secs(5)).await;
+    let t0 = Instant::now();
+    drop(term_a);
+    a.shutdown().await.unwrap();
+    let term_b = b.acquired().await.unwrap();
+    // Paused time: the release is seen through the watch with no time passing.
+    assert_eq!(t0.elapsed(), Duration::ZERO);
+    assert_eq!(term_b.fencing_token(), 1);
+    let rec = lock.peek().unwrap().record;
+    assert_eq!(rec.holder_identity, "b");
+    assert_eq!(rec.lease_transitions, 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn release_writes_client_go_release_record() {
+    let lock = MemoryLock::new("l");
+    let a = Elector::new(lock.clone(), config("a")).unwrap().spawn();
+    a.acquired().await.unwrap();
+    a.shutdown().await.unwrap();
+    let rec = lock.peek().unwrap().record;
+    assert_eq!(rec.holder_identity, "");
+    assert_eq!(rec.lease_duration_seconds, Some(1));
+    assert_eq!(rec.lease_transitions, 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn crash_hands_over_after_the_lease_duration() {
+    let lock = MemoryLock::new("l");
+    let a = Elector::new(lock.clone(), config("a")).unwrap().spawn();
+    a.acquired().await.unwrap();
+    let b = Elector::new(lock.clone(), config("b")).unwrap().spawn();
+    let start = Instant::now();
+    // Renewals come every 2 s: the last one before the crash is at t=2s, seen by b at once.
+    sleep(Duration::from_millis(2500)).await;
+    a.abort();
+    let renewed_at = start + secs(2);
+    b.acquired().await.unwrap();
+    let waited = renewed_at.elapsed();
+    // b observed the last renewal (t=2s) at once and waits exactly the lease duration.
+    assert_eq!(waited, secs(15), "takeover after {waited:?}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn leader_steps_down_at_renew_deadline_when_the_api_hangs() {
+    let mem = MemoryLock::new("l");
+    let faulty = FaultyLock::new(mem.clone(), 1);
+    let a = Elector::new(faulty.clone(), config("a")).unwrap().spawn();
+    let term = a.acquired().await.unwrap();
+    let started = term.info().started_at;
+    sleep(secs(3)).await; // one renewal at t=2s
+    let deadline = term.deadline();
+    assert_eq!(deadline, started + secs(2) + secs(10));
+    faulty.set(Faults { hang: true, ..Faults::default() });
+    term.cancelled().await;
+    // Cancelled exactly at send time of the last successful renewal + renew deadline.
+    assert_eq!(Instant::now(), deadline);
+    // A follower that saw that renewal could take over only 5 s later.
+    let rec = mem.peek().unwrap().record;
+    assert_eq!(rec.holder_identity, "a");
+}
+
+#[tokio::test(start_paused = true)]
+async fn follower_takes_over_exactly_at_expiry_when_leader_is_partitioned() {
+    let mem = MemoryLock::new("l");
+    let faulty = FaultyLock::new(mem.clone(), 2);
+    let a = Elector::new(faulty.clone(), config("a")).unwrap().spawn();
+    let term_a = a.acquired().await.unwrap();
+    let b = Elector::new(mem.clone(), config("b")).unwrap().spawn();
+    sleep(Duration::from_millis(1000)).await;
+    faulty.set(Faults { hang: true, ..Faults::default() });
+    // a's last renewal: t=0; b observed it at t≈0 and takes over at 15 s.
+    let term_b = b.acquired().await.unwrap();
+    let a_end = term_a.deadline();
+    assert!(!term_a.is_active());
+    assert!(term_b.info().started_at >= a_end + secs(5));
+    assert_eq!(term_b.fencing_token(), 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn no_release_when_the_work_does_not_stop() {
+    let lock = MemoryLock::new("l");
+    let a = Elector::new(lock.clone(), config("a").shutdown_grace(secs(3))).unwrap().spawn();
+    let _stuck_term = a.acquired().await.unwrap();
+    let t0 = Instant::now();
+    a.shutdown().await.unwrap();
+    assert_eq!(t0.elapsed(), secs(3));
+    assert_eq!(lock.peek().unwrap().record.holder_identity, "a", "must not release");
+}
+
+#[tokio::test(start_paused = true)]
+async fn release_waits_for_the_work_to_stop() {
+    let lock = MemoryLock::new("l");
+    let a = Elector::new(lock.clone(), config("a")).unwrap().spawn();
+    let term = a.acquired().await.unwrap();
+    let work = tokio::spawn(async move {
+        term.cancelled().await;
+        sleep(secs(2)).await; // cleanup
+        Instant::now()
+    });
+    a.shutdown().await.unwrap();
+    let work_done = work.await.unwrap();
+    assert!(Instant::now() >= work_done);
+    assert_eq!(lock.peek().unwrap().record.holder_identity, "");
+}
+
+#[tokio::test(start_paused = true)]
+async fn polling_fallback_when_watch_is_forbidden() {
+    let mem = MemoryLock::new("l");
+    let a = Elector::new(mem.clone(), config("a")).unwrap().spawn();
+    a.acquired().await.unwrap();
+    let faulty = FaultyLock::new(mem.clone(), 3);
+    faulty.set(Faults { forbid_watch: true, ..Faults::default() });
+    let b = Elector::new(faulty, config("b")).unwrap().spawn();
+    sleep(secs(1)).await;
+    assert!(!b.status().borrow().watching);
+    let t0 = Instant::now();
+    a.shutdown().await.unwrap();
+    b.acquired().await.unwrap();
+    // Seen at the next poll: within 1.2 x retry period.
+    assert!(t0.elapsed() <= Duration::from_millis(2400), "{:?}", t0.elapsed());
+}
+
+#[tokio::test(start_paused = true)]
+async fn leader_changes_are_deduplicated_and_none_is_explicit() {
+    let lock = MemoryLock::new("l");
+    let b = Elector::new(lock.clone(), config("b").release_on_cancel(true)).unwrap().spawn();
+    b.acquired().await.unwrap();
+    let a = Elector::new(lock.clone(), config("a")).unwrap().spawn();
+    let mut leader = a.leader();
+    let seen = tokio::spawn(async move {
+        let mut seen = vec![leader.borrow_and_update().clone()];
+        while leader.changed().await.is_ok() {
+            seen.push(leader.borrow_and_update().clone());
+        }
+        seen
+    });
+    sleep(secs(10)).await;
+    b.shutdown().await.unwrap();
+    sleep(secs(10)).await;
+    a.shutdown().await.unwrap();
+    let seen = seen.await.unwrap();
+    assert!(seen.windows(2).all(|w| w[0] != w[1]), "duplicates in {seen:?}");
+    assert!(seen.contains(&Some("b".to_owned())) && seen.contains(&Some("a".to_owned())), "{seen:?}");
+    assert_eq!(seen.last(), Some(&None));
+}
+
+#[tokio::test(start_paused = true)]
+async fn restarted_process_with_the_same_identity_waits_for_expiry() {
+    // A crashed "a" left the lease held; a new "a" must not assume it still holds it.
+    let lock = MemoryLock::new("l");
+    let old = Elector::new(lock.clone(), config("a")).unwrap().spawn();
+    let old_term = old.acquired().await.unwrap();
+    old.abort();
+    let t0 = Instant::now();
+    let new = Elector::new(lock.clone(), config("a")).unwrap().spawn();
+    let term = new.acquired().await.unwrap();
+    assert_eq!(t0.elapsed(), secs(15));
+    assert_eq!(term.fencing_token(), old_term.fencing_token() + 1, "a new term is a new token");
+}
+
+#[tokio::test(start_paused = true)]
+async fn garbage_records_are_read_safely() {
+    let own = secs(15);
+    for (what, rec, wait) in [
+        ("zero duration", LeaderRecord { holder_identity: "x".into(), lease_duration_seconds: Some(0), ..Default::default() }, own),
+        ("negative duration", LeaderRecord { holder_identity: "x".into(), lease_duration_seconds: Some(-3), ..Default::default() }, own),
+        ("no duration", LeaderRecord { holder_identity: "x".into(), ..Default::default() }, own),
+        ("shorter than ours", LeaderRecord { holder_identity: "x".into(), lease_duration_seconds: Some(1), ..Default::default() }, own),
+        ("longer than ours", LeaderRecord { holder_identity: "x".into(), lease_duration_seconds: Some(40), ..Default::default() }, secs(40)),
+        ("huge", LeaderRecord { holder_identity: "x".into(), lease_duration_seconds: Some(i32::MAX), ..Default::default() }, secs(3600)),
+        ("absurd transitions", LeaderRecord { holder_identity: "x".into(), lease_duration_seconds: Some(15), lease_transitions: -40, ..Default::default() }, own),
+        ("empty holder", LeaderRecord { lease_duration_seconds: Some(999), ..Default::default() }, Duration::ZERO),
+    ] {
+        let lock = MemoryLock::new("l");
+        lock.force(Some(rec));
+        let t0 = Instant::now();
+        let h = Elector::new(lock.clone(), config("a")).unwrap().spawn();
+        h.acquired().await.unwrap();
+        assert_eq!(t0.elapsed(), wait, "{what}");
+        h.abort();
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn exhausted_transitions_stop_the_elector_with_a_clear_error() {
+    let lock = MemoryLock::new("l");
+    lock.force(Some(LeaderRecord { lease_transitions: i32::MAX, ..Default::default() }));
+    let mut h = Elector::new(lock.clone(), config("a")).unwrap().spawn();
+    let err = h.join().await.unwrap_err();
+    assert!(err.to_string().contains("delete the Lease"), "{err}");
+    assert!(h.acquired().await.is_err());
+}
+
+#[tokio::test(start_paused = true)]
+async fn deleted_lease_is_recreated() {
+    let lock = MemoryLock::new("l");
+    let a = Elector::new(lock.clone(), config("a")).unwrap().spawn();
+    let term = a.acquired().await.unwrap();
+    lock.force(None);
+    term.cancelled().await;
+    drop(term);
+    let term = a.acquired().await.unwrap();
+    assert_eq!(term.fencing_token(), 0, "deleting the Lease resets the token (documented)");
+}
+
+#[tokio::test(start_paused = true)]
+async fn overwritten_holder_ends_the_term_at_the_next_renewal() {
+    let lock = MemoryLock::new("l");
+    let a = Elector::new(lock.clone(), config("a")).unwrap().spawn();
+    let term = a.acquired().await.unwrap();
+    sleep(Duration::from_millis(500)).await;
+    let mut rec = lock.peek().unwrap().record;
+    rec.holder_identity = "intruder".into();
+    lock.force(Some(rec));
+    let t0 = Instant::now();
+    term.cancelled().await;
+    assert_eq!(t0.elapsed(), Duration::from_millis(1500), "at the next renewal");
+}
+
+#[tokio::test(start_paused = true)]
+async fn callbacks_fire_in_client_go_order() {
+    use std::sync::{Arc, Mutex};
+    let lock = MemoryLock::new("l");
+    let log = Arc::new(Mutex::new(Vec::<String>::new()));
+    let (l1, l2, l3) = (log.clone(), log.clone(), log.clone());
+    let callbacks = Callbacks::new(move |term| {
+        let l1 = l1.clone();
+        async move {
+            l1.lock().unwrap().push(format!("started {}", term.fencing_token()));
+            term.cancelled().await;
+            l1.lock().unwrap().push("work done".into());
+        }
+    })
+    .on_stopped_leading(move || l2.lock().unwrap().push("stopped".into()))
+    .on_new_leader(move |who| l3.lock().unwrap().push(format!("leader {who:?}")));
+    let stop = CancellationToken::new();
+    let run = tokio::spawn(Elector::new(lock.clone(), config("a")).unwrap().run(callbacks, stop.clone()));
+    sleep(secs(5)).await;
+    stop.cancel();
+    run.await.unwrap().unwrap();
+    let log = log.lock().unwrap().clone();
+    assert!(log.contains(&"leader Some(\"a\")".to_owned()), "{log:?}");
+    assert!(log.contains(&"started 0".to_owned()), "{log:?}");
+    let done = log.iter().position(|l| l == "work done").unwrap();
+    let stopped = log.iter().position(|l| l == "stopped").unwrap();
+    assert!(done < stopped, "{log:?}");
+    assert_eq!(lock.peek().unwrap().record.holder_identity, "", "released after the work");
+}
+
+#[tokio::test(start_paused = true)]
+async fn run_while_leading_aborts_the_work_on_loss() {
+    let mem = MemoryLock::new("l");
+    let faulty = FaultyLock::new(mem.clone(), 4);
+    let a = Elector::new(faulty.clone(), config("a")).unwrap().spawn();
+    let start = Instant::now();
+    let ticks = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let t = ticks.clone();
+    let runner = async {
+        a.run_while_leading(|_term| {
+            let t = t.clone();
+            async move {
+                loop {
+                    t.lock().unwrap().push(start.elapsed());
+                    sleep(Duration::from_millis(600)).await;
+                }
+            }
+        })
+        .await
+    };
+    let scenario = async {
+        sleep(Duration::from_millis(4500)).await;
+        // The last successful renewal is at t=4s: the term ends at 14 s.
+        faulty.set(Faults { hang: true, ..Faults::default() });
+        sleep(secs(20)).await;
+        ticks.lock().unwrap().clone()
+    };
+    let ticks = tokio::select! { () = runner => panic!("runner ended"), t = scenario => t };
+    // Ticks every 0.6 s from 0 to 13.8 s, none after the 14 s deadline.
+    assert_eq!(ticks.len(), 24, "{ticks:?}");
+    assert_eq!(ticks.last(), Some(&Duration::from_millis(13_800)));
+}
