@@ -1,1 +1,85 @@
-fn main() {}
+//! The example app from the original write-up: several replicas, one of them does
+//! the work ("working...") while it leads; on SIGTERM it stops the work and releases
+//! the lease so another replica takes over at once.
+
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use leaderz::{ElectionConfig, Elector, LeaseLock};
+use tokio::signal::unix::{SignalKind, signal};
+use tracing::info;
+
+/// A replica that works only while it holds the lease.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    /// This replica's identity (the pod name).
+    #[arg(long, env = "POD_NAME")]
+    node_id: String,
+    /// The Lease to contend for.
+    #[arg(long, env = "LEASE_NAME", default_value = "my-lock")]
+    lease_name: String,
+    /// The Lease's namespace.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "default")]
+    namespace: String,
+    /// How long followers wait before taking over an unrenewed lease.
+    #[arg(long, env = "LEASE_DURATION", default_value = "15s", value_parser = humantime::parse_duration)]
+    lease_duration: Duration,
+    /// How long the leader keeps leading without a successful renewal.
+    #[arg(long, env = "RENEW_DEADLINE", default_value = "10s", value_parser = humantime::parse_duration)]
+    renew_deadline: Duration,
+    /// How often the leader renews.
+    #[arg(long, env = "RETRY_PERIOD", default_value = "2s", value_parser = humantime::parse_duration)]
+    retry_period: Duration,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    let args = Args::parse();
+    let client = kube::Client::try_default().await.context("no Kubernetes client configuration")?;
+    let config = ElectionConfig::new(args.node_id.clone())
+        .lease_duration(args.lease_duration)
+        .renew_deadline(args.renew_deadline)
+        .retry_period(args.retry_period);
+    let lock = LeaseLock::new(client, &args.namespace, &args.lease_name);
+    let handle = Elector::new(lock, config)?.spawn();
+
+    let mut leader = handle.leader();
+    let report = async {
+        loop {
+            let who = leader.borrow_and_update().clone();
+            match who {
+                Some(who) if who == args.node_id => info!("I am the leader"),
+                Some(who) => info!(%who, "new leader"),
+                None => info!("no leader"),
+            }
+            if leader.changed().await.is_err() {
+                return;
+            }
+        }
+    };
+    let work = handle.run_while_leading(|term| async move {
+        info!(token = term.fencing_token(), "started leading");
+        loop {
+            info!("working...");
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    });
+    let mut sigterm = signal(SignalKind::terminate())?;
+    tokio::select! {
+        _ = sigterm.recv() => info!("SIGTERM: stopping"),
+        _ = tokio::signal::ctrl_c() => info!("interrupted: stopping"),
+        () = work => {}
+        () = report => {}
+    }
+    // The work future was dropped above, so its term is gone: this releases at once.
+    handle.shutdown().await?;
+    info!("stopped");
+    Ok(())
+}

@@ -248,16 +248,17 @@ impl<L: Lock> Engine<L> {
                 self.publish();
             }
 
-            if self.watching() && events.is_none() {
-                if let Some(version) = self.observed.as_ref().map(|o| o.version.clone()) {
-                    match self.bounded(None, self.lock.watch(&version)).await {
-                        Ok(stream) => {
-                            debug!(%version, "watching the lease");
-                            events = Some(stream);
-                            self.status.send_modify(|s| s.watching = true);
-                        }
-                        Err(e) => self.watch_failed(&e, &mut retry_at),
+            if self.watching()
+                && events.is_none()
+                && let Some(version) = self.observed.as_ref().map(|o| o.version.clone())
+            {
+                match self.bounded(None, self.lock.watch(&version)).await {
+                    Ok(stream) => {
+                        debug!(%version, "watching the lease");
+                        events = Some(stream);
+                        self.status.send_modify(|s| s.watching = true);
                     }
+                    Err(e) => self.watch_failed(&e, &mut retry_at),
                 }
             }
 

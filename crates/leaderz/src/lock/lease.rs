@@ -6,6 +6,8 @@ use futures::stream::BoxStream;
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::coordination::v1::Lease;
 use kube::api::{ObjectMeta, PostParams, WatchEvent, WatchParams};
+use k8s_openapi::api::core::v1::ObjectReference;
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::{Api, Client};
 
 use super::{Lock, LockError, LockEvent, Versioned};
@@ -32,6 +34,7 @@ pub struct LeaseLock {
     api: Api<Lease>,
     namespace: String,
     name: String,
+    events: Option<Recorder>,
 }
 
 impl std::fmt::Debug for LeaseLock {
@@ -50,7 +53,18 @@ impl LeaseLock {
             api: Api::namespaced(client, namespace),
             namespace: namespace.to_owned(),
             name: name.to_owned(),
+            events: None,
         }
+    }
+
+    /// Also records Kubernetes Events on the Lease when this process starts and stops
+    /// leading, as client-go does (reason `LeaderElection`, "<id> became leader" /
+    /// "<id> stopped leading"). Needs `create` on `events.events.k8s.io`.
+    #[must_use]
+    pub fn with_events(mut self, client: Client, controller: &str) -> Self {
+        let reporter = Reporter { controller: controller.to_owned(), instance: None };
+        self.events = Some(Recorder::new(client, reporter));
+        self
     }
 
     /// The Lease's namespace.
@@ -68,6 +82,11 @@ impl LeaseLock {
             kube::Error::Api(status) => match status.code {
                 409 if verb == "create" => LockError::AlreadyExists,
                 409 => LockError::Conflict,
+                404 if verb == "create"
+                    && status.details.as_ref().is_some_and(|d| d.kind == "namespaces") =>
+                {
+                    LockError::NamespaceNotFound(self.namespace.clone())
+                }
                 404 => LockError::NotFound,
                 403 => LockError::Forbidden {
                     verb,
@@ -166,5 +185,31 @@ impl Lock for LeaseLock {
 
     fn describe(&self) -> String {
         format!("{}/{}", self.namespace, self.name)
+    }
+
+    async fn announce(&self, identity: &str, leading: bool) {
+        let Some(recorder) = &self.events else { return };
+        let note = if leading {
+            format!("{identity} became leader")
+        } else {
+            format!("{identity} stopped leading")
+        };
+        let event = Event {
+            type_: EventType::Normal,
+            reason: "LeaderElection".into(),
+            note: Some(note),
+            action: if leading { "Acquire".into() } else { "Release".into() },
+            secondary: None,
+        };
+        let reference = ObjectReference {
+            api_version: Some("coordination.k8s.io/v1".into()),
+            kind: Some("Lease".into()),
+            name: Some(self.name.clone()),
+            namespace: Some(self.namespace.clone()),
+            ..Default::default()
+        };
+        if let Err(e) = recorder.publish(&event, &reference).await {
+            tracing::warn!(error = %e, "could not record a leader election event");
+        }
     }
 }

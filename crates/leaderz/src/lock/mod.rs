@@ -94,6 +94,9 @@ pub enum LockError {
     /// The record does not exist (on update: it was deleted).
     #[error("the lease does not exist")]
     NotFound,
+    /// The Lease's namespace does not exist (HTTP 404 on create).
+    #[error("namespace `{0}` does not exist: create it or pick another with --namespace")]
+    NamespaceNotFound(String),
     /// RBAC denied the request (HTTP 403).
     #[error(
         "forbidden: grant `{verb}` on `leases.coordination.k8s.io` in namespace `{namespace}` (lease `{name}`): {message}"
@@ -136,6 +139,7 @@ impl LockError {
             LockError::Conflict => "conflict",
             LockError::AlreadyExists => "already_exists",
             LockError::NotFound => "not_found",
+            LockError::NamespaceNotFound(_) => "namespace_not_found",
             LockError::Forbidden { .. } => "forbidden",
             LockError::Unauthorized(_) => "unauthorized",
             LockError::Timeout(_) => "timeout",
@@ -145,8 +149,12 @@ impl LockError {
     }
 
     /// Whether retrying can help without someone changing RBAC or credentials.
-    /// Forbidden and unauthorized are fatal: the elector stops and reports them.
+    /// Forbidden, unauthorized and a missing namespace are fatal: the elector stops and
+    /// reports them.
     pub fn is_fatal(&self) -> bool {
-        matches!(self, LockError::Forbidden { .. } | LockError::Unauthorized(_))
+        matches!(
+            self,
+            LockError::Forbidden { .. } | LockError::Unauthorized(_) | LockError::NamespaceNotFound(_)
+        )
     }
 }
