@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+use k8s_openapi::api::authorization::v1::ResourceAttributes;
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use kube::api::{ObjectMeta, PostParams};
@@ -52,9 +53,9 @@ async fn one_leader(handles: &[ElectionHandle]) -> usize {
 
 #[tokio::test]
 async fn three_candidates_elect_exactly_one_leader() {
-    let cp = ControlPlane::shared();
+    let cp = ControlPlane::shared().unwrap();
     let ns = cp.new_namespace("three").await.unwrap();
-    let hs: Vec<_> = ["a", "b", "c"].iter().map(|id| spawn(cp.admin_client(), &ns, id)).collect();
+    let hs: Vec<_> = ["a", "b", "c"].iter().map(|id| spawn(cp.admin_client().unwrap(), &ns, id)).collect();
     let first = one_leader(&hs).await;
     // It stays exactly one over several renewals.
     for _ in 0..30 {
@@ -63,7 +64,7 @@ async fn three_candidates_elect_exactly_one_leader() {
         assert_eq!(n, 1);
         assert!(hs[first].is_leader());
     }
-    let l = lease(&cp.admin_client(), &ns).await;
+    let l = lease(&cp.admin_client().unwrap(), &ns).await;
     let s = spec(&l);
     assert_eq!(s.holder_identity.as_deref(), Some(["a", "b", "c"][first]));
     assert_eq!(s.lease_duration_seconds, Some(3));
@@ -75,11 +76,11 @@ async fn three_candidates_elect_exactly_one_leader() {
 
 #[tokio::test]
 async fn graceful_release_hands_over_within_one_second() {
-    let cp = ControlPlane::shared();
+    let cp = ControlPlane::shared().unwrap();
     let ns = cp.new_namespace("graceful").await.unwrap();
-    let a = spawn(cp.admin_client(), &ns, "a");
+    let a = spawn(cp.admin_client().unwrap(), &ns, "a");
     a.acquired().await.unwrap();
-    let b = spawn(cp.admin_client(), &ns, "b");
+    let b = spawn(cp.admin_client().unwrap(), &ns, "b");
     // Let b observe and open its watch.
     timeout(Duration::from_secs(10), async {
         while !b.status().borrow().watching {
@@ -95,20 +96,20 @@ async fn graceful_release_hands_over_within_one_second() {
     println!("graceful handover (release start to new term): {handover:?}");
     assert!(handover < Duration::from_secs(1), "handover took {handover:?}");
     assert_eq!(term.fencing_token(), 1);
-    let s = spec(&lease(&cp.admin_client(), &ns).await);
+    let s = spec(&lease(&cp.admin_client().unwrap(), &ns).await);
     assert_eq!(s.holder_identity.as_deref(), Some("b"));
     assert_eq!(s.lease_transitions, Some(1));
 }
 
 #[tokio::test]
 async fn crash_hands_over_after_about_the_lease_duration() {
-    let cp = ControlPlane::shared();
+    let cp = ControlPlane::shared().unwrap();
     let ns = cp.new_namespace("crash").await.unwrap();
-    let a = spawn(cp.admin_client(), &ns, "a");
+    let a = spawn(cp.admin_client().unwrap(), &ns, "a");
     a.acquired().await.unwrap();
-    let b = spawn(cp.admin_client(), &ns, "b");
+    let b = spawn(cp.admin_client().unwrap(), &ns, "b");
     sleep(Duration::from_secs(2)).await;
-    let before = spec(&lease(&cp.admin_client(), &ns).await).renew_time;
+    let before = spec(&lease(&cp.admin_client().unwrap(), &ns).await).renew_time;
     let t0 = Instant::now();
     a.abort();
     timeout(Duration::from_secs(10), b.acquired()).await.unwrap().unwrap();
@@ -121,8 +122,8 @@ async fn crash_hands_over_after_about_the_lease_duration() {
 
 #[tokio::test]
 async fn two_candidates_racing_for_an_empty_lease_one_wins() {
-    let cp = ControlPlane::shared();
-    let admin = cp.admin_client();
+    let cp = ControlPlane::shared().unwrap();
+    let admin = cp.admin_client().unwrap();
     let ns = cp.new_namespace("race").await.unwrap();
     // A released lease: holder "", as client-go leaves it.
     let released = Lease {
@@ -136,7 +137,7 @@ async fn two_candidates_racing_for_an_empty_lease_one_wins() {
     };
     Api::<Lease>::namespaced(admin.clone(), &ns).create(&PostParams::default(), &released).await.unwrap();
     for round in 0..5 {
-        let hs = [spawn(cp.admin_client(), &ns, "x"), spawn(cp.admin_client(), &ns, "y")];
+        let hs = [spawn(cp.admin_client().unwrap(), &ns, "x"), spawn(cp.admin_client().unwrap(), &ns, "y")];
         let winner = one_leader(&hs).await;
         sleep(Duration::from_millis(300)).await;
         assert_eq!(hs.iter().filter(|h| h.is_leader()).count(), 1);
@@ -153,15 +154,15 @@ async fn two_candidates_racing_for_an_empty_lease_one_wins() {
 
 #[tokio::test]
 async fn garbage_lease_written_by_admin_is_handled_by_the_documented_rules() {
-    let cp = ControlPlane::shared();
-    let admin = cp.admin_client();
+    let cp = ControlPlane::shared().unwrap();
+    let admin = cp.admin_client().unwrap();
     let ns = cp.new_namespace("garbage").await.unwrap();
     let api = Api::<Lease>::namespaced(admin.clone(), &ns);
 
     // 1. No spec at all: free to take, transitions start from 0.
     let bare = Lease { metadata: ObjectMeta { name: Some(LEASE.into()), ..Default::default() }, spec: None };
     api.create(&PostParams::default(), &bare).await.unwrap();
-    let h = spawn(cp.admin_client(), &ns, "a");
+    let h = spawn(cp.admin_client().unwrap(), &ns, "a");
     let term = timeout(Duration::from_secs(5), h.acquired()).await.unwrap().unwrap();
     assert_eq!(term.fencing_token(), 1);
     drop(term);
@@ -178,7 +179,7 @@ async fn garbage_lease_written_by_admin_is_handled_by_the_documented_rules() {
     });
     api.replace(LEASE, &PostParams::default(), &l).await.unwrap();
     let t0 = Instant::now();
-    let h = spawn(cp.admin_client(), &ns, "a");
+    let h = spawn(cp.admin_client().unwrap(), &ns, "a");
     let term = timeout(Duration::from_secs(10), h.acquired()).await.unwrap().unwrap();
     let waited = t0.elapsed();
     println!("garbage 1 s lease taken after {waited:?} (own lease duration 3 s)");
@@ -195,7 +196,7 @@ async fn garbage_lease_written_by_admin_is_handled_by_the_documented_rules() {
         ..Default::default()
     });
     api.replace(LEASE, &PostParams::default(), &l).await.unwrap();
-    let mut h = spawn(cp.admin_client(), &ns, "a");
+    let mut h = spawn(cp.admin_client().unwrap(), &ns, "a");
     let err = timeout(Duration::from_secs(5), h.join()).await.unwrap().unwrap_err();
     assert!(matches!(err, ElectionError::Takeover(_)), "{err}");
     assert!(err.to_string().contains("delete the Lease"), "{err}");
@@ -204,9 +205,9 @@ async fn garbage_lease_written_by_admin_is_handled_by_the_documented_rules() {
 }
 
 /// Applies kube/role.yaml (the Role the manifests ship) in `ns`, optionally without
-/// `watch`, and binds it to ServiceAccount `sa`.
-async fn grant_shipped_role(cp: &ControlPlane, ns: &str, sa: &str, without_watch: bool) {
-    let admin = cp.admin_client();
+/// `watch`, binds it to ServiceAccount `sa`, and waits until RBAC lets `sa_client` in.
+async fn grant_shipped_role(cp: &ControlPlane, ns: &str, sa: &str, sa_client: &Client, without_watch: bool) {
+    let admin = cp.admin_client().unwrap();
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../kube/role.yaml");
     let mut role: Role = serde_yaml::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
     role.metadata.namespace = Some(ns.into());
@@ -224,14 +225,23 @@ async fn grant_shipped_role(cp: &ControlPlane, ns: &str, sa: &str, without_watch
     }))
     .unwrap();
     Api::<RoleBinding>::namespaced(admin, ns).create(&PostParams::default(), &binding).await.unwrap();
+    let attributes = ResourceAttributes {
+        group: Some("coordination.k8s.io".into()),
+        resource: Some("leases".into()),
+        verb: Some("update".into()),
+        name: Some(LEASE.into()),
+        namespace: Some(ns.into()),
+        ..Default::default()
+    };
+    leaderz_testenv::wait_until_allowed(sa_client, attributes, Duration::from_secs(10)).await.unwrap();
 }
 
 #[tokio::test]
 async fn service_account_with_only_the_shipped_role_can_elect() {
-    let cp = ControlPlane::shared();
+    let cp = ControlPlane::shared().unwrap();
     let ns = cp.new_namespace("rbac").await.unwrap();
     let sa = cp.service_account_client(&ns, "leaderz-example").await.unwrap();
-    grant_shipped_role(&cp, &ns, "leaderz-example", false).await;
+    grant_shipped_role(cp, &ns, "leaderz-example", &sa, false).await;
     let a = spawn(sa.clone(), &ns, "a");
     a.acquired().await.unwrap();
     let b = spawn(sa.clone(), &ns, "b");
@@ -259,10 +269,10 @@ async fn service_account_with_only_the_shipped_role_can_elect() {
 
 #[tokio::test]
 async fn identity_without_watch_still_elects_by_polling() {
-    let cp = ControlPlane::shared();
+    let cp = ControlPlane::shared().unwrap();
     let ns = cp.new_namespace("nowatch").await.unwrap();
     let sa = cp.service_account_client(&ns, "poller").await.unwrap();
-    grant_shipped_role(&cp, &ns, "poller", true).await;
+    grant_shipped_role(cp, &ns, "poller", &sa, true).await;
     let a = spawn(sa.clone(), &ns, "a");
     a.acquired().await.unwrap();
     let b = spawn(sa.clone(), &ns, "b");
@@ -277,7 +287,7 @@ async fn identity_without_watch_still_elects_by_polling() {
 
 #[tokio::test]
 async fn forbidden_get_is_a_fatal_error_naming_the_grant() {
-    let cp = ControlPlane::shared();
+    let cp = ControlPlane::shared().unwrap();
     let ns = cp.new_namespace("denied").await.unwrap();
     let nobody = cp.user_client("nobody", &[]).unwrap();
     let mut h = spawn(nobody, &ns, "a");
