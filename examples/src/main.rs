@@ -32,6 +32,9 @@ struct Args {
     /// How often the leader renews.
     #[arg(long, env = "RETRY_PERIOD", default_value = "2s", value_parser = humantime::parse_duration)]
     retry_period: Duration,
+    /// Serve `/healthz` and `/readyz` for the kubelet's probes on this address.
+    #[arg(long, env = "HTTP_ADDR")]
+    http: Option<std::net::SocketAddr>,
 }
 
 #[tokio::main]
@@ -49,6 +52,10 @@ async fn main() -> anyhow::Result<()> {
         .retry_period(args.retry_period);
     let lock = LeaseLock::new(client, &args.namespace, &args.lease_name);
     let handle = Elector::new(lock, config)?.spawn();
+    if let Some(addr) = args.http {
+        let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding {addr}"))?;
+        tokio::spawn(serve_health(listener, handle.status(), args.lease_duration));
+    }
 
     let mut leader = handle.leader();
     let report = async {
@@ -82,4 +89,43 @@ async fn main() -> anyhow::Result<()> {
     handle.shutdown().await?;
     info!("stopped");
     Ok(())
+}
+
+/// `/healthz`: client-go's HealthzAdaptor meaning (unhealthy only if this replica
+/// believes it leads but has not renewed for lease_duration + 20 s: the elector is
+/// stuck). `/readyz`: every replica is ready once it has seen the lease, so rollouts
+/// are not blocked on the leader (kubernetes#97393).
+async fn serve_health(
+    listener: tokio::net::TcpListener,
+    status: tokio::sync::watch::Receiver<leaderz::Status>,
+    lease_duration: Duration,
+) {
+    use axum::http::StatusCode;
+    use axum::routing::get;
+    let health = status.clone();
+    let app = axum::Router::new()
+        .route(
+            "/healthz",
+            get(move || {
+                let checked = health.borrow().check_health(lease_duration, Duration::from_secs(20));
+                async move {
+                    match checked {
+                        Ok(()) => (StatusCode::OK, "ok".to_owned()),
+                        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()),
+                    }
+                }
+            }),
+        )
+        .route(
+            "/readyz",
+            get(move || {
+                let seen = status.borrow().observed.is_some();
+                async move {
+                    if seen { (StatusCode::OK, "ok") } else { (StatusCode::SERVICE_UNAVAILABLE, "lease not seen yet") }
+                }
+            }),
+        );
+    if let Err(e) = axum::serve(listener, app).await {
+        tracing::error!(error = %e, "health server failed");
+    }
 }

@@ -29,6 +29,20 @@ pub struct Status {
     pub watching: bool,
 }
 
+impl Status {
+    /// Health in the sense of client-go's `HealthzAdaptor` (see
+    /// [`ElectionHandle::check_health`]), from this snapshot alone.
+    pub fn check_health(&self, lease_duration: Duration, tolerance: Duration) -> Result<(), HealthError> {
+        if let (Some(term), Some(last)) = (&self.term, self.last_renewed) {
+            let since = last.elapsed();
+            if since > lease_duration + tolerance {
+                return Err(HealthError { lock: term.lock.clone(), since });
+            }
+        }
+        Ok(())
+    }
+}
+
 /// The elector has stopped; [`ElectionHandle::shutdown`] tells why.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
 #[error("the elector has stopped")]
@@ -96,13 +110,7 @@ impl ElectionHandle {
     /// plus `tolerance` — the elector is stuck, and a restart is the cure. Followers
     /// and leaders that step down on time are healthy.
     pub fn check_health(&self, lease_duration: Duration, tolerance: Duration) -> Result<(), HealthError> {
-        let status = self.status.borrow();
-        if let (Some(term), Some(last)) = (&status.term, status.last_renewed) {
-            let since = last.elapsed();
-            if since > lease_duration + tolerance {
-                return Err(HealthError { lock: term.lock.clone(), since });
-            }
-        }
+        self.status.borrow().check_health(lease_duration, tolerance)?;
         if self.task.as_ref().is_none_or(JoinHandle::is_finished) {
             return Err(HealthError { lock: String::from("<stopped>"), since: Duration::ZERO });
         }
