@@ -42,6 +42,14 @@ if [[ -x "$out/kube-apiserver" && -x "$out/etcd" ]]; then
 fi
 
 mkdir -p "$cache_root/controlplane"
+# One build at a time (test binaries may start in parallel); the second waits and
+# then finds the first one's result.
+exec 9>"$cache_root/controlplane/.lock"
+flock 9
+if [[ -x "$out/kube-apiserver" && -x "$out/etcd" ]]; then
+  echo "$out"
+  exit 0
+fi
 tmp="$(mktemp -d "$cache_root/controlplane/.build.XXXXXX")"
 trap 'rm -rf "$tmp"' EXIT
 

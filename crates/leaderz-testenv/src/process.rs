@@ -1,0 +1,455 @@
+//! Server processes that cannot outlive the test process, their data directory, and its sweep.
+//!
+//! Three mechanisms, each covering what the others cannot:
+//! - Every server is started as `setpriv --pdeathsig SIGKILL -- <binary>`, so the kernel
+//!   kills it when its parent dies, however the parent dies (panic, abort, SIGKILL). The
+//!   parent-death signal fires when the *thread* that forked the child exits, so all servers
+//!   are forked by one spawner thread that lives as long as the process.
+//! - A small `sh` "cleaner" per data directory reads a pipe whose write end only this
+//!   process holds; when the process is gone the read sees end-of-file and the cleaner
+//!   removes the directory. That covers the shared control plane, which lives in a `static`
+//!   and is never dropped.
+//! - At startup, directories of earlier runs whose owner is dead are swept, in case a
+//!   cleaner was killed too.
+
+use std::{
+    ffi::OsString,
+    fs::{self, File},
+    io,
+    os::unix::process::CommandExt as _,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::{Mutex, PoisonError, mpsc},
+    thread,
+};
+
+use tokio::sync::oneshot;
+
+use crate::error::{Error, Result};
+
+/// Data directories are `$TMPDIR/leaderz-testenv-<pid>-<random>`.
+const DIR_PREFIX: &str = "leaderz-testenv-";
+/// Holds `<pid> <start time>` of the owning process, to tell a reused pid from the owner.
+const OWNER_FILE: &str = "owner";
+
+/// A request to the spawner thread.
+struct SpawnRequest {
+    command: Command,
+    reply: oneshot::Sender<io::Result<Child>>,
+}
+
+/// Spawns `command` from the process-long spawner thread (see the module docs).
+async fn spawn_from_spawner_thread(command: Command) -> io::Result<Child> {
+    static SPAWNER: Mutex<Option<mpsc::Sender<SpawnRequest>>> = Mutex::new(None);
+
+    let sender = {
+        let mut spawner = SPAWNER.lock().unwrap_or_else(PoisonError::into_inner);
+        match &*spawner {
+            Some(sender) => sender.clone(),
+            None => {
+                let (sender, requests) = mpsc::channel::<SpawnRequest>();
+                // The sender lives in a static, so `requests` never ends and this thread
+                // blocks in `recv` for the rest of the process: children's parent-death
+                // signal is tied to this thread's exit.
+                thread::Builder::new()
+                    .name("leaderz-testenv-spawner".to_owned())
+                    .spawn(move || {
+                        for SpawnRequest { mut command, reply } in requests {
+                            // If the requester gave up meanwhile, nobody else would stop
+                            // the child.
+                            if let Err(Ok(mut child)) = reply.send(command.spawn()) {
+                                let _ = child.kill();
+                                let _ = child.wait();
+                            }
+                        }
+                    })?;
+                *spawner = Some(sender.clone());
+                sender
+            }
+        }
+    };
+    let (reply, answer) = oneshot::channel();
+    let gone = || io::Error::other("the leaderz-testenv spawner thread is gone");
+    sender
+        .send(SpawnRequest { command, reply })
+        .map_err(|_| gone())?;
+    answer.await.map_err(|_| gone())?
+}
+
+/// A running etcd or kube-apiserver, with its output in a log file.
+#[derive(Debug)]
+pub(crate) struct Server {
+    name: &'static str,
+    child: Child,
+    log: PathBuf,
+    stopped: bool,
+}
+
+impl Server {
+    /// Starts `binary args` with stdout and stderr in `log`, killed when this process dies.
+    pub(crate) async fn spawn(
+        name: &'static str,
+        binary: &Path,
+        args: Vec<OsString>,
+        log: PathBuf,
+    ) -> Result<Self> {
+        let out = File::create(&log).map_err(Error::io(format!("creating {}", log.display())))?;
+        let err = out
+            .try_clone()
+            .map_err(Error::io(format!("opening {}", log.display())))?;
+        let mut command = Command::new("setpriv");
+        command
+            .args(["--pdeathsig", "SIGKILL", "--"])
+            .arg(binary)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            // Its own process group: a Ctrl-C in the terminal goes to the foreground
+            // command, which then stops the servers in order.
+            .process_group(0);
+        let child = spawn_from_spawner_thread(command).await.map_err(|source| {
+            Error::Io {
+                context: format!(
+                    "starting {name} through `setpriv` (from util-linux; install it if it is missing)"
+                ),
+                source,
+            }
+        })?;
+        tracing::debug!(name, pid = child.id(), log = %log.display(), "started");
+        Ok(Self {
+            name,
+            child,
+            log,
+            stopped: false,
+        })
+    }
+
+    /// The process id.
+    pub(crate) fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Fails with [`Error::Exited`] if the process has exited.
+    pub(crate) fn check_running(&mut self) -> Result<()> {
+        let status = match self.child.try_wait() {
+            Ok(None) => return Ok(()),
+            Ok(Some(status)) => status.to_string(),
+            Err(err) => format!("its status is unknown: {err}"),
+        };
+        Err(Error::Exited {
+            component: self.name,
+            status,
+            log: self.log.clone(),
+            tail: self.log_tail(),
+        })
+    }
+
+    /// The last lines of the log.
+    pub(crate) fn log_tail(&self) -> String {
+        log_tail(&self.log, 40)
+    }
+
+    /// The log file.
+    pub(crate) fn log_path(&self) -> &Path {
+        &self.log
+    }
+
+    /// `etcd` or `kube-apiserver`.
+    pub(crate) fn name(&self) -> &'static str {
+        self.name
+    }
+
+    /// Kills the process and reaps it. Idempotent.
+    pub(crate) fn stop(&mut self) {
+        if std::mem::replace(&mut self.stopped, true) {
+            return;
+        }
+        // Fails only if it was reaped already; either way it is gone after `wait`.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        tracing::debug!(name = self.name, pid = self.child.id(), "stopped");
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// The temporary directory holding certificates, etcd's data, kubeconfigs and logs.
+///
+/// Removed on drop, and by a cleaner process when this process dies without dropping it.
+#[derive(Debug)]
+pub(crate) struct DataDir {
+    path: PathBuf,
+    cleaner: Option<Child>,
+}
+
+impl DataDir {
+    /// Creates `$TMPDIR/leaderz-testenv-<pid>-<random>`, first sweeping the directories of
+    /// dead earlier runs.
+    pub(crate) fn create() -> Result<Self> {
+        sweep_stale_dirs(&std::env::temp_dir());
+        let pid = std::process::id();
+        let path = loop {
+            let path = std::env::temp_dir()
+                .join(format!("{DIR_PREFIX}{pid}-{:08x}", rand::random::<u32>()));
+            match fs::create_dir(&path) {
+                Ok(()) => break path,
+                Err(err) if err.kind() == io::ErrorKind::AlreadyExists => continue,
+                Err(err) => {
+                    return Err(Error::io(format!("creating {}", path.display()))(err));
+                }
+            }
+        };
+        let mut dir = Self {
+            path,
+            cleaner: None,
+        };
+        let start_time = proc_stat(pid).map_or(0, |stat| stat.start_time);
+        dir.write(OWNER_FILE, format!("{pid} {start_time}\n"))?;
+        dir.cleaner = Some(dir.spawn_cleaner()?);
+        Ok(dir)
+    }
+
+    /// The directory.
+    pub(crate) fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Writes `contents` to `name` inside the directory, readable by the owner only.
+    pub(crate) fn write(&self, name: &str, contents: impl AsRef<[u8]>) -> Result<PathBuf> {
+        let path = self.path.join(name);
+        write_private(&path, contents.as_ref())?;
+        Ok(path)
+    }
+
+    /// Starts `sh`, reading a pipe only this process writes to; at end-of-file (this
+    /// process is gone) it waits a moment for the servers' parent-death signal, then removes
+    /// the directory.
+    fn spawn_cleaner(&self) -> Result<Child> {
+        const SCRIPT: &str = r#"while read -r _; do :; done
+sleep 1
+rm -rf -- "$1" 2>/dev/null || { sleep 2; rm -rf -- "$1"; }"#;
+        Command::new("sh")
+            .args(["-c", SCRIPT, "leaderz-testenv-cleaner"])
+            .arg(&self.path)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .process_group(0)
+            .spawn()
+            .map_err(Error::io("starting the data directory's cleaner (`sh`)"))
+    }
+}
+
+impl Drop for DataDir {
+    fn drop(&mut self) {
+        if let Err(err) = fs::remove_dir_all(&self.path) {
+            tracing::warn!(dir = %self.path.display(), %err, "could not remove the data directory");
+        }
+        if let Some(mut cleaner) = self.cleaner.take() {
+            let _ = cleaner.kill();
+            let _ = cleaner.wait();
+        }
+    }
+}
+
+/// Writes a file readable by its owner only (it may hold private keys).
+pub(crate) fn write_private(path: &Path, contents: &[u8]) -> Result<()> {
+    use std::{io::Write as _, os::unix::fs::OpenOptionsExt as _};
+    let context = || format!("writing {}", path.display());
+    fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .and_then(|mut file| file.write_all(contents))
+        .map_err(|source| Error::Io {
+            context: context(),
+            source,
+        })
+}
+
+/// Removes data directories under `tmp` whose owning process is gone.
+fn sweep_stale_dirs(tmp: &Path) {
+    let Ok(entries) = fs::read_dir(tmp) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|name| name.strip_prefix(DIR_PREFIX))
+            .and_then(|rest| rest.split('-').next())
+            .and_then(|pid| pid.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let path = entry.path();
+        if !owner_is_alive(&path, pid) {
+            match fs::remove_dir_all(&path) {
+                Ok(()) => tracing::debug!(dir = %path.display(), "swept a stale data directory"),
+                Err(err) => {
+                    tracing::debug!(dir = %path.display(), %err, "could not sweep a stale data directory");
+                }
+            }
+        }
+    }
+}
+
+/// Whether the process that created `dir` (named after `pid`) still runs. When unsure
+/// (the directory is being created right now), says yes.
+fn owner_is_alive(dir: &Path, pid: u32) -> bool {
+    let Some(stat) = proc_stat(pid) else {
+        return false;
+    };
+    if stat.state == 'Z' {
+        return false;
+    }
+    let Ok(owner) = fs::read_to_string(dir.join(OWNER_FILE)) else {
+        return true;
+    };
+    let recorded = owner
+        .split_whitespace()
+        .nth(1)
+        .and_then(|t| t.parse::<u64>().ok());
+    // A different start time means the pid was reused by an unrelated process.
+    recorded.is_none_or(|t| t == stat.start_time)
+}
+
+/// The fields of `/proc/<pid>/stat` this crate needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ProcStat {
+    /// `R`, `S`, `D`, `Z`, ...
+    pub(crate) state: char,
+    /// Start time in clock ticks after boot: with the pid, identifies a process.
+    pub(crate) start_time: u64,
+}
+
+/// Reads `/proc/<pid>/stat`; `None` if there is no such process.
+pub(crate) fn proc_stat(pid: u32) -> Option<ProcStat> {
+    parse_proc_stat(&fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
+}
+
+fn parse_proc_stat(stat: &str) -> Option<ProcStat> {
+    // `pid (comm) state ppid ...`; comm may hold spaces and parentheses, so split at the
+    // last `)`. After it, field 3 (state) is first and field 22 (starttime) is 20th.
+    let (_, rest) = stat.rsplit_once(')')?;
+    let mut fields = rest.split_whitespace();
+    let state = fields.next()?.chars().next()?;
+    let start_time = fields.nth(18)?.parse().ok()?;
+    Some(ProcStat { state, start_time })
+}
+
+/// Resident set size of `pid` in bytes, from `/proc/<pid>/status`.
+pub(crate) fn rss_bytes(pid: u32) -> Option<u64> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let kib: u64 = status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))?
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .ok()?;
+    Some(kib * 1024)
+}
+
+/// `n` distinct free TCP ports on 127.0.0.1. Another process may take one before the
+/// server binds it; the caller retries on "address already in use".
+pub(crate) fn free_ports(n: usize) -> Result<Vec<u16>> {
+    let listeners = (0..n)
+        .map(|_| std::net::TcpListener::bind(("127.0.0.1", 0)))
+        .collect::<io::Result<Vec<_>>>()
+        .map_err(Error::io("choosing free ports on 127.0.0.1"))?;
+    listeners
+        .iter()
+        .map(|l| l.local_addr().map(|a| a.port()))
+        .collect::<io::Result<_>>()
+        .map_err(Error::io("choosing free ports on 127.0.0.1"))
+}
+
+/// The last `lines` lines of a log file (or why it cannot be read).
+pub(crate) fn log_tail(path: &Path, lines: usize) -> String {
+    match fs::read(path) {
+        Ok(bytes) => {
+            let text = String::from_utf8_lossy(&bytes);
+            let all: Vec<&str> = text.lines().collect();
+            all[all.len().saturating_sub(lines)..].join("\n")
+        }
+        Err(err) => format!("(cannot read {}: {err})", path.display()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_proc_stat_with_awkward_command_names() {
+        let line = "4242 (a (b) c) S 1 4242 4242 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 \
+                    98765 1000 50 18446744073709551615";
+        assert_eq!(
+            parse_proc_stat(line),
+            Some(ProcStat {
+                state: 'S',
+                start_time: 98765
+            })
+        );
+        assert_eq!(parse_proc_stat("garbage"), None);
+    }
+
+    #[test]
+    fn own_process_is_alive_and_has_rss() {
+        let me = std::process::id();
+        assert!(proc_stat(me).is_some_and(|s| s.state != 'Z'));
+        assert!(rss_bytes(me).is_some_and(|rss| rss > 0));
+    }
+
+    #[test]
+    fn sweep_removes_dirs_of_dead_or_reused_pids_only() {
+        let tmp = std::env::temp_dir().join(format!("leaderz-sweep-test-{}", std::process::id()));
+        fs::create_dir_all(&tmp).unwrap();
+        let me = std::process::id();
+        let my_start = proc_stat(me).unwrap().start_time;
+        // pid_max is at most 2^22, so this pid cannot exist.
+        let dead = tmp.join(format!("{DIR_PREFIX}4294967295-00000001"));
+        let reused = tmp.join(format!("{DIR_PREFIX}{me}-00000002"));
+        let alive = tmp.join(format!("{DIR_PREFIX}{me}-00000003"));
+        let unrelated = tmp.join("something-else-1");
+        for d in [&dead, &reused, &alive, &unrelated] {
+            fs::create_dir_all(d).unwrap();
+        }
+        fs::write(reused.join(OWNER_FILE), format!("{me} {}\n", my_start + 1)).unwrap();
+        fs::write(alive.join(OWNER_FILE), format!("{me} {my_start}\n")).unwrap();
+
+        sweep_stale_dirs(&tmp);
+
+        assert!(!dead.exists());
+        assert!(!reused.exists());
+        assert!(alive.exists());
+        assert!(unrelated.exists());
+        fs::remove_dir_all(&tmp).unwrap();
+    }
+
+    #[test]
+    fn log_tail_keeps_the_last_lines() {
+        let path = std::env::temp_dir().join(format!("leaderz-tail-test-{}", std::process::id()));
+        fs::write(&path, "1\n2\n3\n4\n").unwrap();
+        assert_eq!(log_tail(&path, 2), "3\n4");
+        assert_eq!(log_tail(&path, 10), "1\n2\n3\n4");
+        fs::remove_file(&path).unwrap();
+        assert!(log_tail(&path, 2).starts_with("(cannot read"));
+    }
+
+    #[test]
+    fn free_ports_are_distinct() {
+        let ports = free_ports(3).unwrap();
+        assert_eq!(ports.len(), 3);
+        assert!(ports[0] != ports[1] && ports[1] != ports[2] && ports[0] != ports[2]);
+    }
+}
