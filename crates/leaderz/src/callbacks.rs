@@ -74,7 +74,11 @@ impl Callbacks {
 impl<L: Lock> Elector<L> {
     /// Runs the election with callbacks until `shutdown` is cancelled (then ends the
     /// term, waits for `on_started_leading` to return, releases) or a fatal error.
-    pub async fn run(self, mut callbacks: Callbacks, shutdown: CancellationToken) -> Result<(), ElectionError> {
+    pub async fn run(
+        self,
+        mut callbacks: Callbacks,
+        shutdown: CancellationToken,
+    ) -> Result<(), ElectionError> {
         let mut handle = self.spawn();
         let mut leader = handle.leader();
         let stop = handle.shutdown_token();

@@ -237,27 +237,95 @@ mod tests {
         assert_eq!(c.lease_duration_seconds(), 15);
     }
 
+    /// (identity, lease duration, renew deadline, retry period, expected outcome)
+    type Case = (
+        &'static str,
+        f64,
+        f64,
+        f64,
+        Result<(), fn(&ConfigError) -> bool>,
+    );
+
     #[test]
     fn validation_table() {
         use ConfigError as E;
-        // (identity, lease, renew, retry, expected)
-        let cases: Vec<(&str, f64, f64, f64, Result<(), fn(&E) -> bool>)> = vec![
+        let cases: Vec<Case> = vec![
             ("a", 15.0, 10.0, 2.0, Ok(())),
             ("a", 3.0, 2.0, 0.5, Ok(())),
             ("a", 1.0, 0.5, 0.1, Ok(())),
             ("", 15.0, 10.0, 2.0, Err(|e| matches!(e, E::EmptyIdentity))),
-            ("  ", 15.0, 10.0, 2.0, Err(|e| matches!(e, E::EmptyIdentity))),
-            ("a", 15.0, 10.0, 0.0, Err(|e| matches!(e, E::ZeroRetryPeriod))),
-            ("a", 0.0, 0.0, 2.0, Err(|e| matches!(e, E::LeaseDurationNotWholeSeconds(_)))),
-            ("a", 15.5, 10.0, 2.0, Err(|e| matches!(e, E::LeaseDurationNotWholeSeconds(_)))),
-            ("a", 0.5, 0.3, 0.1, Err(|e| matches!(e, E::LeaseDurationNotWholeSeconds(_)))),
-            ("a", 1e10, 10.0, 2.0, Err(|e| matches!(e, E::LeaseDurationTooLong(_)))),
-            ("a", 10.0, 10.0, 2.0, Err(|e| matches!(e, E::RenewDeadlineNotBelowLeaseDuration { .. }))),
-            ("a", 10.0, 12.0, 2.0, Err(|e| matches!(e, E::RenewDeadlineNotBelowLeaseDuration { .. }))),
+            (
+                "  ",
+                15.0,
+                10.0,
+                2.0,
+                Err(|e| matches!(e, E::EmptyIdentity)),
+            ),
+            (
+                "a",
+                15.0,
+                10.0,
+                0.0,
+                Err(|e| matches!(e, E::ZeroRetryPeriod)),
+            ),
+            (
+                "a",
+                0.0,
+                0.0,
+                2.0,
+                Err(|e| matches!(e, E::LeaseDurationNotWholeSeconds(_))),
+            ),
+            (
+                "a",
+                15.5,
+                10.0,
+                2.0,
+                Err(|e| matches!(e, E::LeaseDurationNotWholeSeconds(_))),
+            ),
+            (
+                "a",
+                0.5,
+                0.3,
+                0.1,
+                Err(|e| matches!(e, E::LeaseDurationNotWholeSeconds(_))),
+            ),
+            (
+                "a",
+                1e10,
+                10.0,
+                2.0,
+                Err(|e| matches!(e, E::LeaseDurationTooLong(_))),
+            ),
+            (
+                "a",
+                10.0,
+                10.0,
+                2.0,
+                Err(|e| matches!(e, E::RenewDeadlineNotBelowLeaseDuration { .. })),
+            ),
+            (
+                "a",
+                10.0,
+                12.0,
+                2.0,
+                Err(|e| matches!(e, E::RenewDeadlineNotBelowLeaseDuration { .. })),
+            ),
             // 1.2 x 2s = 2.4s is not below 2.4s
-            ("a", 15.0, 2.4, 2.0, Err(|e| matches!(e, E::RetryPeriodTooLong { .. }))),
+            (
+                "a",
+                15.0,
+                2.4,
+                2.0,
+                Err(|e| matches!(e, E::RetryPeriodTooLong { .. })),
+            ),
             ("a", 15.0, 2.41, 2.0, Ok(())),
-            ("a", 15.0, 1.0, 2.0, Err(|e| matches!(e, E::RetryPeriodTooLong { .. }))),
+            (
+                "a",
+                15.0,
+                1.0,
+                2.0,
+                Err(|e| matches!(e, E::RetryPeriodTooLong { .. })),
+            ),
         ];
         for (id, ld, rd, rp, want) in cases {
             let c = ElectionConfig::new(id)
@@ -278,12 +346,18 @@ mod tests {
         let c = ElectionConfig::new("a").request_timeout(Duration::ZERO);
         assert_eq!(c.validate(), Err(ConfigError::ZeroRequestTimeout));
         let c = ElectionConfig::new("a").max_record_duration(secs(14.0));
-        assert!(matches!(c.validate(), Err(ConfigError::MaxRecordDurationTooShort(_))));
+        assert!(matches!(
+            c.validate(),
+            Err(ConfigError::MaxRecordDurationTooShort(_))
+        ));
     }
 
     #[test]
     fn errors_say_what_to_do() {
-        let e = ElectionConfig::new("a").renew_deadline(secs(20.0)).validate().unwrap_err();
+        let e = ElectionConfig::new("a")
+            .renew_deadline(secs(20.0))
+            .validate()
+            .unwrap_err();
         assert_eq!(
             e.to_string(),
             "lease duration (15s) must be greater than renew deadline (20s)"

@@ -11,8 +11,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
-use k8s_openapi::api::coordination::v1::Lease;
 use futures::stream::BoxStream;
+use k8s_openapi::api::coordination::v1::Lease;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use tokio::sync::watch;
@@ -70,7 +70,12 @@ impl<L: Lock> Elector<L> {
     /// An election on `lock` with `config`, which is validated here.
     pub fn new(lock: L, config: ElectionConfig) -> Result<Self, ConfigError> {
         config.validate()?;
-        Ok(Self { lock: Arc::new(lock), config, metrics: None, seed: None })
+        Ok(Self {
+            lock: Arc::new(lock),
+            config,
+            metrics: None,
+            seed: None,
+        })
     }
 
     /// Reports to these metrics (see [`Metrics`]).
@@ -199,7 +204,9 @@ impl<L: Lock> Engine<L> {
                 }
                 TermEnd::Shutdown => {
                     info!(term = token, "shutting down: waiting for the work to stop");
-                    let stopped = timeout(self.config.shutdown_grace, control.work_stopped()).await.is_ok();
+                    let stopped = timeout(self.config.shutdown_grace, control.work_stopped())
+                        .await
+                        .is_ok();
                     if !stopped {
                         warn!(
                             grace = ?self.config.shutdown_grace,
@@ -221,7 +228,10 @@ impl<L: Lock> Engine<L> {
     // ---- follower ----------------------------------------------------------------
 
     /// Campaigns until the lease is ours (`Some`) or shutdown (`None`).
-    async fn campaign(&mut self, shutdown: &CancellationToken) -> Result<Option<Acquired>, ElectionError> {
+    async fn campaign(
+        &mut self,
+        shutdown: &CancellationToken,
+    ) -> Result<Option<Acquired>, ElectionError> {
         let mut events: Option<Events> = None;
         // What to do next: read the lock first (a GET), or act on what we observed.
         let mut attempt = Some(Read::Get);
@@ -364,10 +374,16 @@ impl<L: Lock> Engine<L> {
                 strategy: current.record.strategy.clone(),
             };
             let sent_at = Instant::now();
-            match self.bounded(None, self.lock.update(&current, &record)).await {
+            match self
+                .bounded(None, self.lock.update(&current, &record))
+                .await
+            {
                 Ok(v) => {
                     self.observe(v.clone());
-                    return Ok(Some(Acquired { current: v, sent_at }));
+                    return Ok(Some(Acquired {
+                        current: v,
+                        sent_at,
+                    }));
                 }
                 Err(LockError::Conflict) if read == Read::Observed => {
                     // Someone wrote after what we saw: read once and decide again.
@@ -401,7 +417,10 @@ impl<L: Lock> Engine<L> {
         match self.bounded(None, self.lock.create(&record)).await {
             Ok(v) => {
                 self.observe(v.clone());
-                Ok(Some(Acquired { current: v, sent_at }))
+                Ok(Some(Acquired {
+                    current: v,
+                    sent_at,
+                }))
             }
             Err(LockError::AlreadyExists) => {
                 self.count_error(&LockError::AlreadyExists);
@@ -414,8 +433,15 @@ impl<L: Lock> Engine<L> {
 
     // ---- leader --------------------------------------------------------------------
 
-    async fn lead(&mut self, acquired: Acquired, shutdown: &CancellationToken) -> (TermEnd, TermControl) {
-        let Acquired { mut current, sent_at } = acquired;
+    async fn lead(
+        &mut self,
+        acquired: Acquired,
+        shutdown: &CancellationToken,
+    ) -> (TermEnd, TermControl) {
+        let Acquired {
+            mut current,
+            sent_at,
+        } = acquired;
         let token = current.record.lease_transitions;
         let mut deadline = sent_at + self.config.renew_deadline;
         let control = TermControl::new(
@@ -467,7 +493,9 @@ impl<L: Lock> Engine<L> {
                     });
                 }
                 Err(RenewError::Lost(why)) => return (TermEnd::Lost(why), control),
-                Err(RenewError::Lock(e)) if e.is_fatal() => return (TermEnd::Fatal(e.into()), control),
+                Err(RenewError::Lock(e)) if e.is_fatal() => {
+                    return (TermEnd::Fatal(e.into()), control);
+                }
                 Err(RenewError::Lock(e)) => {
                     self.note_error("renew", &e);
                     next = Instant::now() + self.config.retry_period;
@@ -478,7 +506,12 @@ impl<L: Lock> Engine<L> {
 
     /// Renews: one update on the cached version; if that fails, read and update again
     /// (client-go's slow path) as long as the lease is still this term's.
-    async fn renew(&mut self, current: &Versioned, token: i32, deadline: Instant) -> Result<Versioned, RenewError> {
+    async fn renew(
+        &mut self,
+        current: &Versioned,
+        token: i32,
+        deadline: Instant,
+    ) -> Result<Versioned, RenewError> {
         let identity = self.config.identity.clone();
         let seconds = self.config.lease_duration_seconds();
         let renewed = |from: &LeaderRecord| LeaderRecord {
@@ -491,7 +524,10 @@ impl<L: Lock> Engine<L> {
             strategy: from.strategy.clone(),
         };
         let record = renewed(&current.record);
-        match self.bounded(Some(deadline), self.lock.update(current, &record)).await {
+        match self
+            .bounded(Some(deadline), self.lock.update(current, &record))
+            .await
+        {
             Ok(v) => {
                 self.observe(v.clone());
                 return Ok(v);
@@ -513,10 +549,15 @@ impl<L: Lock> Engine<L> {
         self.observe(fresh.clone());
         if !self.is_ours(&fresh.record, token) {
             let holder = fresh.record.holder().unwrap_or("nobody").to_owned();
-            return Err(RenewError::Lost(format!("the lease is now held by {holder}")));
+            return Err(RenewError::Lost(format!(
+                "the lease is now held by {holder}"
+            )));
         }
         let record = renewed(&fresh.record);
-        match self.bounded(Some(deadline), self.lock.update(&fresh, &record)).await {
+        match self
+            .bounded(Some(deadline), self.lock.update(&fresh, &record))
+            .await
+        {
             Ok(v) => {
                 self.observe(v.clone());
                 Ok(v)
@@ -557,7 +598,9 @@ impl<L: Lock> Engine<L> {
                     preferred_holder: None,
                     strategy: fresh.record.strategy.clone(),
                 };
-                let v = self.bounded(Some(until), self.lock.update(&fresh, &record)).await?;
+                let v = self
+                    .bounded(Some(until), self.lock.update(&fresh, &record))
+                    .await?;
                 self.observe(v);
                 Ok(true)
             }
@@ -579,7 +622,8 @@ impl<L: Lock> Engine<L> {
                 }
                 Err(e) => {
                     self.note_error("release", &e);
-                    let pause = (self.config.retry_period / 4).min(until.saturating_duration_since(Instant::now()));
+                    let pause = (self.config.retry_period / 4)
+                        .min(until.saturating_duration_since(Instant::now()));
                     tokio::time::sleep(pause).await;
                 }
             }
@@ -614,15 +658,23 @@ impl<L: Lock> Engine<L> {
             _ => now,
         };
         self.observed_lease = v.lease;
-        self.observed = Some(Observed { record: v.record, version: v.version, observed_at });
+        self.observed = Some(Observed {
+            record: v.record,
+            version: v.version,
+            observed_at,
+        });
         let observed = self.observed.clone();
         self.status.send_modify(|s| s.observed = observed);
     }
 
     fn is_held(&self, now: Instant) -> bool {
-        self.observed
-            .as_ref()
-            .is_some_and(|o| o.is_held_at(now, self.config.lease_duration, self.config.max_record_duration))
+        self.observed.as_ref().is_some_and(|o| {
+            o.is_held_at(
+                now,
+                self.config.lease_duration,
+                self.config.max_record_duration,
+            )
+        })
     }
 
     /// Publishes who leads, deduplicated: us while we hold a term, else the observed
@@ -631,7 +683,9 @@ impl<L: Lock> Engine<L> {
         let leader = if self.term.borrow().is_some() {
             Some(self.config.identity.clone())
         } else if self.is_held(Instant::now()) {
-            self.observed.as_ref().and_then(|o| o.record.holder().map(str::to_owned))
+            self.observed
+                .as_ref()
+                .and_then(|o| o.record.holder().map(str::to_owned))
         } else {
             None
         };

@@ -32,11 +32,18 @@ pub struct Status {
 impl Status {
     /// Health in the sense of client-go's `HealthzAdaptor` (see
     /// [`ElectionHandle::check_health`]), from this snapshot alone.
-    pub fn check_health(&self, lease_duration: Duration, tolerance: Duration) -> Result<(), HealthError> {
+    pub fn check_health(
+        &self,
+        lease_duration: Duration,
+        tolerance: Duration,
+    ) -> Result<(), HealthError> {
         if let (Some(term), Some(last)) = (&self.term, self.last_renewed) {
             let since = last.elapsed();
             if since > lease_duration + tolerance {
-                return Err(HealthError { lock: term.lock.clone(), since });
+                return Err(HealthError {
+                    lock: term.lock.clone(),
+                    since,
+                });
             }
         }
         Ok(())
@@ -68,7 +75,13 @@ impl ElectionHandle {
         term: watch::Receiver<Option<Term>>,
         status: watch::Receiver<Status>,
     ) -> Self {
-        Self { shutdown, task: Some(task), leader, term, status }
+        Self {
+            shutdown,
+            task: Some(task),
+            leader,
+            term,
+            status,
+        }
     }
 
     /// Waits until this process leads and returns the term (at once if it leads now).
@@ -109,10 +122,19 @@ impl ElectionHandle {
     /// process believes it leads but has not renewed for longer than the lease duration
     /// plus `tolerance` — the elector is stuck, and a restart is the cure. Followers
     /// and leaders that step down on time are healthy.
-    pub fn check_health(&self, lease_duration: Duration, tolerance: Duration) -> Result<(), HealthError> {
-        self.status.borrow().check_health(lease_duration, tolerance)?;
+    pub fn check_health(
+        &self,
+        lease_duration: Duration,
+        tolerance: Duration,
+    ) -> Result<(), HealthError> {
+        self.status
+            .borrow()
+            .check_health(lease_duration, tolerance)?;
         if self.task.as_ref().is_none_or(JoinHandle::is_finished) {
-            return Err(HealthError { lock: String::from("<stopped>"), since: Duration::ZERO });
+            return Err(HealthError {
+                lock: String::from("<stopped>"),
+                since: Duration::ZERO,
+            });
         }
         Ok(())
     }

@@ -89,11 +89,15 @@ impl Metrics {
     }
 
     fn name(name: &str) -> NameLabel {
-        NameLabel { name: name.to_owned() }
+        NameLabel {
+            name: name.to_owned(),
+        }
     }
 
     pub(crate) fn set_leading(&self, name: &str, leading: bool) {
-        self.master_status.get_or_create(&Self::name(name)).set(i64::from(leading));
+        self.master_status
+            .get_or_create(&Self::name(name))
+            .set(i64::from(leading));
         if leading {
             self.transitions.get_or_create(&Self::name(name)).inc();
         }
@@ -104,11 +108,16 @@ impl Metrics {
     }
 
     pub(crate) fn renewed(&self, name: &str, seconds: f64) {
-        self.renew_duration.get_or_create(&Self::name(name)).observe(seconds);
+        self.renew_duration
+            .get_or_create(&Self::name(name))
+            .observe(seconds);
     }
 
     pub(crate) fn api_error(&self, name: &str, kind: &str) {
-        let labels = ErrorLabels { name: name.to_owned(), kind: kind.to_owned() };
+        let labels = ErrorLabels {
+            name: name.to_owned(),
+            kind: kind.to_owned(),
+        };
         self.api_errors.get_or_create(&labels).inc();
     }
 
@@ -133,8 +142,17 @@ mod tests {
         m.api_error("my-lock", "conflict");
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &registry).unwrap();
-        assert!(text.contains("leader_election_master_status{name=\"my-lock\"} 1"), "{text}");
-        assert!(text.contains("leader_election_slowpath_total{name=\"my-lock\"} 1"), "{text}");
-        assert!(text.contains("leaderz_api_errors_total{name=\"my-lock\",kind=\"conflict\"} 1"), "{text}");
+        assert!(
+            text.contains("leader_election_master_status{name=\"my-lock\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("leader_election_slowpath_total{name=\"my-lock\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("leaderz_api_errors_total{name=\"my-lock\",kind=\"conflict\"} 1"),
+            "{text}"
+        );
     }
 }

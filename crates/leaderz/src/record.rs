@@ -209,7 +209,10 @@ mod tests {
 
     #[test]
     fn released_record_writes_empty_holder_not_null() {
-        let rec = LeaderRecord { lease_duration_seconds: Some(1), ..Default::default() };
+        let rec = LeaderRecord {
+            lease_duration_seconds: Some(1),
+            ..Default::default()
+        };
         let json = serde_json::to_value(rec.to_spec()).unwrap();
         assert_eq!(json["holderIdentity"], "");
         assert_eq!(rec.holder(), None);
@@ -241,15 +244,27 @@ mod tests {
         assert_eq!(with(Some(0)).effective_duration(own, max), own);
         assert_eq!(with(Some(-5)).effective_duration(own, max), own);
         assert_eq!(with(Some(1)).effective_duration(own, max), own);
-        assert_eq!(with(Some(137)).effective_duration(own, max), Duration::from_secs(137));
+        assert_eq!(
+            with(Some(137)).effective_duration(own, max),
+            Duration::from_secs(137)
+        );
         assert_eq!(with(Some(i32::MAX)).effective_duration(own, max), max);
     }
 
     #[test]
     fn transitions_cannot_overflow() {
-        let rec = LeaderRecord { lease_transitions: i32::MAX, ..Default::default() };
-        assert_eq!(rec.next_transitions(), Err(TakeoverError::TransitionsExhausted));
-        let rec = LeaderRecord { lease_transitions: 4, ..Default::default() };
+        let rec = LeaderRecord {
+            lease_transitions: i32::MAX,
+            ..Default::default()
+        };
+        assert_eq!(
+            rec.next_transitions(),
+            Err(TakeoverError::TransitionsExhausted)
+        );
+        let rec = LeaderRecord {
+            lease_transitions: 4,
+            ..Default::default()
+        };
         assert_eq!(rec.next_transitions(), Ok(5));
     }
 

@@ -1,5 +1,7 @@
 //! The engine on the in-memory lock, on paused tokio time: no real sleeps, exact timings.
 
+#![allow(clippy::unwrap_used)] // tests: a panic is the failure report
+
 mod common;
 
 use std::time::Duration;
@@ -35,8 +37,10 @@ async fn lone_candidate_creates_the_lease_like_client_go() {
 #[tokio::test(start_paused = true)]
 async fn three_candidates_one_leader() {
     let lock = MemoryLock::new("l");
-    let hs: Vec<_> =
-        ["a", "b", "c"].iter().map(|id| Elector::new(lock.clone(), config(id)).unwrap().spawn()).collect();
+    let hs: Vec<_> = ["a", "b", "c"]
+        .iter()
+        .map(|id| Elector::new(lock.clone(), config(id)).unwrap().spawn())
+        .collect();
     sleep(secs(60)).await;
     let leaders: Vec<_> = hs.iter().filter(|h| h.is_leader()).collect();
     assert_eq!(leaders.len(), 1);
@@ -121,7 +125,10 @@ async fn leader_steps_down_at_renew_deadline_when_the_api_hangs() {
     sleep(secs(3)).await; // one renewal at t=2s
     let deadline = term.deadline();
     assert_eq!(deadline, started + secs(2) + secs(10));
-    faulty.set(Faults { hang: true, ..Faults::default() });
+    faulty.set(Faults {
+        hang: true,
+        ..Faults::default()
+    });
     term.cancelled().await;
     // Cancelled exactly at send time of the last successful renewal + renew deadline.
     assert_eq!(Instant::now(), deadline);
@@ -138,7 +145,10 @@ async fn follower_takes_over_exactly_at_expiry_when_leader_is_partitioned() {
     let term_a = a.acquired().await.unwrap();
     let b = Elector::new(mem.clone(), config("b")).unwrap().spawn();
     sleep(Duration::from_millis(1000)).await;
-    faulty.set(Faults { hang: true, ..Faults::default() });
+    faulty.set(Faults {
+        hang: true,
+        ..Faults::default()
+    });
     // a's last renewal: t=0; b observed it at t≈0 and takes over at 15 s.
     let term_b = b.acquired().await.unwrap();
     let a_end = term_a.deadline();
@@ -150,12 +160,18 @@ async fn follower_takes_over_exactly_at_expiry_when_leader_is_partitioned() {
 #[tokio::test(start_paused = true)]
 async fn no_release_when_the_work_does_not_stop() {
     let lock = MemoryLock::new("l");
-    let a = Elector::new(lock.clone(), config("a").shutdown_grace(secs(3))).unwrap().spawn();
+    let a = Elector::new(lock.clone(), config("a").shutdown_grace(secs(3)))
+        .unwrap()
+        .spawn();
     let _stuck_term = a.acquired().await.unwrap();
     let t0 = Instant::now();
     a.shutdown().await.unwrap();
     assert_eq!(t0.elapsed(), secs(3));
-    assert_eq!(lock.peek().unwrap().record.holder_identity, "a", "must not release");
+    assert_eq!(
+        lock.peek().unwrap().record.holder_identity,
+        "a",
+        "must not release"
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -180,7 +196,10 @@ async fn polling_fallback_when_watch_is_forbidden() {
     let a = Elector::new(mem.clone(), config("a")).unwrap().spawn();
     a.acquired().await.unwrap();
     let faulty = FaultyLock::new(mem.clone(), 3);
-    faulty.set(Faults { forbid_watch: true, ..Faults::default() });
+    faulty.set(Faults {
+        forbid_watch: true,
+        ..Faults::default()
+    });
     let b = Elector::new(faulty, config("b")).unwrap().spawn();
     sleep(secs(1)).await;
     assert!(!b.status().borrow().watching);
@@ -188,13 +207,19 @@ async fn polling_fallback_when_watch_is_forbidden() {
     a.shutdown().await.unwrap();
     b.acquired().await.unwrap();
     // Seen at the next poll: within 1.2 x retry period.
-    assert!(t0.elapsed() <= Duration::from_millis(2400), "{:?}", t0.elapsed());
+    assert!(
+        t0.elapsed() <= Duration::from_millis(2400),
+        "{:?}",
+        t0.elapsed()
+    );
 }
 
 #[tokio::test(start_paused = true)]
 async fn leader_changes_are_deduplicated_and_none_is_explicit() {
     let lock = MemoryLock::new("l");
-    let b = Elector::new(lock.clone(), config("b").release_on_cancel(true)).unwrap().spawn();
+    let b = Elector::new(lock.clone(), config("b").release_on_cancel(true))
+        .unwrap()
+        .spawn();
     b.acquired().await.unwrap();
     let a = Elector::new(lock.clone(), config("a")).unwrap().spawn();
     let mut leader = a.leader();
@@ -210,8 +235,14 @@ async fn leader_changes_are_deduplicated_and_none_is_explicit() {
     sleep(secs(10)).await;
     a.shutdown().await.unwrap();
     let seen = seen.await.unwrap();
-    assert!(seen.windows(2).all(|w| w[0] != w[1]), "duplicates in {seen:?}");
-    assert!(seen.contains(&Some("b".to_owned())) && seen.contains(&Some("a".to_owned())), "{seen:?}");
+    assert!(
+        seen.windows(2).all(|w| w[0] != w[1]),
+        "duplicates in {seen:?}"
+    );
+    assert!(
+        seen.contains(&Some("b".to_owned())) && seen.contains(&Some("a".to_owned())),
+        "{seen:?}"
+    );
     assert_eq!(seen.last(), Some(&None));
 }
 
@@ -226,21 +257,88 @@ async fn restarted_process_with_the_same_identity_waits_for_expiry() {
     let new = Elector::new(lock.clone(), config("a")).unwrap().spawn();
     let term = new.acquired().await.unwrap();
     assert_eq!(t0.elapsed(), secs(15));
-    assert_eq!(term.fencing_token(), old_term.fencing_token() + 1, "a new term is a new token");
+    assert_eq!(
+        term.fencing_token(),
+        old_term.fencing_token() + 1,
+        "a new term is a new token"
+    );
 }
 
 #[tokio::test(start_paused = true)]
 async fn garbage_records_are_read_safely() {
     let own = secs(15);
     for (what, rec, wait) in [
-        ("zero duration", LeaderRecord { holder_identity: "x".into(), lease_duration_seconds: Some(0), ..Default::default() }, own),
-        ("negative duration", LeaderRecord { holder_identity: "x".into(), lease_duration_seconds: Some(-3), ..Default::default() }, own),
-        ("no duration", LeaderRecord { holder_identity: "x".into(), ..Default::default() }, own),
-        ("shorter than ours", LeaderRecord { holder_identity: "x".into(), lease_duration_seconds: Some(1), ..Default::default() }, own),
-        ("longer than ours", LeaderRecord { holder_identity: "x".into(), lease_duration_seconds: Some(40), ..Default::default() }, secs(40)),
-        ("huge", LeaderRecord { holder_identity: "x".into(), lease_duration_seconds: Some(i32::MAX), ..Default::default() }, secs(3600)),
-        ("absurd transitions", LeaderRecord { holder_identity: "x".into(), lease_duration_seconds: Some(15), lease_transitions: -40, ..Default::default() }, own),
-        ("empty holder", LeaderRecord { lease_duration_seconds: Some(999), ..Default::default() }, Duration::ZERO),
+        (
+            "zero duration",
+            LeaderRecord {
+                holder_identity: "x".into(),
+                lease_duration_seconds: Some(0),
+                ..Default::default()
+            },
+            own,
+        ),
+        (
+            "negative duration",
+            LeaderRecord {
+                holder_identity: "x".into(),
+                lease_duration_seconds: Some(-3),
+                ..Default::default()
+            },
+            own,
+        ),
+        (
+            "no duration",
+            LeaderRecord {
+                holder_identity: "x".into(),
+                ..Default::default()
+            },
+            own,
+        ),
+        (
+            "shorter than ours",
+            LeaderRecord {
+                holder_identity: "x".into(),
+                lease_duration_seconds: Some(1),
+                ..Default::default()
+            },
+            own,
+        ),
+        (
+            "longer than ours",
+            LeaderRecord {
+                holder_identity: "x".into(),
+                lease_duration_seconds: Some(40),
+                ..Default::default()
+            },
+            secs(40),
+        ),
+        (
+            "huge",
+            LeaderRecord {
+                holder_identity: "x".into(),
+                lease_duration_seconds: Some(i32::MAX),
+                ..Default::default()
+            },
+            secs(3600),
+        ),
+        (
+            "absurd transitions",
+            LeaderRecord {
+                holder_identity: "x".into(),
+                lease_duration_seconds: Some(15),
+                lease_transitions: -40,
+                ..Default::default()
+            },
+            own,
+        ),
+        (
+            "empty holder",
+            LeaderRecord {
+                lease_duration_seconds: Some(999),
+                ..Default::default()
+            },
+            Duration::ZERO,
+        ),
     ] {
         let lock = MemoryLock::new("l");
         lock.force(Some(rec));
@@ -255,7 +353,10 @@ async fn garbage_records_are_read_safely() {
 #[tokio::test(start_paused = true)]
 async fn exhausted_transitions_stop_the_elector_with_a_clear_error() {
     let lock = MemoryLock::new("l");
-    lock.force(Some(LeaderRecord { lease_transitions: i32::MAX, ..Default::default() }));
+    lock.force(Some(LeaderRecord {
+        lease_transitions: i32::MAX,
+        ..Default::default()
+    }));
     let mut h = Elector::new(lock.clone(), config("a")).unwrap().spawn();
     let err = h.join().await.unwrap_err();
     assert!(err.to_string().contains("delete the Lease"), "{err}");
@@ -271,7 +372,11 @@ async fn deleted_lease_is_recreated() {
     term.cancelled().await;
     drop(term);
     let term = a.acquired().await.unwrap();
-    assert_eq!(term.fencing_token(), 0, "deleting the Lease resets the token (documented)");
+    assert_eq!(
+        term.fencing_token(),
+        0,
+        "deleting the Lease resets the token (documented)"
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -285,7 +390,11 @@ async fn overwritten_holder_ends_the_term_at_the_next_renewal() {
     lock.force(Some(rec));
     let t0 = Instant::now();
     term.cancelled().await;
-    assert_eq!(t0.elapsed(), Duration::from_millis(1500), "at the next renewal");
+    assert_eq!(
+        t0.elapsed(),
+        Duration::from_millis(1500),
+        "at the next renewal"
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -297,7 +406,9 @@ async fn callbacks_fire_in_client_go_order() {
     let callbacks = Callbacks::new(move |term| {
         let l1 = l1.clone();
         async move {
-            l1.lock().unwrap().push(format!("started {}", term.fencing_token()));
+            l1.lock()
+                .unwrap()
+                .push(format!("started {}", term.fencing_token()));
             term.cancelled().await;
             l1.lock().unwrap().push("work done".into());
         }
@@ -305,7 +416,11 @@ async fn callbacks_fire_in_client_go_order() {
     .on_stopped_leading(move || l2.lock().unwrap().push("stopped".into()))
     .on_new_leader(move |who| l3.lock().unwrap().push(format!("leader {who:?}")));
     let stop = CancellationToken::new();
-    let run = tokio::spawn(Elector::new(lock.clone(), config("a")).unwrap().run(callbacks, stop.clone()));
+    let run = tokio::spawn(
+        Elector::new(lock.clone(), config("a"))
+            .unwrap()
+            .run(callbacks, stop.clone()),
+    );
     sleep(secs(5)).await;
     stop.cancel();
     run.await.unwrap().unwrap();
@@ -315,7 +430,11 @@ async fn callbacks_fire_in_client_go_order() {
     let done = log.iter().position(|l| l == "work done").unwrap();
     let stopped = log.iter().position(|l| l == "stopped").unwrap();
     assert!(done < stopped, "{log:?}");
-    assert_eq!(lock.peek().unwrap().record.holder_identity, "", "released after the work");
+    assert_eq!(
+        lock.peek().unwrap().record.holder_identity,
+        "",
+        "released after the work"
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -341,7 +460,10 @@ async fn run_while_leading_aborts_the_work_on_loss() {
     let scenario = async {
         sleep(Duration::from_millis(4500)).await;
         // The last successful renewal is at t=4s: the term ends at 14 s.
-        faulty.set(Faults { hang: true, ..Faults::default() });
+        faulty.set(Faults {
+            hang: true,
+            ..Faults::default()
+        });
         sleep(secs(20)).await;
         ticks.lock().unwrap().clone()
     };

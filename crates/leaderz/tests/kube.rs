@@ -2,6 +2,8 @@
 //! shared by every test in this file). Timings are short (3 s / 2 s / 0.5 s) so the
 //! tests are quick; measured handover times are printed.
 
+#![allow(clippy::unwrap_used)] // tests: a panic is the failure report
+
 use std::time::Duration;
 
 use k8s_openapi::api::authorization::v1::ResourceAttributes;
@@ -24,11 +26,16 @@ fn config(id: &str) -> ElectionConfig {
 }
 
 fn spawn(client: Client, ns: &str, id: &str) -> ElectionHandle {
-    Elector::new(LeaseLock::new(client, ns, LEASE), config(id)).unwrap().spawn()
+    Elector::new(LeaseLock::new(client, ns, LEASE), config(id))
+        .unwrap()
+        .spawn()
 }
 
 async fn lease(client: &Client, ns: &str) -> Lease {
-    Api::<Lease>::namespaced(client.clone(), ns).get(LEASE).await.unwrap()
+    Api::<Lease>::namespaced(client.clone(), ns)
+        .get(LEASE)
+        .await
+        .unwrap()
 }
 
 fn spec(l: &Lease) -> LeaseSpec {
@@ -39,7 +46,9 @@ fn spec(l: &Lease) -> LeaseSpec {
 async fn one_leader(handles: &[ElectionHandle]) -> usize {
     timeout(Duration::from_secs(20), async {
         loop {
-            let leaders: Vec<usize> = (0..handles.len()).filter(|&i| handles[i].is_leader()).collect();
+            let leaders: Vec<usize> = (0..handles.len())
+                .filter(|&i| handles[i].is_leader())
+                .collect();
             if leaders.len() == 1 {
                 return leaders[0];
             }
@@ -55,7 +64,10 @@ async fn one_leader(handles: &[ElectionHandle]) -> usize {
 async fn three_candidates_elect_exactly_one_leader() {
     let cp = ControlPlane::shared().unwrap();
     let ns = cp.new_namespace("three").await.unwrap();
-    let hs: Vec<_> = ["a", "b", "c"].iter().map(|id| spawn(cp.admin_client().unwrap(), &ns, id)).collect();
+    let hs: Vec<_> = ["a", "b", "c"]
+        .iter()
+        .map(|id| spawn(cp.admin_client().unwrap(), &ns, id))
+        .collect();
     let first = one_leader(&hs).await;
     // It stays exactly one over several renewals.
     for _ in 0..30 {
@@ -91,10 +103,16 @@ async fn graceful_release_hands_over_within_one_second() {
     .unwrap();
     let t0 = Instant::now();
     a.shutdown().await.unwrap();
-    let term = timeout(Duration::from_secs(5), b.acquired()).await.unwrap().unwrap();
+    let term = timeout(Duration::from_secs(5), b.acquired())
+        .await
+        .unwrap()
+        .unwrap();
     let handover = t0.elapsed();
     println!("graceful handover (release start to new term): {handover:?}");
-    assert!(handover < Duration::from_secs(1), "handover took {handover:?}");
+    assert!(
+        handover < Duration::from_secs(1),
+        "handover took {handover:?}"
+    );
     assert_eq!(term.fencing_token(), 1);
     let s = spec(&lease(&cp.admin_client().unwrap(), &ns).await);
     assert_eq!(s.holder_identity.as_deref(), Some("b"));
@@ -112,12 +130,23 @@ async fn crash_hands_over_after_about_the_lease_duration() {
     let before = spec(&lease(&cp.admin_client().unwrap(), &ns).await).renew_time;
     let t0 = Instant::now();
     a.abort();
-    timeout(Duration::from_secs(10), b.acquired()).await.unwrap().unwrap();
+    timeout(Duration::from_secs(10), b.acquired())
+        .await
+        .unwrap()
+        .unwrap();
     let failover = t0.elapsed();
-    println!("crash failover (kill to new term): {failover:?}, lease duration 3s, last renewal {before:?}");
+    println!(
+        "crash failover (kill to new term): {failover:?}, lease duration 3s, last renewal {before:?}"
+    );
     // The last renewal was at most one retry period before the kill.
-    assert!(failover >= Duration::from_millis(2400), "took over too early: {failover:?}");
-    assert!(failover <= Duration::from_millis(4000), "took over too late: {failover:?}");
+    assert!(
+        failover >= Duration::from_millis(2400),
+        "took over too early: {failover:?}"
+    );
+    assert!(
+        failover <= Duration::from_millis(4000),
+        "took over too late: {failover:?}"
+    );
 }
 
 #[tokio::test]
@@ -127,7 +156,10 @@ async fn two_candidates_racing_for_an_empty_lease_one_wins() {
     let ns = cp.new_namespace("race").await.unwrap();
     // A released lease: holder "", as client-go leaves it.
     let released = Lease {
-        metadata: ObjectMeta { name: Some(LEASE.into()), ..Default::default() },
+        metadata: ObjectMeta {
+            name: Some(LEASE.into()),
+            ..Default::default()
+        },
         spec: Some(LeaseSpec {
             holder_identity: Some(String::new()),
             lease_duration_seconds: Some(1),
@@ -135,9 +167,15 @@ async fn two_candidates_racing_for_an_empty_lease_one_wins() {
             ..Default::default()
         }),
     };
-    Api::<Lease>::namespaced(admin.clone(), &ns).create(&PostParams::default(), &released).await.unwrap();
+    Api::<Lease>::namespaced(admin.clone(), &ns)
+        .create(&PostParams::default(), &released)
+        .await
+        .unwrap();
     for round in 0..5 {
-        let hs = [spawn(cp.admin_client().unwrap(), &ns, "x"), spawn(cp.admin_client().unwrap(), &ns, "y")];
+        let hs = [
+            spawn(cp.admin_client().unwrap(), &ns, "x"),
+            spawn(cp.admin_client().unwrap(), &ns, "y"),
+        ];
         let winner = one_leader(&hs).await;
         sleep(Duration::from_millis(300)).await;
         assert_eq!(hs.iter().filter(|h| h.is_leader()).count(), 1);
@@ -148,7 +186,10 @@ async fn two_candidates_racing_for_an_empty_lease_one_wins() {
         let [h0, h1] = hs;
         h0.shutdown().await.unwrap();
         h1.shutdown().await.unwrap();
-        assert_eq!(spec(&lease(&admin, &ns).await).holder_identity.as_deref(), Some(""));
+        assert_eq!(
+            spec(&lease(&admin, &ns).await).holder_identity.as_deref(),
+            Some("")
+        );
     }
 }
 
@@ -160,10 +201,19 @@ async fn garbage_lease_written_by_admin_is_handled_by_the_documented_rules() {
     let api = Api::<Lease>::namespaced(admin.clone(), &ns);
 
     // 1. No spec at all: free to take, transitions start from 0.
-    let bare = Lease { metadata: ObjectMeta { name: Some(LEASE.into()), ..Default::default() }, spec: None };
+    let bare = Lease {
+        metadata: ObjectMeta {
+            name: Some(LEASE.into()),
+            ..Default::default()
+        },
+        spec: None,
+    };
     api.create(&PostParams::default(), &bare).await.unwrap();
     let h = spawn(cp.admin_client().unwrap(), &ns, "a");
-    let term = timeout(Duration::from_secs(5), h.acquired()).await.unwrap().unwrap();
+    let term = timeout(Duration::from_secs(5), h.acquired())
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(term.fencing_token(), 1);
     drop(term);
     h.shutdown().await.unwrap();
@@ -177,13 +227,21 @@ async fn garbage_lease_written_by_admin_is_handled_by_the_documented_rules() {
         lease_transitions: Some(3),
         ..Default::default()
     });
-    api.replace(LEASE, &PostParams::default(), &l).await.unwrap();
+    api.replace(LEASE, &PostParams::default(), &l)
+        .await
+        .unwrap();
     let t0 = Instant::now();
     let h = spawn(cp.admin_client().unwrap(), &ns, "a");
-    let term = timeout(Duration::from_secs(10), h.acquired()).await.unwrap().unwrap();
+    let term = timeout(Duration::from_secs(10), h.acquired())
+        .await
+        .unwrap()
+        .unwrap();
     let waited = t0.elapsed();
     println!("garbage 1 s lease taken after {waited:?} (own lease duration 3 s)");
-    assert!(waited >= Duration::from_secs(3), "took over after {waited:?}");
+    assert!(
+        waited >= Duration::from_secs(3),
+        "took over after {waited:?}"
+    );
     assert_eq!(term.fencing_token(), 4);
     drop(term);
     h.shutdown().await.unwrap();
@@ -195,18 +253,32 @@ async fn garbage_lease_written_by_admin_is_handled_by_the_documented_rules() {
         lease_transitions: Some(i32::MAX),
         ..Default::default()
     });
-    api.replace(LEASE, &PostParams::default(), &l).await.unwrap();
+    api.replace(LEASE, &PostParams::default(), &l)
+        .await
+        .unwrap();
     let mut h = spawn(cp.admin_client().unwrap(), &ns, "a");
-    let err = timeout(Duration::from_secs(5), h.join()).await.unwrap().unwrap_err();
+    let err = timeout(Duration::from_secs(5), h.join())
+        .await
+        .unwrap()
+        .unwrap_err();
     assert!(matches!(err, ElectionError::Takeover(_)), "{err}");
     assert!(err.to_string().contains("delete the Lease"), "{err}");
     // Nothing was written.
-    assert_eq!(spec(&api.get(LEASE).await.unwrap()).lease_transitions, Some(i32::MAX));
+    assert_eq!(
+        spec(&api.get(LEASE).await.unwrap()).lease_transitions,
+        Some(i32::MAX)
+    );
 }
 
 /// Applies kube/role.yaml (the Role the manifests ship) in `ns`, optionally without
 /// `watch`, binds it to ServiceAccount `sa`, and waits until RBAC lets `sa_client` in.
-async fn grant_shipped_role(cp: &ControlPlane, ns: &str, sa: &str, sa_client: &Client, without_watch: bool) {
+async fn grant_shipped_role(
+    cp: &ControlPlane,
+    ns: &str,
+    sa: &str,
+    sa_client: &Client,
+    without_watch: bool,
+) {
     let admin = cp.admin_client().unwrap();
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../kube/role.yaml");
     let mut role: Role = serde_yaml::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
@@ -217,14 +289,20 @@ async fn grant_shipped_role(cp: &ControlPlane, ns: &str, sa: &str, sa_client: &C
         }
     }
     let role_name = role.metadata.name.clone().unwrap();
-    Api::<Role>::namespaced(admin.clone(), ns).create(&PostParams::default(), &role).await.unwrap();
+    Api::<Role>::namespaced(admin.clone(), ns)
+        .create(&PostParams::default(), &role)
+        .await
+        .unwrap();
     let binding: RoleBinding = serde_json::from_value(serde_json::json!({
         "metadata": { "name": format!("{role_name}-{sa}") },
         "roleRef": { "apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": role_name },
         "subjects": [{ "kind": "ServiceAccount", "name": sa, "namespace": ns }],
     }))
     .unwrap();
-    Api::<RoleBinding>::namespaced(admin, ns).create(&PostParams::default(), &binding).await.unwrap();
+    Api::<RoleBinding>::namespaced(admin, ns)
+        .create(&PostParams::default(), &binding)
+        .await
+        .unwrap();
     let attributes = ResourceAttributes {
         group: Some("coordination.k8s.io".into()),
         resource: Some("leases".into()),
@@ -233,14 +311,19 @@ async fn grant_shipped_role(cp: &ControlPlane, ns: &str, sa: &str, sa_client: &C
         namespace: Some(ns.into()),
         ..Default::default()
     };
-    leaderz_testenv::wait_until_allowed(sa_client, attributes, Duration::from_secs(10)).await.unwrap();
+    leaderz_testenv::wait_until_allowed(sa_client, attributes, Duration::from_secs(10))
+        .await
+        .unwrap();
 }
 
 #[tokio::test]
 async fn service_account_with_only_the_shipped_role_can_elect() {
     let cp = ControlPlane::shared().unwrap();
     let ns = cp.new_namespace("rbac").await.unwrap();
-    let sa = cp.service_account_client(&ns, "leaderz-example").await.unwrap();
+    let sa = cp
+        .service_account_client(&ns, "leaderz-example")
+        .await
+        .unwrap();
     grant_shipped_role(cp, &ns, "leaderz-example", &sa, false).await;
     let a = spawn(sa.clone(), &ns, "a");
     a.acquired().await.unwrap();
@@ -253,16 +336,31 @@ async fn service_account_with_only_the_shipped_role_can_elect() {
     .await
     .expect("the shipped Role must allow the single-object watch");
     a.shutdown().await.unwrap();
-    timeout(Duration::from_secs(5), b.acquired()).await.unwrap().unwrap();
+    timeout(Duration::from_secs(5), b.acquired())
+        .await
+        .unwrap()
+        .unwrap();
 
     // The same Role does not cover a Lease with another name: a clear, fatal error.
-    let mut other =
-        Elector::new(LeaseLock::new(sa.clone(), &ns, "not-my-lock"), config("c")).unwrap().spawn();
-    let err = timeout(Duration::from_secs(10), other.join()).await.unwrap().unwrap_err();
+    let mut other = Elector::new(LeaseLock::new(sa.clone(), &ns, "not-my-lock"), config("c"))
+        .unwrap()
+        .spawn();
+    let err = timeout(Duration::from_secs(10), other.join())
+        .await
+        .unwrap()
+        .unwrap_err();
     let msg = err.to_string();
-    assert!(matches!(err, ElectionError::Lock(LockError::Forbidden { verb: "get", .. })), "{msg}");
     assert!(
-        msg.contains(&format!("grant `get` on `leases.coordination.k8s.io` in namespace `{ns}` (lease `not-my-lock`)")),
+        matches!(
+            err,
+            ElectionError::Lock(LockError::Forbidden { verb: "get", .. })
+        ),
+        "{msg}"
+    );
+    assert!(
+        msg.contains(&format!(
+            "grant `get` on `leases.coordination.k8s.io` in namespace `{ns}` (lease `not-my-lock`)"
+        )),
         "{msg}"
     );
 }
@@ -281,7 +379,10 @@ async fn identity_without_watch_still_elects_by_polling() {
     assert!(!b.is_leader());
     let t0 = Instant::now();
     a.shutdown().await.unwrap();
-    timeout(Duration::from_secs(5), b.acquired()).await.unwrap().unwrap();
+    timeout(Duration::from_secs(5), b.acquired())
+        .await
+        .unwrap()
+        .unwrap();
     println!("handover by polling: {:?}", t0.elapsed());
 }
 
@@ -291,7 +392,15 @@ async fn forbidden_get_is_a_fatal_error_naming_the_grant() {
     let ns = cp.new_namespace("denied").await.unwrap();
     let nobody = cp.user_client("nobody", &[]).unwrap();
     let mut h = spawn(nobody, &ns, "a");
-    let err = timeout(Duration::from_secs(10), h.join()).await.unwrap().unwrap_err();
+    let err = timeout(Duration::from_secs(10), h.join())
+        .await
+        .unwrap()
+        .unwrap_err();
     let msg = err.to_string();
-    assert!(msg.contains(&format!("grant `get` on `leases.coordination.k8s.io` in namespace `{ns}`")), "{msg}");
+    assert!(
+        msg.contains(&format!(
+            "grant `get` on `leases.coordination.k8s.io` in namespace `{ns}`"
+        )),
+        "{msg}"
+    );
 }

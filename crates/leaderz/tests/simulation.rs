@@ -5,6 +5,8 @@
 //! Every run is reproducible from its seed: `SIM_SEED=1234 cargo test -p leaderz
 //! --test simulation` replays one; `SIM_SEEDS=N` changes how many are run (default 1000).
 
+#![allow(clippy::unwrap_used)] // tests: a panic is the failure report
+
 mod common;
 
 use std::time::Duration;
@@ -83,22 +85,39 @@ struct Slot {
 fn random_faults(rng: &mut SmallRng) -> Faults {
     match rng.random_range(0..6) {
         0 => Faults::default(),
-        1 => Faults { max_latency: Duration::from_millis(rng.random_range(1..3000)), ..Faults::default() },
+        1 => Faults {
+            max_latency: Duration::from_millis(rng.random_range(1..3000)),
+            ..Faults::default()
+        },
         2 => Faults {
             max_latency: Duration::from_millis(rng.random_range(1..500)),
             fail_before: rng.random_range(0.0..0.5),
             fail_after: rng.random_range(0.0..0.5),
             ..Faults::default()
         },
-        3 => Faults { hang: true, ..Faults::default() },
-        4 => Faults { forbid_watch: true, max_latency: Duration::from_millis(200), ..Faults::default() },
-        _ => Faults { stall: rng.random_range(0.0..0.3), max_latency: Duration::from_millis(100), ..Faults::default() },
+        3 => Faults {
+            hang: true,
+            ..Faults::default()
+        },
+        4 => Faults {
+            forbid_watch: true,
+            max_latency: Duration::from_millis(200),
+            ..Faults::default()
+        },
+        _ => Faults {
+            stall: rng.random_range(0.0..0.3),
+            max_latency: Duration::from_millis(100),
+            ..Faults::default()
+        },
     }
 }
 
 fn start(slot: &mut Slot, who: usize, seed: u64, ledger: &Ledger) {
     let config = ElectionConfig::new(format!("c{who}"));
-    let h = Elector::new(slot.lock.clone(), config).expect("config").jitter_seed(seed).spawn();
+    let h = Elector::new(slot.lock.clone(), config)
+        .expect("config")
+        .jitter_seed(seed)
+        .spawn();
     let (tx, rx) = oneshot::channel();
     slot.ctl = Some(tx);
     slot.task = Some(tokio::spawn(candidate(h, who, ledger.clone(), rx)));
@@ -125,7 +144,11 @@ fn simulate(seed: u64) -> usize {
         let mem = MemoryLock::new("sim");
         let ledger = Ledger::default();
         let mut slots: Vec<Slot> = (0..CANDIDATES)
-            .map(|i| Slot { lock: FaultyLock::new(mem.clone(), seed ^ (i as u64 + 1) << 32), ctl: None, task: None })
+            .map(|i| Slot {
+                lock: FaultyLock::new(mem.clone(), seed ^ (i as u64 + 1) << 32),
+                ctl: None,
+                task: None,
+            })
             .collect();
         for (i, slot) in slots.iter_mut().enumerate() {
             start(slot, i, rng.random(), &ledger);
@@ -173,8 +196,16 @@ fn no_two_terms_overlap_under_random_faults() {
         println!("seed {seed}: {terms} terms, no overlap");
         return;
     }
-    let seeds: u64 = std::env::var("SIM_SEEDS").ok().and_then(|s| s.parse().ok()).unwrap_or(1000);
-    let base: u64 = std::env::var("SIM_BASE").ok().and_then(|s| s.parse().ok()).unwrap_or_else(rand::random);
+    let seeds: u64 = std::env::var("SIM_SEEDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1000);
+    let base: u64 = std::env::var("SIM_BASE")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(rand::random);
+    // Real elapsed time, for the report only (the simulation itself runs on paused time).
+    #[allow(clippy::disallowed_types)]
     let started = std::time::Instant::now();
     let mut terms = 0;
     for seed in base..base + seeds {
@@ -216,7 +247,11 @@ fn two_candidates(seed: u64, latency_ms: u64, fail: f64, stall: f64, run_secs: u
         for i in 0..2 {
             let lock = FaultyLock::new(mem.clone(), seed + i as u64);
             lock.set(faults.clone());
-            let mut slot = Slot { lock, ctl: None, task: None };
+            let mut slot = Slot {
+                lock,
+                ctl: None,
+                task: None,
+            };
             start(&mut slot, i, seed + 10 + i as u64, &ledger);
             slots.push(slot);
         }

@@ -5,8 +5,8 @@ use std::sync::Arc;
 use futures::stream::BoxStream;
 use futures::{StreamExt, TryStreamExt};
 use k8s_openapi::api::coordination::v1::Lease;
-use kube::api::{ObjectMeta, PostParams, WatchEvent, WatchParams};
 use k8s_openapi::api::core::v1::ObjectReference;
+use kube::api::{ObjectMeta, PostParams, WatchEvent, WatchParams};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::{Api, Client};
 
@@ -62,7 +62,10 @@ impl LeaseLock {
     /// "<id> stopped leading"). Needs `create` on `events.events.k8s.io`.
     #[must_use]
     pub fn with_events(mut self, client: Client, controller: &str) -> Self {
-        let reporter = Reporter { controller: controller.to_owned(), instance: None };
+        let reporter = Reporter {
+            controller: controller.to_owned(),
+            instance: None,
+        };
         self.events = Some(Recorder::new(client, reporter));
         self
     }
@@ -83,7 +86,10 @@ impl LeaseLock {
                 409 if verb == "create" => LockError::AlreadyExists,
                 409 => LockError::Conflict,
                 404 if verb == "create"
-                    && status.details.as_ref().is_some_and(|d| d.kind == "namespaces") =>
+                    && status
+                        .details
+                        .as_ref()
+                        .is_some_and(|d| d.kind == "namespaces") =>
                 {
                     LockError::NamespaceNotFound(self.namespace.clone())
                 }
@@ -95,7 +101,11 @@ impl LeaseLock {
                     message: status.message,
                 },
                 401 => LockError::Unauthorized(status.message),
-                code => LockError::Api { code, reason: status.reason, message: status.message },
+                code => LockError::Api {
+                    code,
+                    reason: status.reason,
+                    message: status.message,
+                },
             },
             other => LockError::Transport(Box::new(other)),
         }
@@ -133,7 +143,11 @@ impl Lock for LeaseLock {
         }
     }
 
-    async fn update(&self, current: &Versioned, record: &LeaderRecord) -> Result<Versioned, LockError> {
+    async fn update(
+        &self,
+        current: &Versioned,
+        record: &LeaderRecord,
+    ) -> Result<Versioned, LockError> {
         // Keep whatever else the Lease carries (labels, annotations, owners); replace
         // the spec and pin the version we read.
         let mut lease = match &current.lease {
@@ -150,17 +164,28 @@ impl Lock for LeaseLock {
         lease.metadata.resource_version = Some(current.version.clone());
         lease.metadata.managed_fields = None;
         lease.spec = Some(record.to_spec());
-        match self.api.replace(&self.name, &PostParams::default(), &lease).await {
+        match self
+            .api
+            .replace(&self.name, &PostParams::default(), &lease)
+            .await
+        {
             Ok(lease) => Ok(versioned(lease)),
             Err(e) => Err(self.error("update", e)),
         }
     }
 
-    async fn watch(&self, version: &str) -> Result<BoxStream<'static, Result<LockEvent, LockError>>, LockError> {
+    async fn watch(
+        &self,
+        version: &str,
+    ) -> Result<BoxStream<'static, Result<LockEvent, LockError>>, LockError> {
         let params = WatchParams::default()
             .fields(&format!("metadata.name={}", self.name))
             .timeout(WATCH_TIMEOUT_SECS);
-        let stream = self.api.watch(&params, version).await.map_err(|e| self.error("watch", e))?;
+        let stream = self
+            .api
+            .watch(&params, version)
+            .await
+            .map_err(|e| self.error("watch", e))?;
         let this = self.clone();
         let events = stream
             .map_err(move |e| this.error("watch", e))
@@ -198,7 +223,11 @@ impl Lock for LeaseLock {
             type_: EventType::Normal,
             reason: "LeaderElection".into(),
             note: Some(note),
-            action: if leading { "Acquire".into() } else { "Release".into() },
+            action: if leading {
+                "Acquire".into()
+            } else {
+                "Release".into()
+            },
             secondary: None,
         };
         let reference = ObjectReference {

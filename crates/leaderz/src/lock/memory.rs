@@ -41,7 +41,10 @@ impl MemoryLock {
     pub fn new(name: &str) -> Self {
         Self {
             name: name.into(),
-            state: Arc::new(watch::Sender::new(State { current: None, next_version: 1 })),
+            state: Arc::new(watch::Sender::new(State {
+                current: None,
+                next_version: 1,
+            })),
         }
     }
 
@@ -84,7 +87,11 @@ impl Lock for MemoryLock {
             if s.current.is_some() {
                 return false;
             }
-            let v = Versioned { record: record.clone(), version: s.bump(), lease: None };
+            let v = Versioned {
+                record: record.clone(),
+                version: s.bump(),
+                lease: None,
+            };
             s.current = Some(v.clone());
             out = Ok(v);
             true
@@ -92,7 +99,11 @@ impl Lock for MemoryLock {
         out
     }
 
-    async fn update(&self, current: &Versioned, record: &LeaderRecord) -> Result<Versioned, LockError> {
+    async fn update(
+        &self,
+        current: &Versioned,
+        record: &LeaderRecord,
+    ) -> Result<Versioned, LockError> {
         let mut out = Err(LockError::NotFound);
         self.state.send_if_modified(|s| {
             match &s.current {
@@ -103,7 +114,11 @@ impl Lock for MemoryLock {
                 }
                 Some(_) => {}
             }
-            let v = Versioned { record: record.clone(), version: s.bump(), lease: None };
+            let v = Versioned {
+                record: record.clone(),
+                version: s.bump(),
+                lease: None,
+            };
             s.current = Some(v.clone());
             out = Ok(v);
             true
@@ -111,7 +126,10 @@ impl Lock for MemoryLock {
         out
     }
 
-    async fn watch(&self, version: &str) -> Result<BoxStream<'static, Result<LockEvent, LockError>>, LockError> {
+    async fn watch(
+        &self,
+        version: &str,
+    ) -> Result<BoxStream<'static, Result<LockEvent, LockError>>, LockError> {
         let mut rx = self.state.subscribe();
         let mut last = Some(version.to_owned());
         // Report the current state at once if it differs from what the caller saw.
@@ -147,19 +165,31 @@ mod tests {
     use super::*;
 
     fn rec(holder: &str) -> LeaderRecord {
-        LeaderRecord { holder_identity: holder.into(), ..Default::default() }
+        LeaderRecord {
+            holder_identity: holder.into(),
+            ..Default::default()
+        }
     }
 
     #[tokio::test]
     async fn update_is_compare_and_swap() {
         let lock = MemoryLock::new("l");
         let v1 = lock.create(&rec("a")).await.unwrap();
-        assert!(matches!(lock.create(&rec("b")).await, Err(LockError::AlreadyExists)));
+        assert!(matches!(
+            lock.create(&rec("b")).await,
+            Err(LockError::AlreadyExists)
+        ));
         let v2 = lock.update(&v1, &rec("b")).await.unwrap();
         assert_ne!(v1.version, v2.version);
-        assert!(matches!(lock.update(&v1, &rec("c")).await, Err(LockError::Conflict)));
+        assert!(matches!(
+            lock.update(&v1, &rec("c")).await,
+            Err(LockError::Conflict)
+        ));
         lock.force(None);
-        assert!(matches!(lock.update(&v2, &rec("c")).await, Err(LockError::NotFound)));
+        assert!(matches!(
+            lock.update(&v2, &rec("c")).await,
+            Err(LockError::NotFound)
+        ));
     }
 
     #[tokio::test]

@@ -154,7 +154,9 @@ impl LockError {
     pub fn is_fatal(&self) -> bool {
         matches!(
             self,
-            LockError::Forbidden { .. } | LockError::Unauthorized(_) | LockError::NamespaceNotFound(_)
+            LockError::Forbidden { .. }
+                | LockError::Unauthorized(_)
+                | LockError::NamespaceNotFound(_)
         )
     }
 }

@@ -1,6 +1,7 @@
 //! Test support for the in-memory engine tests: a fault-injecting lock and a ledger
 //! of leadership terms that checks they never overlap.
 #![allow(dead_code, unreachable_pub, missing_docs)]
+#![allow(clippy::unwrap_used)] // tests: a panic is the failure report
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -71,7 +72,11 @@ impl FaultyLock {
         let after = lat();
         let stall = rng.random::<f64>() < f.stall;
         Plan {
-            before: if stall { before + Duration::from_secs(30) } else { before },
+            before: if stall {
+                before + Duration::from_secs(30)
+            } else {
+                before
+            },
             after,
             fail_before: rng.random::<f64>() < f.fail_before,
             fail_after: rng.random::<f64>() < f.fail_after,
@@ -97,7 +102,11 @@ impl FaultyLock {
             }
             let result = op(inner);
             tokio::time::sleep(plan.after).await;
-            let _ = tx.send(if plan.fail_after { Err(unavailable()) } else { result });
+            let _ = tx.send(if plan.fail_after {
+                Err(unavailable())
+            } else {
+                result
+            });
         });
         rx.await.unwrap_or_else(|_| Err(unavailable()))
     }
@@ -112,7 +121,11 @@ struct Plan {
 }
 
 fn unavailable() -> LockError {
-    LockError::Api { code: 503, reason: "ServiceUnavailable".into(), message: "injected".into() }
+    LockError::Api {
+        code: 503,
+        reason: "ServiceUnavailable".into(),
+        message: "injected".into(),
+    }
 }
 
 /// Runs a MemoryLock operation synchronously (it never waits).
@@ -130,12 +143,19 @@ impl Lock for FaultyLock {
         self.call(move |l| now(l.create(&record))).await
     }
 
-    async fn update(&self, current: &Versioned, record: &LeaderRecord) -> Result<Versioned, LockError> {
+    async fn update(
+        &self,
+        current: &Versioned,
+        record: &LeaderRecord,
+    ) -> Result<Versioned, LockError> {
         let (current, record) = (current.clone(), record.clone());
         self.call(move |l| now(l.update(&current, &record))).await
     }
 
-    async fn watch(&self, version: &str) -> Result<BoxStream<'static, Result<LockEvent, LockError>>, LockError> {
+    async fn watch(
+        &self,
+        version: &str,
+    ) -> Result<BoxStream<'static, Result<LockEvent, LockError>>, LockError> {
         let f = self.faults();
         if f.forbid_watch {
             return Err(LockError::Forbidden {
@@ -154,7 +174,11 @@ impl Lock for FaultyLock {
         let rng = self.rng.clone();
         Ok(stream
             .then(move |ev| {
-                let d = if max.is_zero() { Duration::ZERO } else { max.mul_f64(rng.lock().unwrap().random::<f64>()) };
+                let d = if max.is_zero() {
+                    Duration::ZERO
+                } else {
+                    max.mul_f64(rng.lock().unwrap().random::<f64>())
+                };
                 async move {
                     tokio::time::sleep(d).await;
                     ev
@@ -185,7 +209,12 @@ pub struct Interval {
 impl Ledger {
     pub fn start(&self, who: usize, token: i64) -> usize {
         let mut t = self.terms.lock().unwrap();
-        t.push(Interval { who, token, start: Instant::now(), end: None });
+        t.push(Interval {
+            who,
+            token,
+            start: Instant::now(),
+            end: None,
+        });
         t.len() - 1
     }
 
@@ -213,7 +242,10 @@ impl Ledger {
                 "{context}: overlapping terms: {a:?} and {b:?} (overlap {:?})",
                 a_end - b.start
             );
-            assert!(b.token > a.token, "{context}: fencing token did not rise: {a:?} then {b:?}");
+            assert!(
+                b.token > a.token,
+                "{context}: fencing token did not rise: {a:?} then {b:?}"
+            );
         }
     }
 }
