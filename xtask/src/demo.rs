@@ -21,8 +21,11 @@ const LEASE: &str = "my-lock";
 const SERVICE_ACCOUNT: &str = "leaderz-example";
 const REPLICAS: usize = 3;
 /// Shorter than the defaults (15 s / 10 s / 2 s) so the demo's failover is quick.
-const TIMINGS: [(&str, &str); 3] =
-    [("LEASE_DURATION", "5s"), ("RENEW_DEADLINE", "3s"), ("RETRY_PERIOD", "1s")];
+const TIMINGS: [(&str, &str); 3] = [
+    ("LEASE_DURATION", "5s"),
+    ("RENEW_DEADLINE", "3s"),
+    ("RETRY_PERIOD", "1s"),
+];
 
 /// Options of `cargo xtask demo`.
 #[derive(Debug, clap::Args)]
@@ -33,7 +36,10 @@ pub(crate) struct Options {
 }
 
 fn workspace_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().map(Path::to_path_buf).unwrap_or_default()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default()
 }
 
 fn step(msg: &str) {
@@ -50,7 +56,10 @@ struct Replica {
 
 impl Replica {
     fn pid(&self) -> Option<Pid> {
-        self.child.id().and_then(|id| i32::try_from(id).ok()).map(Pid::from_raw)
+        self.child
+            .id()
+            .and_then(|id| i32::try_from(id).ok())
+            .map(Pid::from_raw)
     }
 
     fn alive(&mut self) -> bool {
@@ -60,26 +69,40 @@ impl Replica {
     /// Whether the replica logged "working..." within the last 1.5 s (it logs one a second
     /// while leading).
     fn working(&mut self) -> bool {
-        let total = std::fs::read_to_string(&self.log).map(|s| s.matches("working...").count()).unwrap_or(0);
+        let total = std::fs::read_to_string(&self.log)
+            .map(|s| s.matches("working...").count())
+            .unwrap_or(0);
         if total > self.worked {
             self.worked = total;
             self.last_work = Some(Instant::now());
         }
-        self.last_work.is_some_and(|t| t.elapsed() < Duration::from_millis(1500))
+        self.last_work
+            .is_some_and(|t| t.elapsed() < Duration::from_millis(1500))
     }
 }
 
 pub(crate) async fn run(options: Options) -> anyhow::Result<()> {
     let started = Instant::now();
-    step("starting a local kube-apiserver + etcd (the first run builds them from Go modules: a few minutes, once)");
-    let cp = ControlPlane::start(StartOptions::default()).await.context("starting the control plane")?;
-    println!("control plane ready in {:.1}s at {}", cp.startup_duration().as_secs_f64(), cp.server_url());
+    step(
+        "starting a local kube-apiserver + etcd (the first run builds them from Go modules: a few minutes, once)",
+    );
+    let cp = ControlPlane::start(StartOptions::default())
+        .await
+        .context("starting the control plane")?;
+    println!(
+        "control plane ready in {:.1}s at {}",
+        cp.startup_duration().as_secs_f64(),
+        cp.server_url()
+    );
     let admin_kubeconfig = cp.kubeconfig_path().to_path_buf();
 
     step("kubectl apply: kube/'s ServiceAccount, Role and RoleBinding");
     let root = workspace_root();
     let mut apply = std::process::Command::new("kubectl");
-    apply.arg("--kubeconfig").arg(&admin_kubeconfig).args(["apply", "-n", NAMESPACE]);
+    apply
+        .arg("--kubeconfig")
+        .arg(&admin_kubeconfig)
+        .args(["apply", "-n", NAMESPACE]);
     for file in ["serviceaccount.yaml", "role.yaml", "rolebinding.yaml"] {
         apply.arg("-f").arg(root.join("kube").join(file));
     }
@@ -97,18 +120,30 @@ pub(crate) async fn run(options: Options) -> anyhow::Result<()> {
     std::fs::create_dir_all(&dir)?;
     let sa_kubeconfig = dir.join("kubeconfig-serviceaccount");
     cp.write_kubeconfig(&sa_kubeconfig, &credentials)?;
-    println!("kubeconfig for system:serviceaccount:{NAMESPACE}:{SERVICE_ACCOUNT}: {}", sa_kubeconfig.display());
+    println!(
+        "kubeconfig for system:serviceaccount:{NAMESPACE}:{SERVICE_ACCOUNT}: {}",
+        sa_kubeconfig.display()
+    );
 
     step("building the example app");
     let status = std::process::Command::new(env!("CARGO"))
         .current_dir(&root)
-        .args(["build", "--quiet", "-p", "leaderz-examples", "--bin", "leaderz-example"])
+        .args([
+            "build",
+            "--quiet",
+            "-p",
+            "leaderz-examples",
+            "--bin",
+            "leaderz-example",
+        ])
         .status()
         .context("running cargo build")?;
     if !status.success() {
         bail!("building the example app failed ({status})");
     }
-    let target = std::env::var_os("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|| root.join("target"));
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join("target"));
     let binary = target.join("debug").join("leaderz-example");
 
     step(&format!(
@@ -132,42 +167,91 @@ pub(crate) async fn run(options: Options) -> anyhow::Result<()> {
             .kill_on_drop(true)
             .spawn()
             .with_context(|| format!("starting {}", binary.display()))?;
-        replicas.push(Replica { name, child, log, worked: 0, last_work: None });
+        replicas.push(Replica {
+            name,
+            child,
+            log,
+            worked: 0,
+            last_work: None,
+        });
     }
     let admin = cp.admin_client()?;
     let leases: Api<Lease> = Api::namespaced(admin, NAMESPACE);
 
-    let first = view_until(&leases, &mut replicas, started, Duration::from_secs(30), |h| h.is_some()).await?;
-    let Some(first) = first else { bail!("no replica became leader within 30 s") };
-    view_for(&leases, &mut replicas, started, Duration::from_secs(if options.ci { 3 } else { 5 })).await?;
+    let first = view_until(
+        &leases,
+        &mut replicas,
+        started,
+        Duration::from_secs(30),
+        |h| h.is_some(),
+    )
+    .await?;
+    let Some(first) = first else {
+        bail!("no replica became leader within 30 s")
+    };
+    view_for(
+        &leases,
+        &mut replicas,
+        started,
+        Duration::from_secs(if options.ci { 3 } else { 5 }),
+    )
+    .await?;
     describe(&admin_kubeconfig)?;
 
-    step(&format!("kill -9 {first} (the leader): no release; the others wait out the lease"));
-    let victim = replicas.iter_mut().find(|r| r.name == first).context("leader is not one of ours")?;
+    step(&format!(
+        "kill -9 {first} (the leader): no release; the others wait out the lease"
+    ));
+    let victim = replicas
+        .iter_mut()
+        .find(|r| r.name == first)
+        .context("leader is not one of ours")?;
     if let Some(pid) = victim.pid() {
         kill(pid, Signal::SIGKILL)?;
     }
     let killed = Instant::now();
-    let second = view_until(&leases, &mut replicas, started, Duration::from_secs(30), |h| {
-        h.is_some_and(|h| h != first)
-    })
+    let second = view_until(
+        &leases,
+        &mut replicas,
+        started,
+        Duration::from_secs(30),
+        |h| h.is_some_and(|h| h != first),
+    )
     .await?;
-    let Some(second) = second else { bail!("no failover within 30 s") };
-    println!("failover: {second} took over {:.2}s after the kill (lease duration 5s)", killed.elapsed().as_secs_f64());
+    let Some(second) = second else {
+        bail!("no failover within 30 s")
+    };
+    println!(
+        "failover: {second} took over {:.2}s after the kill (lease duration 5s)",
+        killed.elapsed().as_secs_f64()
+    );
     describe(&admin_kubeconfig)?;
 
-    step(&format!("SIGTERM {second} (the new leader): it stops its work and releases the lease"));
-    let leader = replicas.iter_mut().find(|r| r.name == second).context("leader is not one of ours")?;
+    step(&format!(
+        "SIGTERM {second} (the new leader): it stops its work and releases the lease"
+    ));
+    let leader = replicas
+        .iter_mut()
+        .find(|r| r.name == second)
+        .context("leader is not one of ours")?;
     if let Some(pid) = leader.pid() {
         kill(pid, Signal::SIGTERM)?;
     }
     let termed = Instant::now();
-    let third = view_until(&leases, &mut replicas, started, Duration::from_secs(30), |h| {
-        h.is_some_and(|h| h != second && !h.is_empty())
-    })
+    let third = view_until(
+        &leases,
+        &mut replicas,
+        started,
+        Duration::from_secs(30),
+        |h| h.is_some_and(|h| h != second && !h.is_empty()),
+    )
     .await?;
-    let Some(third) = third else { bail!("no handover within 30 s") };
-    println!("graceful handover: {third} took over {:.0} ms after SIGTERM", termed.elapsed().as_secs_f64() * 1000.0);
+    let Some(third) = third else {
+        bail!("no handover within 30 s")
+    };
+    println!(
+        "graceful handover: {third} took over {:.0} ms after SIGTERM",
+        termed.elapsed().as_secs_f64() * 1000.0
+    );
     view_for(&leases, &mut replicas, started, Duration::from_secs(2)).await?;
 
     step("cleaning up: stopping the replicas and the control plane");
@@ -182,7 +266,10 @@ pub(crate) async fn run(options: Options) -> anyhow::Result<()> {
         let _ = tokio::time::timeout(Duration::from_secs(10), r.child.wait()).await;
     }
     drop(cp);
-    println!("\ndemo finished in {:.1}s: one leader at a time, failover after a crash, handover on SIGTERM", started.elapsed().as_secs_f64());
+    println!(
+        "\ndemo finished in {:.1}s: one leader at a time, failover after a crash, handover on SIGTERM",
+        started.elapsed().as_secs_f64()
+    );
     Ok(())
 }
 
@@ -207,7 +294,12 @@ async fn view_until(
     Ok(None)
 }
 
-async fn view_for(leases: &Api<Lease>, replicas: &mut [Replica], t0: Instant, d: Duration) -> anyhow::Result<()> {
+async fn view_for(
+    leases: &Api<Lease>,
+    replicas: &mut [Replica],
+    t0: Instant,
+    d: Duration,
+) -> anyhow::Result<()> {
     let until = Instant::now() + d;
     let mut last_line = String::new();
     while Instant::now() < until {
@@ -238,7 +330,10 @@ async fn show(
         };
         states.insert(r.name.clone(), state);
     }
-    let replicas_view: Vec<String> = states.iter().map(|(n, s)| format!("{}:{s}", n.trim_start_matches("leaderz-example-"))).collect();
+    let replicas_view: Vec<String> = states
+        .iter()
+        .map(|(n, s)| format!("{}:{s}", n.trim_start_matches("leaderz-example-")))
+        .collect();
     let line = format!(
         "holder={:<18} transitions={} | {}",
         holder.as_deref().unwrap_or("<none>"),
@@ -262,14 +357,23 @@ fn describe(kubeconfig: &Path) -> anyhow::Result<()> {
         .context("running kubectl describe")?;
     let text = String::from_utf8_lossy(&out.stdout);
     for line in text.lines().filter(|l| {
-        ["Name:", "Holder Identity:", "Lease Duration Seconds:", "Lease Transitions:", "Renew Time:"]
-            .iter()
-            .any(|k| l.trim_start().starts_with(k))
+        [
+            "Name:",
+            "Holder Identity:",
+            "Lease Duration Seconds:",
+            "Lease Transitions:",
+            "Renew Time:",
+        ]
+        .iter()
+        .any(|k| l.trim_start().starts_with(k))
     }) {
         println!("    {line}");
     }
     if !out.status.success() {
-        bail!("kubectl describe failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "kubectl describe failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     Ok(())
 }
