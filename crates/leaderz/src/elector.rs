@@ -172,7 +172,7 @@ type Events = BoxStream<'static, Result<LockEvent, LockError>>;
 impl<L: Lock> Engine<L> {
     async fn run(mut self, shutdown: CancellationToken) -> Result<(), ElectionError> {
         let result = self.elect(&shutdown).await;
-        self.leader.send_replace(None);
+        self.leader.send_if_modified(|leader| leader.take().is_some());
         if let Err(e) = &result {
             warn!(error = %e, "leader election stopped");
         }
@@ -185,11 +185,14 @@ impl<L: Lock> Engine<L> {
                 return Ok(());
             };
             let token = acquired.current.record.lease_transitions;
-            let (end, mut control) = self.lead(acquired, shutdown).await;
+            let (end, mut control) = self
+                .lead(acquired, shutdown)
+                .instrument(info_span!("term", term = token))
+                .await;
             control.end();
             self.term.send_replace(None);
             self.set_leading(false);
-            self.announce(false);
+            let announced = self.announce(false);
             match end {
                 TermEnd::Lost(reason) => {
                     warn!(%reason, term = token, "stopped leading");
@@ -215,6 +218,8 @@ impl<L: Lock> Engine<L> {
                     } else if self.config.release_on_cancel {
                         self.release(token).await;
                     }
+                    // Let the "stopped leading" event out before the process exits.
+                    let _ = announced.await;
                     return Ok(());
                 }
                 TermEnd::Fatal(e) => {
@@ -461,7 +466,7 @@ impl<L: Lock> Engine<L> {
         });
         self.set_leading(true);
         self.publish();
-        self.announce(true);
+        drop(self.announce(true));
 
         let mut next = sent_at + self.config.retry_period;
         loop {
@@ -708,13 +713,15 @@ impl<L: Lock> Engine<L> {
         }
     }
 
-    fn announce(&self, leading: bool) {
+    /// Announces a leadership change in the background (bounded in time), so that a
+    /// slow Events API never delays the election.
+    fn announce(&self, leading: bool) -> tokio::task::JoinHandle<()> {
         let lock = self.lock.clone();
         let identity = self.config.identity.clone();
         let limit = self.config.request_timeout;
         tokio::spawn(async move {
             let _ = timeout(limit, lock.announce(&identity, leading)).await;
-        });
+        })
     }
 
     fn count_error(&self, e: &LockError) {

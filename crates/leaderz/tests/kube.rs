@@ -404,3 +404,42 @@ async fn forbidden_get_is_a_fatal_error_naming_the_grant() {
         "{msg}"
     );
 }
+
+#[tokio::test]
+async fn events_on_the_lease_say_who_became_leader_and_who_stopped() {
+    use k8s_openapi::api::events::v1::Event;
+    let cp = ControlPlane::shared().unwrap();
+    let ns = cp.new_namespace("events").await.unwrap();
+    let lock = LeaseLock::new(cp.admin_client().unwrap(), &ns, LEASE)
+        .with_events(cp.admin_client().unwrap(), "leaderz-test");
+    let h = Elector::new(lock, config("pod-a")).unwrap().spawn();
+    h.acquired().await.unwrap();
+    h.shutdown().await.unwrap();
+    let events: Api<Event> = Api::namespaced(cp.admin_client().unwrap(), &ns);
+    let notes = timeout(Duration::from_secs(10), async {
+        loop {
+            let list = events.list(&Default::default()).await.unwrap();
+            let notes: Vec<String> = list
+                .items
+                .iter()
+                .filter(|e| e.reason.as_deref() == Some("LeaderElection"))
+                .filter(|e| e.regarding.as_ref().and_then(|r| r.kind.as_deref()) == Some("Lease"))
+                .filter_map(|e| e.note.clone())
+                .collect();
+            if notes.len() >= 2 {
+                return notes;
+            }
+            sleep(Duration::from_millis(100)).await;
+        }
+    })
+    .await
+    .expect("two LeaderElection events");
+    assert!(
+        notes.contains(&"pod-a became leader".to_owned()),
+        "{notes:?}"
+    );
+    assert!(
+        notes.contains(&"pod-a stopped leading".to_owned()),
+        "{notes:?}"
+    );
+}
