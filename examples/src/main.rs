@@ -45,7 +45,9 @@ async fn main() -> anyhow::Result<()> {
         )
         .init();
     let args = Args::parse();
-    let client = kube::Client::try_default().await.context("no Kubernetes client configuration")?;
+    let client = kube::Client::try_default()
+        .await
+        .context("no Kubernetes client configuration")?;
     let config = ElectionConfig::new(args.node_id.clone())
         .lease_duration(args.lease_duration)
         .renew_deadline(args.renew_deadline)
@@ -53,7 +55,9 @@ async fn main() -> anyhow::Result<()> {
     let lock = LeaseLock::new(client, &args.namespace, &args.lease_name);
     let handle = Elector::new(lock, config)?.spawn();
     if let Some(addr) = args.http {
-        let listener = tokio::net::TcpListener::bind(addr).await.with_context(|| format!("binding {addr}"))?;
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding {addr}"))?;
         tokio::spawn(serve_health(listener, handle.status(), args.lease_duration));
     }
 
@@ -107,7 +111,9 @@ async fn serve_health(
         .route(
             "/healthz",
             get(move || {
-                let checked = health.borrow().check_health(lease_duration, Duration::from_secs(20));
+                let checked = health
+                    .borrow()
+                    .check_health(lease_duration, Duration::from_secs(20));
                 async move {
                     match checked {
                         Ok(()) => (StatusCode::OK, "ok".to_owned()),
@@ -121,7 +127,11 @@ async fn serve_health(
             get(move || {
                 let seen = status.borrow().observed.is_some();
                 async move {
-                    if seen { (StatusCode::OK, "ok") } else { (StatusCode::SERVICE_UNAVAILABLE, "lease not seen yet") }
+                    if seen {
+                        (StatusCode::OK, "ok")
+                    } else {
+                        (StatusCode::SERVICE_UNAVAILABLE, "lease not seen yet")
+                    }
                 }
             }),
         );
