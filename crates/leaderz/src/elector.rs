@@ -172,7 +172,8 @@ type Events = BoxStream<'static, Result<LockEvent, LockError>>;
 impl<L: Lock> Engine<L> {
     async fn run(mut self, shutdown: CancellationToken) -> Result<(), ElectionError> {
         let result = self.elect(&shutdown).await;
-        self.leader.send_if_modified(|leader| leader.take().is_some());
+        self.leader
+            .send_if_modified(|leader| leader.take().is_some());
         if let Err(e) = &result {
             warn!(error = %e, "leader election stopped");
         }
