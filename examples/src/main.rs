@@ -53,7 +53,7 @@ async fn main() -> anyhow::Result<()> {
         .renew_deadline(args.renew_deadline)
         .retry_period(args.retry_period);
     let lock = LeaseLock::new(client, &args.namespace, &args.lease_name);
-    let handle = Elector::new(lock, config)?.spawn();
+    let mut handle = Elector::new(lock, config)?.spawn();
     if let Some(addr) = args.http {
         let listener = tokio::net::TcpListener::bind(addr)
             .await
@@ -62,6 +62,7 @@ async fn main() -> anyhow::Result<()> {
     }
 
     let mut leader = handle.leader();
+    let stop = handle.shutdown_token();
     let report = async {
         loop {
             let who = leader.borrow_and_update().clone();
@@ -75,6 +76,16 @@ async fn main() -> anyhow::Result<()> {
             }
         }
     };
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let signals = async {
+        tokio::select! {
+            _ = sigterm.recv() => info!("SIGTERM: stopping"),
+            _ = tokio::signal::ctrl_c() => info!("interrupted: stopping"),
+        }
+        // Ends the term (the work below is dropped), releases, and ends the elector.
+        stop.cancel();
+        std::future::pending::<()>().await
+    };
     let work = handle.run_while_leading(|term| async move {
         info!(token = term.fencing_token(), "started leading");
         loop {
@@ -82,15 +93,12 @@ async fn main() -> anyhow::Result<()> {
             tokio::time::sleep(Duration::from_secs(1)).await;
         }
     });
-    let mut sigterm = signal(SignalKind::terminate())?;
-    tokio::select! {
-        _ = sigterm.recv() => info!("SIGTERM: stopping"),
-        _ = tokio::signal::ctrl_c() => info!("interrupted: stopping"),
-        () = work => {}
-        () = report => {}
-    }
-    // The work future was dropped above, so its term is gone: this releases at once.
-    handle.shutdown().await?;
+    let result = tokio::select! {
+        r = work => r,
+        () = report => Ok(()),
+        () = signals => Ok(()),
+    };
+    result?;
     info!("stopped");
     Ok(())
 }

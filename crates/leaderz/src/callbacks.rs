@@ -106,10 +106,12 @@ impl<L: Lock> Elector<L> {
                             _ = shutdown.cancelled() => { stop.cancel(); break; }
                             () = token.cancelled() => break,
                             changed = leader.changed() => {
-                                if changed.is_ok() {
-                                    let who = leader.borrow_and_update().clone();
-                                    (callbacks.new_leader)(who.as_deref());
+                                // The elector is gone: its term ended with it.
+                                if changed.is_err() {
+                                    break;
                                 }
+                                let who = leader.borrow_and_update().clone();
+                                (callbacks.new_leader)(who.as_deref());
                             }
                         }
                     }

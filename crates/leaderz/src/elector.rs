@@ -16,7 +16,7 @@ use k8s_openapi::api::coordination::v1::Lease;
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
 use tokio::sync::watch;
-use tokio::time::{Instant, sleep_until, timeout};
+use tokio::time::{Instant, sleep, sleep_until, timeout};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
 
@@ -115,6 +115,8 @@ impl<L: Lock> Elector<L> {
             name,
             observed: None,
             observed_lease: None,
+            pending_take: None,
+            watch_missed_a_write: false,
             watch_mode: WatchMode::On,
             leader: leader_tx,
             term: term_tx,
@@ -161,6 +163,10 @@ struct Engine<L> {
     observed: Option<Observed>,
     /// The Lease object behind `observed`, kept so updates preserve its metadata.
     observed_lease: Option<Arc<Lease>>,
+    /// A taking write whose answer was lost, and when it was sent.
+    pending_take: Option<(LeaderRecord, Instant)>,
+    /// An update based on what the watch showed conflicted: the watch is behind.
+    watch_missed_a_write: bool,
     watch_mode: WatchMode,
     leader: watch::Sender<Option<String>>,
     term: watch::Sender<Option<Term>>,
@@ -186,12 +192,22 @@ impl<L: Lock> Engine<L> {
                 return Ok(());
             };
             let token = acquired.current.record.lease_transitions;
+            if Instant::now() >= acquired.sent_at + self.config.renew_deadline {
+                // The taking write was answered too late to lead safely on it.
+                warn!(
+                    term = token,
+                    "the lease was taken but the answer came after the renew deadline; not leading"
+                );
+                continue;
+            }
             let (end, mut control) = self
                 .lead(acquired, shutdown)
                 .instrument(info_span!("term", term = token))
                 .await;
-            control.end();
+            // Take the term off the channel before cancelling it, so that nobody is
+            // handed a term that has already ended.
             self.term.send_replace(None);
+            control.end();
             self.set_leading(false);
             let announced = self.announce(false);
             match end {
@@ -200,11 +216,23 @@ impl<L: Lock> Engine<L> {
                     self.observed = None;
                     self.publish();
                     // Never campaign while the last term's work still runs.
-                    tokio::select! {
-                        biased;
-                        _ = shutdown.cancelled() => return Ok(()),
-                        () = control.work_stopped() => {}
+                    let overdue = sleep(self.config.shutdown_grace);
+                    tokio::pin!(overdue);
+                    loop {
+                        tokio::select! {
+                            biased;
+                            _ = shutdown.cancelled() => return Ok(()),
+                            () = control.work_stopped() => break,
+                            () = &mut overdue, if !self.status.borrow().work_overdue => {
+                                warn!(
+                                    grace = ?self.config.shutdown_grace,
+                                    "the last term's work has not dropped its Term; not campaigning until it does"
+                                );
+                                self.status.send_modify(|s| s.work_overdue = true);
+                            }
+                        }
                     }
+                    self.status.send_modify(|s| s.work_overdue = false);
                 }
                 TermEnd::Shutdown => {
                     info!(term = token, "shutting down: waiting for the work to stop");
@@ -239,13 +267,21 @@ impl<L: Lock> Engine<L> {
         shutdown: &CancellationToken,
     ) -> Result<Option<Acquired>, ElectionError> {
         let mut events: Option<Events> = None;
+        let mut watch_opened = Instant::now();
+        // Watches that failed or ended soon after opening, in a row.
+        let mut short_watches = 0u32;
         // What to do next: read the lock first (a GET), or act on what we observed.
         let mut attempt = Some(Read::Get);
         let mut retry_at: Option<Instant> = None;
         loop {
             if let Some(read) = attempt.take() {
                 retry_at = None;
-                match self.try_acquire(read).await {
+                let result = tokio::select! {
+                    biased;
+                    _ = shutdown.cancelled() => return Ok(None),
+                    r = self.try_acquire(read) => r,
+                };
+                match result {
                     Ok(Some(acquired)) => return Ok(Some(acquired)),
                     Ok(None) => {
                         if !self.watching() {
@@ -257,9 +293,12 @@ impl<L: Lock> Engine<L> {
                     Err(AcquireError::Lock(e)) => {
                         self.note_error("acquire", &e);
                         retry_at = Some(Instant::now() + self.jitter(self.config.retry_period));
-                        // What we saw may be stale; watch again from a fresh read.
-                        events = None;
                     }
+                }
+                if std::mem::take(&mut self.watch_missed_a_write) {
+                    // The watch did not show a write that happened: start it again.
+                    debug!("the watch missed a write; re-watching");
+                    events = None;
                 }
                 self.publish();
             }
@@ -272,23 +311,27 @@ impl<L: Lock> Engine<L> {
                     Ok(stream) => {
                         debug!(%version, "watching the lease");
                         events = Some(stream);
+                        watch_opened = Instant::now();
                         self.status.send_modify(|s| s.watching = true);
                     }
                     Err(e) => self.watch_failed(&e, &mut retry_at),
                 }
             }
 
+            // An expiry already past is not a reason to hurry: retry_at paces retries.
+            let now = Instant::now();
             let expiry = self
                 .observed
                 .as_ref()
                 .filter(|o| o.record.holder().is_some())
-                .map(|o| o.expires_at(self.config.lease_duration, self.config.max_record_duration));
+                .map(|o| o.expires_at(self.config.lease_duration, self.config.max_record_duration))
+                .filter(|&e| e > now);
             let wake = match (expiry, retry_at) {
                 (Some(a), Some(b)) => a.min(b),
                 (Some(a), None) => a,
                 (None, Some(b)) => b,
                 // Nothing to wait for but a watch: still re-read now and then.
-                (None, None) => Instant::now() + self.jitter(self.config.retry_period),
+                (None, None) => now + self.jitter(self.config.retry_period),
             };
 
             tokio::select! {
@@ -296,10 +339,10 @@ impl<L: Lock> Engine<L> {
                 _ = shutdown.cancelled() => return Ok(None),
                 event = next_event(&mut events) => match event {
                     Some(Ok(LockEvent::Changed(v))) => {
+                        short_watches = 0;
                         self.observe(v);
-                        let now = Instant::now();
-                        if !self.is_held(now) {
-                            // Released: act at once on what the watch delivered.
+                        if !self.is_held(Instant::now()) || self.is_pending_take() {
+                            // Released (or our own lost reply): act at once on it.
                             attempt = Some(Read::Observed);
                         }
                         self.publish();
@@ -309,16 +352,28 @@ impl<L: Lock> Engine<L> {
                         events = None;
                         attempt = Some(Read::Get);
                     }
-                    Some(Err(e)) => {
+                    ended => {
+                        // The watch failed or the server ended it. A long-lived watch is
+                        // simply renewed; one that keeps ending at once is paced, and
+                        // after a few in a row we poll instead.
                         events = None;
                         self.status.send_modify(|s| s.watching = false);
-                        self.watch_failed(&e, &mut retry_at);
-                        attempt = Some(Read::Get);
-                    }
-                    None => {
-                        // The server ended the watch (timeout): read again and re-watch.
-                        events = None;
-                        attempt = Some(Read::Get);
+                        if let Some(Err(e)) = &ended {
+                            self.watch_failed(e, &mut retry_at);
+                        }
+                        if watch_opened.elapsed() >= self.config.retry_period {
+                            short_watches = 0;
+                            attempt = Some(Read::Get);
+                        } else {
+                            short_watches += 1;
+                            if short_watches >= 3 && self.watch_mode == WatchMode::On {
+                                warn!("the watch keeps ending at once; falling back to polling every retry period");
+                                self.watch_mode = WatchMode::FellBack;
+                            }
+                            if retry_at.is_none() {
+                                retry_at = Some(Instant::now() + self.jitter(self.config.retry_period));
+                            }
+                        }
                     }
                 },
                 () = sleep_until(wake) => {
@@ -357,8 +412,10 @@ impl<L: Lock> Engine<L> {
                     None => return self.try_create().await,
                 }
             }
-            let now = Instant::now();
-            if self.is_held(now) {
+            if let Some(acquired) = self.landed_take() {
+                return Ok(Some(acquired));
+            }
+            if self.is_held(Instant::now()) {
                 return Ok(None);
             }
             let Some(observed) = self.observed.clone() else {
@@ -376,15 +433,18 @@ impl<L: Lock> Engine<L> {
                 acquire_time: Some(at),
                 renew_time: Some(at),
                 lease_transitions: current.record.next_transitions()?,
+                // client-go's non-coordinated writes clear both.
                 preferred_holder: None,
-                strategy: current.record.strategy.clone(),
+                strategy: None,
             };
             let sent_at = Instant::now();
+            let limit = Some(sent_at + self.config.renew_deadline);
             match self
-                .bounded(None, self.lock.update(&current, &record))
+                .bounded(limit, self.lock.update(&current, &record))
                 .await
             {
                 Ok(v) => {
+                    self.pending_take = None;
                     self.observe(v.clone());
                     return Ok(Some(Acquired {
                         current: v,
@@ -392,18 +452,21 @@ impl<L: Lock> Engine<L> {
                     }));
                 }
                 Err(LockError::Conflict) if read == Read::Observed => {
-                    // Someone wrote after what we saw: read once and decide again.
+                    // Someone wrote after what the watch showed: the watch is behind.
                     self.count_error(&LockError::Conflict);
+                    self.watch_missed_a_write = true;
                     read = Read::Get;
                 }
                 Err(LockError::Conflict) => {
                     // Lost the race; the winner's record arrives by watch or next read.
                     self.count_error(&LockError::Conflict);
-                    self.observed = None;
                     return Ok(None);
                 }
                 Err(LockError::NotFound) => return self.try_create().await,
-                Err(e) => return Err(e.into()),
+                Err(e) => {
+                    self.remember_take(&e, record, sent_at);
+                    return Err(e.into());
+                }
             }
         }
     }
@@ -420,8 +483,10 @@ impl<L: Lock> Engine<L> {
             strategy: None,
         };
         let sent_at = Instant::now();
-        match self.bounded(None, self.lock.create(&record)).await {
+        let limit = Some(sent_at + self.config.renew_deadline);
+        match self.bounded(limit, self.lock.create(&record)).await {
             Ok(v) => {
+                self.pending_take = None;
                 self.observe(v.clone());
                 Ok(Some(Acquired {
                     current: v,
@@ -433,8 +498,42 @@ impl<L: Lock> Engine<L> {
                 self.observed = None;
                 Ok(None)
             }
-            Err(e) => Err(e.into()),
+            Err(e) => {
+                self.remember_take(&e, record, sent_at);
+                Err(e.into())
+            }
         }
+    }
+
+    /// A taking write whose answer we did not get may still have landed: remember it,
+    /// so that finding our own record later starts the term instead of waiting for it
+    /// to expire like anyone else's.
+    fn remember_take(&mut self, e: &LockError, record: LeaderRecord, sent_at: Instant) {
+        if !e.is_fatal() {
+            self.pending_take = Some((record, sent_at));
+        }
+    }
+
+    fn is_pending_take(&self) -> bool {
+        matches!((&self.pending_take, &self.observed), (Some((r, _)), Some(o)) if *r == o.record)
+    }
+
+    /// The term our unanswered taking write started, if the observed record is that write.
+    fn landed_take(&mut self) -> Option<Acquired> {
+        if !self.is_pending_take() {
+            return None;
+        }
+        let (_, sent_at) = self.pending_take.take()?;
+        let observed = self.observed.as_ref()?;
+        info!("our taking write landed although its answer was lost");
+        Some(Acquired {
+            current: Versioned {
+                record: observed.record.clone(),
+                version: observed.version.clone(),
+                lease: self.observed_lease.clone(),
+            },
+            sent_at,
+        })
     }
 
     // ---- leader --------------------------------------------------------------------
@@ -524,10 +623,11 @@ impl<L: Lock> Engine<L> {
             holder_identity: identity.clone(),
             lease_duration_seconds: Some(seconds),
             acquire_time: from.acquire_time,
-            renew_time: Some(now_micros()),
+            renew_time: Some(later_than(from.renew_time)),
             lease_transitions: token,
-            preferred_holder: from.preferred_holder.clone(),
-            strategy: from.strategy.clone(),
+            // client-go's non-coordinated writes clear both.
+            preferred_holder: None,
+            strategy: None,
         };
         let record = renewed(&current.record);
         match self
@@ -602,7 +702,7 @@ impl<L: Lock> Engine<L> {
                     renew_time: Some(at),
                     lease_transitions: fresh.record.lease_transitions,
                     preferred_holder: None,
-                    strategy: fresh.record.strategy.clone(),
+                    strategy: None,
                 };
                 let v = self
                     .bounded(Some(until), self.lock.update(&fresh, &record))
@@ -655,14 +755,24 @@ impl<L: Lock> Engine<L> {
         }
     }
 
-    /// Records what we saw; the observation time resets only when the version changes.
+    /// Records what we saw. As in client-go, the observation time resets only when the
+    /// record itself changes (every renewal changes `renewTime`), so edits to labels or
+    /// annotations do not keep a dead holder's lease alive.
     fn observe(&mut self, v: Versioned) {
         let now = Instant::now();
         let observed_at = match &self.observed {
-            Some(o) if o.version == v.version => o.observed_at,
             Some(o) if is_older(&v.version, &o.version) => return,
+            Some(o) if o.record == v.record => o.observed_at,
             _ => now,
         };
+        if self
+            .pending_take
+            .as_ref()
+            .is_some_and(|(r, _)| *r != v.record)
+        {
+            // Someone else's write came after ours: ours is no longer pending.
+            self.pending_take = None;
+        }
         self.observed_lease = v.lease;
         self.observed = Some(Observed {
             record: v.record,
@@ -740,6 +850,18 @@ impl<L: Lock> Engine<L> {
 
     fn jitter(&mut self, d: Duration) -> Duration {
         d.mul_f64(1.0 + self.rng.random::<f64>() * 0.2)
+    }
+}
+
+/// Now at MicroTime resolution, but strictly after `previous`: every renewal must
+/// change the record, since followers reset their expiry clock only on a change.
+fn later_than(previous: Option<jiff::Timestamp>) -> jiff::Timestamp {
+    let now = now_micros();
+    match previous {
+        Some(p) if p >= now => p
+            .checked_add(jiff::SignedDuration::from_micros(1))
+            .unwrap_or(now),
+        _ => now,
     }
 }
 

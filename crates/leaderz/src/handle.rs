@@ -27,6 +27,9 @@ pub struct Status {
     pub last_error: Option<String>,
     /// Whether a watch on the lease is open (followers only).
     pub watching: bool,
+    /// The last term ended more than `shutdown_grace` ago but its work still holds a
+    /// [`Term`]; the elector does not campaign until it is dropped.
+    pub work_overdue: bool,
 }
 
 impl Status {
@@ -40,11 +43,14 @@ impl Status {
         if let (Some(term), Some(last)) = (&self.term, self.last_renewed) {
             let since = last.elapsed();
             if since > lease_duration + tolerance {
-                return Err(HealthError {
+                return Err(HealthError::NotRenewing {
                     lock: term.lock.clone(),
                     since,
                 });
             }
+        }
+        if self.work_overdue {
+            return Err(HealthError::WorkNotStopped);
         }
         Ok(())
     }
@@ -88,18 +94,26 @@ impl ElectionHandle {
     /// Drop the term when the work it guards has stopped.
     pub async fn acquired(&self) -> Result<Term, Stopped> {
         let mut rx = self.term.clone();
-        let term = rx.wait_for(Option::is_some).await.map_err(|_| Stopped)?;
+        let term = rx
+            .wait_for(|t| t.as_ref().is_some_and(Term::is_active))
+            .await
+            .map_err(|_| Stopped)?;
         term.clone().ok_or(Stopped)
     }
 
-    /// The current term, if this process leads.
-    pub fn current_term(&self) -> Option<Term> {
-        self.term.borrow().clone()
+    /// The facts of the current term, if this process leads. (A [`TermInfo`], not a
+    /// [`Term`]: holding a `Term` keeps the elector waiting for the work to stop.)
+    pub fn current_term(&self) -> Option<TermInfo> {
+        self.term
+            .borrow()
+            .as_ref()
+            .filter(|t| t.is_active())
+            .map(|t| t.info().clone())
     }
 
     /// Whether this process leads now.
     pub fn is_leader(&self) -> bool {
-        self.term.borrow().is_some()
+        self.term.borrow().as_ref().is_some_and(Term::is_active)
     }
 
     /// Who leads, as this process sees it: `None` when nobody does (released, deleted,
@@ -131,28 +145,26 @@ impl ElectionHandle {
             .borrow()
             .check_health(lease_duration, tolerance)?;
         if self.task.as_ref().is_none_or(JoinHandle::is_finished) {
-            return Err(HealthError {
-                lock: String::from("<stopped>"),
-                since: Duration::ZERO,
-            });
+            return Err(HealthError::Stopped);
         }
         Ok(())
     }
 
     /// Runs `work` each time this process leads, and drops (aborts) it when the term
-    /// ends. Returns when the elector stops.
+    /// ends. Returns when the elector stops: `Ok` after a shutdown, the error if it
+    /// failed (e.g. RBAC denied).
     ///
     /// ```no_run
-    /// # async fn doc(handle: leaderz::ElectionHandle) {
+    /// # async fn doc(mut handle: leaderz::ElectionHandle) -> Result<(), leaderz::ElectionError> {
     /// handle.run_while_leading(|term| async move {
     ///     loop {
     ///         println!("working as term {}", term.fencing_token());
     ///         tokio::time::sleep(std::time::Duration::from_secs(1)).await;
     ///     }
-    /// }).await;
-    /// # }
+    /// }).await?;
+    /// # Ok(()) }
     /// ```
-    pub async fn run_while_leading<F, Fut>(&self, mut work: F)
+    pub async fn run_while_leading<F, Fut>(&mut self, mut work: F) -> Result<(), ElectionError>
     where
         F: FnMut(Term) -> Fut,
         Fut: Future<Output = ()>,
@@ -167,6 +179,7 @@ impl ElectionHandle {
                 () = token.cancelled() => {}
             }
         }
+        self.join().await
     }
 
     /// Stops the election: ends the term, waits (up to the configured grace) for the
@@ -206,13 +219,22 @@ impl Drop for ElectionHandle {
     }
 }
 
-/// The elector believes it leads but has not renewed in time (see
-/// [`ElectionHandle::check_health`]).
+/// Why [`ElectionHandle::check_health`] reports unhealthy.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("failed election to renew leadership on lease {lock} (last renewal {since:?} ago)")]
-pub struct HealthError {
-    /// The lock.
-    pub lock: String,
-    /// Time since the last successful renewal.
-    pub since: Duration,
+#[non_exhaustive]
+pub enum HealthError {
+    /// The elector believes it leads but has not renewed in time: it is stuck.
+    #[error("failed election to renew leadership on lease {lock} (last renewal {since:?} ago)")]
+    NotRenewing {
+        /// The lock.
+        lock: String,
+        /// Time since the last successful renewal.
+        since: Duration,
+    },
+    /// A lost term's work has not dropped its [`Term`]; the elector cannot campaign.
+    #[error("the last term's work has not stopped; the elector is not campaigning")]
+    WorkNotStopped,
+    /// The elector task has ended.
+    #[error("the elector has stopped")]
+    Stopped,
 }

@@ -11,7 +11,7 @@
 //! let client = kube::Client::try_default().await?;
 //! let identity = std::env::var("POD_NAME")?;
 //! let lock = LeaseLock::new(client, "default", "my-lock");
-//! let handle = Elector::new(lock, ElectionConfig::new(identity))?.spawn();
+//! let mut handle = Elector::new(lock, ElectionConfig::new(identity))?.spawn();
 //!
 //! // Run the work only while leading; it is dropped when leadership ends.
 //! handle
@@ -21,7 +21,7 @@
 //!             tokio::time::sleep(std::time::Duration::from_secs(1)).await;
 //!         }
 //!     })
-//!     .await;
+//!     .await?;
 //! # Ok(()) }
 //! ```
 //!

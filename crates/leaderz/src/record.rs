@@ -18,6 +18,12 @@
 //! | `leaseTransitions` missing or negative | 0 |
 //! | `leaseTransitions` at `i32::MAX` | kept (cannot rise); taking over is refused, see [`TakeoverError`] |
 //! | `acquireTime`/`renewTime` missing or in the future/past | ignored: times only tell that the record changed |
+//!
+//! The cap exists so that garbage cannot stall an election for decades; it also means
+//! a real holder whose lease duration exceeds `max_record_duration` (1 h by default)
+//! is not supported: raise the cap above every candidate's lease duration.
+//! Honouring a longer record duration than our own is what client-go does; refusing a
+//! shorter one is leaderz's own, safer rule (client-go would take over sooner).
 
 use std::time::Duration;
 

@@ -79,6 +79,8 @@ impl Term {
 }
 
 /// The elector's side of a term: it ends the term and learns when the work stopped.
+/// Dropping it ends the term too, so that a crashed or aborted elector task never
+/// leaves the work believing it still leads.
 #[derive(Debug)]
 pub(crate) struct TermControl {
     pub(crate) info: Arc<TermInfo>,
@@ -124,5 +126,11 @@ impl TermControl {
     /// Waits until every [`Term`] handle has been dropped.
     pub(crate) async fn work_stopped(&mut self) {
         while self.alive.recv().await.is_some() {}
+    }
+}
+
+impl Drop for TermControl {
+    fn drop(&mut self) {
+        self.cancel.cancel();
     }
 }

@@ -441,7 +441,7 @@ async fn callbacks_fire_in_client_go_order() {
 async fn run_while_leading_aborts_the_work_on_loss() {
     let mem = MemoryLock::new("l");
     let faulty = FaultyLock::new(mem.clone(), 4);
-    let a = Elector::new(faulty.clone(), config("a")).unwrap().spawn();
+    let mut a = Elector::new(faulty.clone(), config("a")).unwrap().spawn();
     let start = Instant::now();
     let ticks = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
     let t = ticks.clone();
@@ -456,6 +456,7 @@ async fn run_while_leading_aborts_the_work_on_loss() {
             }
         })
         .await
+        .unwrap();
     };
     let scenario = async {
         sleep(Duration::from_millis(4500)).await;
@@ -471,4 +472,146 @@ async fn run_while_leading_aborts_the_work_on_loss() {
     // Ticks every 0.6 s from 0 to 13.8 s, none after the 14 s deadline.
     assert_eq!(ticks.len(), 24, "{ticks:?}");
     assert_eq!(ticks.last(), Some(&Duration::from_millis(13_800)));
+}
+
+// ---- regressions found in review ----------------------------------------------------
+
+/// Review S1: an elector task that dies while leading must not leave the work
+/// believing it still leads.
+#[tokio::test(start_paused = true)]
+async fn a_dead_elector_task_ends_the_term() {
+    let lock = MemoryLock::new("l");
+    let a = Elector::new(lock.clone(), config("a")).unwrap().spawn();
+    let term = a.acquired().await.unwrap();
+    a.abort();
+    tokio::time::timeout(secs(1), term.cancelled())
+        .await
+        .expect("term must end with its elector");
+}
+
+/// Review L1: writes that fail at once on an expired lease are paced by the retry
+/// period, not retried in a hot loop.
+#[tokio::test(start_paused = true)]
+async fn failing_writes_on_an_expired_lease_are_paced() {
+    let mem = MemoryLock::new("l");
+    mem.force(Some(LeaderRecord {
+        holder_identity: "dead".into(),
+        lease_duration_seconds: Some(15),
+        ..Default::default()
+    }));
+    let faulty = FaultyLock::new(mem.clone(), 5);
+    let b = Elector::new(faulty.clone(), config("b")).unwrap().spawn();
+    sleep(secs(16)).await; // expired now
+    faulty.set(Faults {
+        fail_before: 1.0,
+        ..Faults::default()
+    });
+    let before = faulty.calls();
+    sleep(secs(20)).await;
+    let calls = faulty.calls() - before;
+    // At most a read and a write (plus a watch) per 2 s retry period.
+    assert!(calls <= 30, "{calls} calls in 20 s");
+    assert!(!b.is_leader());
+}
+
+/// Review L2: a watch that ends at once is not reopened in a hot loop; after a few
+/// the follower polls instead, and still takes over.
+#[tokio::test(start_paused = true)]
+async fn a_watch_that_keeps_ending_falls_back_to_polling() {
+    let mem = MemoryLock::new("l");
+    let a = Elector::new(mem.clone(), config("a")).unwrap().spawn();
+    a.acquired().await.unwrap();
+    let faulty = FaultyLock::new(mem.clone(), 6);
+    faulty.set(Faults {
+        watch_ends: true,
+        ..Faults::default()
+    });
+    let b = Elector::new(faulty.clone(), config("b")).unwrap().spawn();
+    sleep(secs(20)).await;
+    let calls = faulty.calls();
+    assert!(calls <= 30, "{calls} calls in 20 s");
+    a.shutdown().await.unwrap();
+    tokio::time::timeout(Duration::from_millis(2500), b.acquired())
+        .await
+        .expect("polling takes over")
+        .unwrap();
+}
+
+/// Review L4: edits that leave the record alone (labels, annotations) do not keep a
+/// dead holder's lease alive.
+#[tokio::test(start_paused = true)]
+async fn metadata_only_changes_do_not_extend_the_lease() {
+    let lock = MemoryLock::new("l");
+    let dead = LeaderRecord {
+        holder_identity: "dead".into(),
+        lease_duration_seconds: Some(15),
+        renew_time: Some("2020-01-01T00:00:00Z".parse().unwrap()),
+        ..Default::default()
+    };
+    lock.force(Some(dead.clone()));
+    let t0 = Instant::now();
+    let b = Elector::new(lock.clone(), config("b")).unwrap().spawn();
+    let toucher = {
+        let lock = lock.clone();
+        tokio::spawn(async move {
+            loop {
+                sleep(secs(4)).await;
+                // Same record, new version: what a label edit looks like.
+                if lock.peek().is_some_and(|v| v.record == dead) {
+                    lock.force(Some(dead.clone()));
+                }
+            }
+        })
+    };
+    b.acquired().await.unwrap();
+    assert_eq!(t0.elapsed(), secs(15));
+    toucher.abort();
+}
+
+/// Review L7: when the answer to our taking write is lost but the write landed, the
+/// candidate recognises its own record and leads, instead of waiting out its own lease.
+#[tokio::test(start_paused = true)]
+async fn a_lost_answer_to_the_taking_write_still_starts_the_term() {
+    let mem = MemoryLock::new("l");
+    let faulty = FaultyLock::new(mem.clone(), 7);
+    faulty.set(Faults {
+        lose_write_answers: true,
+        ..Faults::default()
+    });
+    let a = Elector::new(faulty.clone(), config("a")).unwrap().spawn();
+    sleep(Duration::from_millis(100)).await;
+    assert_eq!(
+        mem.peek().unwrap().record.holder_identity,
+        "a",
+        "the create landed"
+    );
+    faulty.set(Faults::default());
+    let t0 = Instant::now();
+    let term = a.acquired().await.unwrap();
+    assert!(
+        t0.elapsed() <= Duration::from_millis(2400),
+        "led after {:?}",
+        t0.elapsed()
+    );
+    assert_eq!(term.fencing_token(), 0);
+    // The term counts from when the lost write was sent, before the answer was lost.
+    assert!(term.info().started_at < t0, "{:?}", term.info());
+}
+
+/// Review A1: `acquired()` never hands out a term that has already ended.
+#[tokio::test(start_paused = true)]
+async fn acquired_never_returns_an_ended_term() {
+    let mem = MemoryLock::new("l");
+    let faulty = FaultyLock::new(mem.clone(), 8);
+    let a = Elector::new(faulty.clone(), config("a")).unwrap().spawn();
+    let term = a.acquired().await.unwrap();
+    faulty.set(Faults {
+        hang: true,
+        ..Faults::default()
+    });
+    term.cancelled().await;
+    assert!(!a.is_leader());
+    assert!(a.current_term().is_none());
+    let again = tokio::time::timeout(secs(1), a.acquired()).await;
+    assert!(again.is_err(), "must wait for a new term");
 }

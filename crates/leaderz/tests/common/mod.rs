@@ -29,6 +29,10 @@ pub struct Faults {
     pub forbid_watch: bool,
     /// Probability that a call takes far longer than any timeout (yet may still apply).
     pub stall: f64,
+    /// Watches open but end at once without an event.
+    pub watch_ends: bool,
+    /// Writes (create, update) are applied but their answers are lost.
+    pub lose_write_answers: bool,
 }
 
 /// A lock that reaches the shared [`MemoryLock`] through injected faults. Calls are
@@ -39,6 +43,7 @@ pub struct FaultyLock {
     inner: MemoryLock,
     faults: Arc<Mutex<Faults>>,
     rng: Arc<Mutex<SmallRng>>,
+    calls: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl FaultyLock {
@@ -47,7 +52,13 @@ impl FaultyLock {
             inner,
             faults: Arc::default(),
             rng: Arc::new(Mutex::new(SmallRng::seed_from_u64(seed))),
+            calls: Arc::default(),
         }
+    }
+
+    /// How many calls (get, create, update, watch) were made so far.
+    pub fn calls(&self) -> u64 {
+        self.calls.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     pub fn set(&self, f: Faults) {
@@ -88,6 +99,7 @@ impl FaultyLock {
         &self,
         op: impl FnOnce(MemoryLock) -> Result<T, LockError> + Send + 'static,
     ) -> Result<T, LockError> {
+        self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let plan = self.plan();
         if plan.hang {
             return std::future::pending().await;
@@ -140,7 +152,9 @@ impl Lock for FaultyLock {
 
     async fn create(&self, record: &LeaderRecord) -> Result<Versioned, LockError> {
         let record = record.clone();
-        self.call(move |l| now(l.create(&record))).await
+        let lose = self.faults().lose_write_answers;
+        let r = self.call(move |l| now(l.create(&record))).await;
+        if lose { Err(unavailable()) } else { r }
     }
 
     async fn update(
@@ -149,14 +163,20 @@ impl Lock for FaultyLock {
         record: &LeaderRecord,
     ) -> Result<Versioned, LockError> {
         let (current, record) = (current.clone(), record.clone());
-        self.call(move |l| now(l.update(&current, &record))).await
+        let lose = self.faults().lose_write_answers;
+        let r = self.call(move |l| now(l.update(&current, &record))).await;
+        if lose { Err(unavailable()) } else { r }
     }
 
     async fn watch(
         &self,
         version: &str,
     ) -> Result<BoxStream<'static, Result<LockEvent, LockError>>, LockError> {
+        self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let f = self.faults();
+        if f.watch_ends {
+            return Ok(futures::stream::empty().boxed());
+        }
         if f.forbid_watch {
             return Err(LockError::Forbidden {
                 verb: "watch",
