@@ -426,17 +426,7 @@ impl<L: Lock> Engine<L> {
                 version: observed.version.clone(),
                 lease: self.observed_lease.clone(),
             };
-            let at = now_micros();
-            let record = LeaderRecord {
-                holder_identity: self.config.identity.clone(),
-                lease_duration_seconds: Some(self.config.lease_duration_seconds()),
-                acquire_time: Some(at),
-                renew_time: Some(at),
-                lease_transitions: current.record.next_transitions()?,
-                // client-go's non-coordinated writes clear both.
-                preferred_holder: None,
-                strategy: None,
-            };
+            let record = self.taking_record(current.record.next_transitions()?);
             let sent_at = Instant::now();
             let limit = Some(sent_at + self.config.renew_deadline);
             match self
@@ -472,16 +462,7 @@ impl<L: Lock> Engine<L> {
     }
 
     async fn try_create(&mut self) -> Result<Option<Acquired>, AcquireError> {
-        let at = now_micros();
-        let record = LeaderRecord {
-            holder_identity: self.config.identity.clone(),
-            lease_duration_seconds: Some(self.config.lease_duration_seconds()),
-            acquire_time: Some(at),
-            renew_time: Some(at),
-            lease_transitions: 0,
-            preferred_holder: None,
-            strategy: None,
-        };
+        let record = self.taking_record(0);
         let sent_at = Instant::now();
         let limit = Some(sent_at + self.config.renew_deadline);
         match self.bounded(limit, self.lock.create(&record)).await {
@@ -502,6 +483,21 @@ impl<L: Lock> Engine<L> {
                 self.remember_take(&e, record, sent_at);
                 Err(e.into())
             }
+        }
+    }
+
+    /// The record that starts a term: us, now, with `transitions`. client-go's
+    /// non-coordinated writes clear `preferredHolder` and `strategy`; so do we.
+    fn taking_record(&self, transitions: i32) -> LeaderRecord {
+        let at = now_micros();
+        LeaderRecord {
+            holder_identity: self.config.identity.clone(),
+            lease_duration_seconds: Some(self.config.lease_duration_seconds()),
+            acquire_time: Some(at),
+            renew_time: Some(at),
+            lease_transitions: transitions,
+            preferred_holder: None,
+            strategy: None,
         }
     }
 

@@ -132,13 +132,18 @@ async fn stop(slot: &mut Slot, ctl: Ctl) {
     }
 }
 
-/// Runs one simulated history; returns the ledger's terms count.
-fn simulate(seed: u64) -> usize {
-    let rt = tokio::runtime::Builder::new_current_thread()
+/// A single-threaded runtime on paused time: deterministic for a given seed.
+fn paused_runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
         .enable_time()
         .start_paused(true)
         .build()
-        .expect("runtime");
+        .expect("runtime")
+}
+
+/// Runs one simulated history; returns the ledger's terms count.
+fn simulate(seed: u64) -> usize {
+    let rt = paused_runtime();
     rt.block_on(async move {
         let mut rng = SmallRng::seed_from_u64(seed);
         let mem = MemoryLock::new("sim");
@@ -228,11 +233,7 @@ fn no_two_terms_overlap_under_random_faults() {
 /// Two candidates under random latencies and failures: the leader's term is always
 /// cancelled before the other could acquire.
 fn two_candidates(seed: u64, latency_ms: u64, fail: f64, stall: f64, run_secs: u64) {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_time()
-        .start_paused(true)
-        .build()
-        .expect("runtime");
+    let rt = paused_runtime();
     rt.block_on(async move {
         let mem = MemoryLock::new("prop");
         let ledger = Ledger::default();

@@ -68,6 +68,32 @@ impl MemoryLock {
     }
 }
 
+impl MemoryLock {
+    /// Writes `record` as a new version if `allowed` accepts the current state.
+    fn write(
+        &self,
+        record: &LeaderRecord,
+        allowed: impl FnOnce(Option<&Versioned>) -> Result<(), LockError>,
+    ) -> Result<Versioned, LockError> {
+        let mut out = Err(LockError::NotFound);
+        self.state.send_if_modified(|s| {
+            if let Err(e) = allowed(s.current.as_ref()) {
+                out = Err(e);
+                return false;
+            }
+            let v = Versioned {
+                record: record.clone(),
+                version: s.bump(),
+                lease: None,
+            };
+            s.current = Some(v.clone());
+            out = Ok(v);
+            true
+        });
+        out
+    }
+}
+
 impl State {
     fn bump(&mut self) -> String {
         let v = self.next_version;
@@ -82,21 +108,10 @@ impl Lock for MemoryLock {
     }
 
     async fn create(&self, record: &LeaderRecord) -> Result<Versioned, LockError> {
-        let mut out = Err(LockError::AlreadyExists);
-        self.state.send_if_modified(|s| {
-            if s.current.is_some() {
-                return false;
-            }
-            let v = Versioned {
-                record: record.clone(),
-                version: s.bump(),
-                lease: None,
-            };
-            s.current = Some(v.clone());
-            out = Ok(v);
-            true
-        });
-        out
+        self.write(record, |current| match current {
+            Some(_) => Err(LockError::AlreadyExists),
+            None => Ok(()),
+        })
     }
 
     async fn update(
@@ -104,26 +119,11 @@ impl Lock for MemoryLock {
         current: &Versioned,
         record: &LeaderRecord,
     ) -> Result<Versioned, LockError> {
-        let mut out = Err(LockError::NotFound);
-        self.state.send_if_modified(|s| {
-            match &s.current {
-                None => return false,
-                Some(c) if c.version != current.version => {
-                    out = Err(LockError::Conflict);
-                    return false;
-                }
-                Some(_) => {}
-            }
-            let v = Versioned {
-                record: record.clone(),
-                version: s.bump(),
-                lease: None,
-            };
-            s.current = Some(v.clone());
-            out = Ok(v);
-            true
-        });
-        out
+        self.write(record, |now| match now {
+            None => Err(LockError::NotFound),
+            Some(c) if c.version != current.version => Err(LockError::Conflict),
+            Some(_) => Ok(()),
+        })
     }
 
     async fn watch(
