@@ -181,7 +181,8 @@ impl<L: Lock> Engine<L> {
         self.leader
             .send_if_modified(|leader| leader.take().is_some());
         if let Err(e) = &result {
-            warn!(error = %e, "leader election stopped");
+            // Returned through `join()`; whoever gets it reports it.
+            debug!(error = %e, "leader election stopped");
         }
         result
     }

@@ -92,6 +92,10 @@ impl ElectionHandle {
 
     /// Waits until this process leads and returns the term (at once if it leads now).
     /// Drop the term when the work it guards has stopped.
+    ///
+    /// Returns [`Stopped`] once the elector has ended, whether by shutdown or by a fatal
+    /// error (RBAC denied, a missing namespace, ...); [`ElectionHandle::join`] then
+    /// returns the error.
     pub async fn acquired(&self) -> Result<Term, Stopped> {
         let mut rx = self.term.clone();
         let term = rx
@@ -141,13 +145,20 @@ impl ElectionHandle {
         lease_duration: Duration,
         tolerance: Duration,
     ) -> Result<(), HealthError> {
-        self.status
-            .borrow()
-            .check_health(lease_duration, tolerance)?;
+        self.health_check(lease_duration).check(tolerance)?;
         if self.task.as_ref().is_none_or(JoinHandle::is_finished) {
             return Err(HealthError::Stopped);
         }
         Ok(())
+    }
+
+    /// A health check that does not borrow the handle (for HTTP handlers and the like),
+    /// with the same meaning as [`ElectionHandle::check_health`].
+    pub fn health_check(&self, lease_duration: Duration) -> HealthCheck {
+        HealthCheck {
+            status: self.status.clone(),
+            lease_duration,
+        }
     }
 
     /// Runs `work` each time this process leads, and drops (aborts) it when the term
@@ -216,6 +227,28 @@ impl ElectionHandle {
 impl Drop for ElectionHandle {
     fn drop(&mut self) {
         self.shutdown.cancel();
+    }
+}
+
+/// A cloneable, `'static` health check on a running election (see
+/// [`ElectionHandle::health_check`]).
+#[derive(Clone, Debug)]
+pub struct HealthCheck {
+    status: watch::Receiver<Status>,
+    lease_duration: Duration,
+}
+
+impl HealthCheck {
+    /// Unhealthy if the leader has not renewed for `lease_duration + tolerance`, if a
+    /// lost term's work has not stopped, or if the elector has ended.
+    pub fn check(&self, tolerance: Duration) -> Result<(), HealthError> {
+        self.status
+            .borrow()
+            .check_health(self.lease_duration, tolerance)?;
+        if self.status.has_changed().is_err() {
+            return Err(HealthError::Stopped);
+        }
+        Ok(())
     }
 }
 

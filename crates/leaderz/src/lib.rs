@@ -75,7 +75,7 @@ pub mod term;
 pub use callbacks::Callbacks;
 pub use config::{ConfigError, ElectionConfig};
 pub use elector::{ElectionError, Elector};
-pub use handle::{ElectionHandle, HealthError, Status, Stopped};
+pub use handle::{ElectionHandle, HealthCheck, HealthError, Status, Stopped};
 pub use lock::{LeaseLock, Lock, LockError, LockEvent, MemoryLock, Versioned};
 pub use metrics::Metrics;
 pub use record::{LeaderRecord, Observed, TakeoverError};

@@ -1,0 +1,386 @@
+//! Every flag and environment variable of `leaderz`, and how they map to the library.
+//!
+//! Each flag can also be set with the `LEADERZ_*` variable named in its help; a flag on
+//! the command line wins over the variable. Durations are humantime (`15s`, `500ms`, `1m`);
+//! switches take `true`/`false`, `1`/`0`, `yes`/`no` or `on`/`off` from the environment.
+
+use std::ffi::OsString;
+use std::time::Duration;
+
+use clap::builder::BoolishValueParser;
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use leaderz::ElectionConfig;
+
+/// Leader election on Kubernetes Leases for any program: run a command only while this
+/// process leads, or campaign as a sidecar and serve who leads over HTTP.
+#[derive(Debug, Parser)]
+#[command(name = "leaderz", version)]
+pub(crate) struct Cli {
+    /// Log filter: a level (`info`, `debug`) or tracing directives
+    /// (`leaderz=debug,kube_client=debug`). Logs go to stderr; kube-client's own
+    /// request-failure logs stay off unless the filter names `kube_client`.
+    /// [default: $RUST_LOG, else `info`]
+    #[arg(long, global = true, env = "LEADERZ_LOG_LEVEL", value_name = "FILTER")]
+    pub(crate) log_level: Option<String>,
+
+    #[command(subcommand)]
+    pub(crate) command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub(crate) enum Command {
+    /// Run CMD only while this process leads the Lease.
+    ///
+    /// CMD runs in its own process group (so it cannot read from the terminal) with
+    /// LEADERZ_IDENTITY, LEADERZ_LEASE, LEADERZ_NAMESPACE and LEADERZ_FENCING_TOKEN in
+    /// its environment. On loss of
+    /// leadership the group gets SIGTERM (SIGKILL after --grace), then leaderz campaigns
+    /// again (or exits with --exit-on-loss). When CMD exits, leaderz releases the Lease and
+    /// exits with CMD's code (128+N if a signal N killed it). SIGTERM/SIGINT are forwarded
+    /// to the group; leaderz releases once it has stopped.
+    Run(RunArgs),
+    /// Sidecar: campaign for the Lease and serve who leads over HTTP.
+    ///
+    /// GET / answers {"name":"<leader>"} like the kubernetes/contrib leader-elector;
+    /// /status (details as JSON), /healthz, /readyz, /metrics (Prometheus) and /events
+    /// (server-sent events, one per leader change). SIGTERM/SIGINT release and exit 0.
+    Serve(ServeArgs),
+    /// Show one Lease, or every Lease in the namespace, as `kubectl describe` does, plus
+    /// an estimate of when it expires.
+    Status(StatusArgs),
+    /// Print a line each time a Lease's holder or transitions change, starting with the
+    /// current state. Runs until interrupted.
+    Watch(WatchArgs),
+}
+
+/// The namespace flag shared by every subcommand.
+#[derive(Debug, Args)]
+pub(crate) struct NamespaceArg {
+    /// Namespace of the Lease. [default: $POD_NAMESPACE, else the pod's service-account
+    /// namespace, else the kubeconfig context's, else `default`]
+    #[arg(short = 'n', long, env = "LEADERZ_NAMESPACE")]
+    pub(crate) namespace: Option<String>,
+}
+
+/// How a candidate takes part in the election (`run` and `serve`).
+#[derive(Debug, Args)]
+pub(crate) struct ElectionArgs {
+    /// Name of the Lease to contend for (created if missing).
+    #[arg(long, env = "LEADERZ_LEASE", value_name = "NAME")]
+    pub(crate) lease: String,
+
+    #[command(flatten)]
+    pub(crate) namespace: NamespaceArg,
+
+    /// This candidate's identity, written as the Lease's holderIdentity; must be unique
+    /// among candidates. [default: $POD_NAME, else the hostname]
+    #[arg(long, env = "LEADERZ_IDENTITY")]
+    pub(crate) identity: Option<String>,
+
+    /// How long followers wait after the last renewal they saw before taking over.
+    #[arg(long, env = "LEADERZ_LEASE_DURATION", value_name = "DURATION", default_value = "15s", value_parser = parse_duration)]
+    pub(crate) lease_duration: Duration,
+
+    /// How long the leader keeps leading without a successful renewal.
+    #[arg(long, env = "LEADERZ_RENEW_DEADLINE", value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
+    pub(crate) renew_deadline: Duration,
+
+    /// How often the leader renews (and followers poll when they cannot watch).
+    #[arg(long, env = "LEADERZ_RETRY_PERIOD", value_name = "DURATION", default_value = "2s", value_parser = parse_duration)]
+    pub(crate) retry_period: Duration,
+
+    /// Record Kubernetes Events on the Lease when this process starts and stops leading
+    /// (needs `create` on `events.events.k8s.io`).
+    #[arg(long, env = "LEADERZ_EVENTS", value_parser = BoolishValueParser::new())]
+    pub(crate) events: bool,
+}
+
+impl ElectionArgs {
+    /// The library's election config for these flags (validated by the caller).
+    pub(crate) fn election_config(&self, identity: String) -> ElectionConfig {
+        ElectionConfig::new(identity)
+            .lease_duration(self.lease_duration)
+            .renew_deadline(self.renew_deadline)
+            .retry_period(self.retry_period)
+    }
+}
+
+/// `leaderz run`.
+#[derive(Debug, Args)]
+pub(crate) struct RunArgs {
+    #[command(flatten)]
+    pub(crate) election: ElectionArgs,
+
+    /// After SIGTERM, how long CMD's process group may take to exit before SIGKILL.
+    #[arg(long, env = "LEADERZ_GRACE", value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
+    pub(crate) grace: Duration,
+
+    /// Exit with code 1 when leadership is lost, instead of campaigning again.
+    #[arg(long, env = "LEADERZ_EXIT_ON_LOSS", value_parser = BoolishValueParser::new())]
+    pub(crate) exit_on_loss: bool,
+
+    /// Also serve the HTTP endpoints of `leaderz serve` on this address.
+    #[arg(long, env = "LEADERZ_HTTP", value_name = "ADDR")]
+    pub(crate) http: Option<String>,
+
+    /// The command to run while leading, and its arguments (after `--`).
+    #[arg(last = true, required = true, value_name = "CMD")]
+    pub(crate) command: Vec<OsString>,
+}
+
+/// `leaderz serve`.
+#[derive(Debug, Args)]
+pub(crate) struct ServeArgs {
+    #[command(flatten)]
+    pub(crate) election: ElectionArgs,
+
+    /// Address to serve HTTP on. Use `0.0.0.0:4040` for kubelet probes.
+    #[arg(
+        long,
+        env = "LEADERZ_HTTP",
+        value_name = "ADDR",
+        default_value = "127.0.0.1:4040"
+    )]
+    pub(crate) http: String,
+}
+
+/// `leaderz status`.
+#[derive(Debug, Args)]
+pub(crate) struct StatusArgs {
+    /// The Lease to show. [default: every Lease in the namespace]
+    pub(crate) name: Option<String>,
+
+    #[command(flatten)]
+    pub(crate) namespace: NamespaceArg,
+
+    #[command(flatten)]
+    pub(crate) output: OutputArg,
+}
+
+/// `leaderz watch`.
+#[derive(Debug, Args)]
+pub(crate) struct WatchArgs {
+    /// The Lease to watch.
+    pub(crate) name: String,
+
+    #[command(flatten)]
+    pub(crate) namespace: NamespaceArg,
+
+    #[command(flatten)]
+    pub(crate) output: OutputArg,
+}
+
+/// The output format flag of `status` and `watch`.
+#[derive(Debug, Args)]
+pub(crate) struct OutputArg {
+    /// Output format.
+    #[arg(short = 'o', long = "output", env = "LEADERZ_OUTPUT", value_enum, default_value_t = Output::Table)]
+    pub(crate) format: Output,
+}
+
+/// How `status` and `watch` print.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub(crate) enum Output {
+    /// Aligned columns for people.
+    Table,
+    /// JSON (`watch`: one object per line), fields named as in the Lease.
+    Json,
+}
+
+/// Parses a humantime duration (`15s`, `500ms`, `1m 30s`).
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s)
+        .map_err(|e| format!("{e} (write durations like `15s`, `500ms` or `1m`)"))
+}
+
+/// Flattens a clap error (which spans several lines with usage) into the one line
+/// `main` prints after `error: `. `args` are the command line, to tailor the hint.
+pub(crate) fn one_line(err: &clap::Error, args: &[OsString]) -> String {
+    let rendered = err.render().to_string();
+    let mut parts: Vec<&str> = Vec::new();
+    for line in rendered.lines().map(str::trim) {
+        if line.is_empty() || line.starts_with("Usage:") || line.starts_with("For more information")
+        {
+            continue;
+        }
+        parts.push(line.strip_prefix("error: ").unwrap_or(line));
+    }
+    let mut message = parts.join(" ");
+    let subcommand = args
+        .iter()
+        .skip(1)
+        .filter_map(|a| a.to_str())
+        .find(|a| !a.starts_with('-'));
+    if subcommand == Some("run") && err.kind() == clap::error::ErrorKind::UnknownArgument {
+        message.push_str(" (the command goes after `--`: leaderz run --lease NAME -- CMD ARGS...)");
+    } else {
+        match subcommand {
+            Some(sub @ ("run" | "serve" | "status" | "watch")) => {
+                message.push_str(&format!(" (see `leaderz {sub} --help`)"));
+            }
+            _ => message.push_str(" (see `leaderz --help`)"),
+        }
+    }
+    message
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("leaderz").chain(args.iter().copied()))
+    }
+
+    fn run_args(args: &[&str]) -> RunArgs {
+        match parse(args).unwrap().command {
+            Command::Run(r) => r,
+            other => panic!("not run: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn clap_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn defaults_are_client_go_defaults() {
+        let r = run_args(&["run", "--lease", "l", "--", "true"]);
+        assert_eq!(r.election.lease, "l");
+        assert_eq!(r.election.lease_duration, Duration::from_secs(15));
+        assert_eq!(r.election.renew_deadline, Duration::from_secs(10));
+        assert_eq!(r.election.retry_period, Duration::from_secs(2));
+        assert_eq!(r.grace, Duration::from_secs(10));
+        assert!(!r.exit_on_loss && !r.election.events);
+        assert_eq!(r.http, None);
+        assert_eq!(r.command, vec![OsString::from("true")]);
+        let config = r.election.election_config("me".into());
+        assert_eq!(config, ElectionConfig::new("me"));
+    }
+
+    #[test]
+    fn humantime_durations_and_the_command_after_dashes() {
+        let r = run_args(&[
+            "run",
+            "--lease",
+            "l",
+            "--lease-duration",
+            "3s",
+            "--renew-deadline",
+            "2s",
+            "--retry-period",
+            "500ms",
+            "--grace",
+            "1m 30s",
+            "--exit-on-loss",
+            "--",
+            "sh",
+            "-c",
+            "echo --lease",
+        ]);
+        assert_eq!(r.election.lease_duration, Duration::from_secs(3));
+        assert_eq!(r.election.retry_period, Duration::from_millis(500));
+        assert_eq!(r.grace, Duration::from_secs(90));
+        assert!(r.exit_on_loss);
+        assert_eq!(r.command, ["sh", "-c", "echo --lease"].map(OsString::from));
+    }
+
+    #[test]
+    fn serve_listens_on_loopback_by_default() {
+        let Command::Serve(s) = parse(&["serve", "--lease", "l"]).unwrap().command else {
+            panic!()
+        };
+        assert_eq!(s.http, "127.0.0.1:4040");
+    }
+
+    #[test]
+    fn status_and_watch_take_namespace_and_output() {
+        let Command::Status(s) = parse(&["status"]).unwrap().command else {
+            panic!()
+        };
+        assert_eq!((s.name, s.namespace.namespace), (None, None));
+        assert_eq!(s.output.format, Output::Table);
+        let Command::Watch(w) = parse(&["watch", "l", "-n", "ns", "-o", "json"])
+            .unwrap()
+            .command
+        else {
+            panic!()
+        };
+        assert_eq!(w.name, "l");
+        assert_eq!(w.namespace.namespace.as_deref(), Some("ns"));
+        assert_eq!(w.output.format, Output::Json);
+    }
+
+    /// Every flag has a `LEADERZ_*` variable (checked on the clap definition, so a new
+    /// flag without one fails here).
+    #[test]
+    fn every_flag_has_an_env_var() {
+        fn check(cmd: &clap::Command, path: &str) {
+            for arg in cmd.get_arguments() {
+                let id = arg.get_id().as_str();
+                if arg.is_positional() || matches!(id, "help" | "version") {
+                    continue;
+                }
+                let env = arg.get_env().and_then(|e| e.to_str()).unwrap_or("");
+                assert!(env.starts_with("LEADERZ_"), "{path} --{id} has no env var");
+            }
+            for sub in cmd.get_subcommands() {
+                check(sub, &format!("{path} {}", sub.get_name()));
+            }
+        }
+        check(&Cli::command(), "leaderz");
+    }
+
+    #[test]
+    fn env_vars_set_flags_and_flags_win() {
+        // Tests cannot set variables (unsafe in edition 2024), so point --http at one
+        // that is always there.
+        let path = std::env::var("PATH").unwrap();
+        let cmd =
+            || Cli::command().mut_subcommand("run", |run| run.mut_arg("http", |a| a.env("PATH")));
+        let get = |args: &[&str]| {
+            let m = cmd().try_get_matches_from(args.iter().copied()).unwrap();
+            let run = m.subcommand_matches("run").unwrap().clone();
+            run.get_one::<String>("http").cloned()
+        };
+        assert_eq!(
+            get(&["leaderz", "run", "--lease", "l", "--", "x"]),
+            Some(path)
+        );
+        assert_eq!(
+            get(&[
+                "leaderz", "run", "--lease", "l", "--http", "[::1]:1", "--", "x"
+            ])
+            .as_deref(),
+            Some("[::1]:1")
+        );
+    }
+
+    #[test]
+    fn bad_input_is_one_line_that_says_what_to_do() {
+        let line = |args: &[&str]| {
+            let err = parse(args).unwrap_err();
+            let argv: Vec<OsString> = std::iter::once("leaderz")
+                .chain(args.iter().copied())
+                .map(OsString::from)
+                .collect();
+            let line = one_line(&err, &argv);
+            assert!(!line.contains('\n'), "{line}");
+            line
+        };
+        let l = line(&["run", "--", "true"]);
+        assert!(
+            l.contains("--lease <NAME>") && l.ends_with("(see `leaderz run --help`)"),
+            "{l}"
+        );
+        let l = line(&["run", "--lease", "l", "--lease-duration", "soon", "--", "x"]);
+        assert!(l.contains("write durations like `15s`"), "{l}");
+        let l = line(&["run", "--lease", "l", "sleep", "1"]);
+        assert!(l.contains("after `--`"), "{l}");
+        let l = line(&["frobnicate"]);
+        assert!(l.ends_with("(see `leaderz --help`)"), "{l}");
+    }
+}

@@ -1,0 +1,123 @@
+//! `leaderz run`: run a command only while leading.
+//!
+//! The command starts when a term starts and holds the [`Term`] while it runs; the term
+//! is dropped only once the command's whole process group has exited, so the library
+//! neither campaigns again nor releases the Lease while any of it may still run.
+
+use std::time::Duration;
+
+use leaderz::Term;
+use nix::sys::signal::Signal;
+use tracing::{info, warn};
+
+use crate::child::{Child, exit_code};
+use crate::cli::RunArgs;
+use crate::election::{Election, ElectionInfo};
+use crate::error::CliError;
+use crate::http;
+use crate::signals::Signals;
+
+/// How long after SIGKILL the command may take to be reaped before the library calls its
+/// work overdue.
+const KILL_SLACK: Duration = Duration::from_secs(5);
+
+/// Runs `leaderz run`; returns the exit code.
+pub(crate) async fn run(args: RunArgs) -> Result<u8, CliError> {
+    let mut signals = Signals::install()?;
+    let listener = match &args.http {
+        Some(addr) => Some(http::bind(addr).await?),
+        None => None,
+    };
+    // The library warns (and /healthz fails) when a lost term's work outlives this; the
+    // command gets `grace` and then SIGKILL, so only a command SIGKILL cannot end does.
+    let overdue = args.grace + KILL_SLACK;
+    let mut election = Election::start(&args.election, |c| c.shutdown_grace(overdue)).await?;
+    if let Some(listener) = listener {
+        http::spawn(listener, http::AppState::for_election(&election));
+    }
+
+    loop {
+        let term = tokio::select! {
+            biased;
+            signal = signals.recv() => {
+                info!(%signal, "not leading: shutting down");
+                election.shutdown().await?;
+                return Ok(0);
+            }
+            term = election.handle.acquired() => match term {
+                Ok(term) => term,
+                Err(_stopped) => return Err(election.stop_reason().await),
+            },
+        };
+
+        let mut child = match Child::spawn(&args.command, &child_env(&election.info, &term)) {
+            Ok(child) => child,
+            Err(e) => {
+                drop(term);
+                if let Err(shutdown) = election.shutdown().await {
+                    warn!(error = %shutdown, "the elector stopped with an error");
+                }
+                return Err(e);
+            }
+        };
+        info!(
+            pid = child.pid(),
+            fencing_token = term.fencing_token(),
+            "leading: started the command"
+        );
+
+        let token = term.token();
+        tokio::select! {
+            biased;
+            status = child.wait() => {
+                child.kill_leftovers();
+                let code = exit_code(status);
+                info!(code, "the command exited: releasing the lease");
+                drop(term);
+                finish(election).await;
+                return Ok(code);
+            }
+            () = token.cancelled() => {
+                warn!("lost leadership: stopping the command");
+                let (status, signal) = child.stop(Signal::SIGTERM, args.grace, &mut signals, 0).await;
+                drop(term);
+                if let Some(signal) = signal {
+                    info!(%signal, "asked to stop while stopping the command: shutting down");
+                    finish(election).await;
+                    return Ok(exit_code(status));
+                }
+                if args.exit_on_loss {
+                    // A fatal election error (RBAC revoked, ...) says more than "lost".
+                    election.shutdown().await?;
+                    return Err(CliError::LostLeadership(args.election.lease));
+                }
+                info!(code = exit_code(status), "the command stopped: campaigning again");
+            }
+            signal = signals.recv() => {
+                info!(%signal, "forwarding to the command, then releasing the lease");
+                let (status, _) = child.stop(signal, args.grace, &mut signals, 1).await;
+                drop(term);
+                finish(election).await;
+                return Ok(exit_code(status));
+            }
+        }
+    }
+}
+
+/// Shuts the election down (releasing the Lease if still held) after the command has
+/// stopped; the command's exit code wins over an elector error, which is logged.
+async fn finish(election: Election) {
+    if let Err(e) = election.shutdown().await {
+        warn!(error = %e, "the elector stopped with an error");
+    }
+}
+
+/// The command's extra environment: who leads what, and the term's fencing token.
+fn child_env(info: &ElectionInfo, term: &Term) -> Vec<(&'static str, String)> {
+    vec![
+        ("LEADERZ_IDENTITY", term.identity().to_owned()),
+        ("LEADERZ_LEASE", info.lease.clone()),
+        ("LEADERZ_NAMESPACE", info.namespace.clone()),
+        ("LEADERZ_FENCING_TOKEN", term.fencing_token().to_string()),
+    ]
+}

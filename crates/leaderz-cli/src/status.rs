@@ -1,0 +1,60 @@
+//! `leaderz status`: one Lease, or every Lease in the namespace.
+
+use jiff::Timestamp;
+use k8s_openapi::api::coordination::v1::Lease;
+use kube::Api;
+use kube::api::ListParams;
+
+use crate::cli::{Output, StatusArgs};
+use crate::cluster;
+use crate::error::CliError;
+use crate::leases::{LeaseView, call, table};
+
+/// Prints the Lease(s) to stdout; returns the exit code.
+pub(crate) async fn status(args: StatusArgs) -> Result<u8, CliError> {
+    if let Some(name) = &args.name {
+        cluster::check_lease_name(name)?;
+    }
+    let config = cluster::load_config().await?;
+    let namespace = cluster::namespace(args.namespace.namespace.as_deref(), &config)?;
+    let api: Api<Lease> = Api::namespaced(cluster::connect(config).await?, &namespace);
+    let format = args.output.format;
+    let text = match &args.name {
+        Some(name) => {
+            let lease = call("get", &namespace, api.get_opt(name))
+                .await?
+                .ok_or_else(|| CliError::LeaseNotFound {
+                    name: name.clone(),
+                    namespace: namespace.clone(),
+                })?;
+            let view = LeaseView::new(&lease, Timestamp::now());
+            match format {
+                Output::Json => to_json(&view)?,
+                Output::Table => table(std::slice::from_ref(&view)),
+            }
+        }
+        None => {
+            let list = call("list", &namespace, api.list(&ListParams::default())).await?;
+            let now = Timestamp::now();
+            let mut views: Vec<LeaseView> =
+                list.items.iter().map(|l| LeaseView::new(l, now)).collect();
+            views.sort_by(|a, b| a.name.cmp(&b.name));
+            match format {
+                Output::Json => to_json(&views)?,
+                Output::Table if views.is_empty() => {
+                    eprintln!("No leases found in namespace `{namespace}`.");
+                    return Ok(0);
+                }
+                Output::Table => table(&views),
+            }
+        }
+    };
+    print!("{text}");
+    Ok(0)
+}
+
+fn to_json<T: serde::Serialize>(value: &T) -> Result<String, CliError> {
+    let mut text = serde_json::to_string_pretty(value).map_err(|e| CliError::Io(e.to_string()))?;
+    text.push('\n');
+    Ok(text)
+}

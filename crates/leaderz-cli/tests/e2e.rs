@@ -1,0 +1,593 @@
+//! The `leaderz` binary against a real kube-apiserver + etcd (leaderz-testenv, shared by
+//! every test in this file), configured only through `KUBECONFIG`, flags and `LEADERZ_*`
+//! variables, as a user would. Timings are short (3 s / 2 s / 500 ms).
+
+#![allow(clippy::unwrap_used)] // tests: a panic is the failure report
+
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use jiff::Timestamp;
+use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
+use kube::Api;
+use kube::api::{ListParams, ObjectMeta, PostParams};
+use leaderz_testenv::ControlPlane;
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use serde_json::Value;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+use tokio::process::{Child, Command};
+use tokio::time::{Instant, sleep, timeout};
+
+const TIMINGS: [&str; 6] = [
+    "--lease-duration",
+    "3s",
+    "--renew-deadline",
+    "2s",
+    "--retry-period",
+    "500ms",
+];
+const RENEW_DEADLINE: Duration = Duration::from_secs(2);
+
+fn cp() -> &'static ControlPlane {
+    ControlPlane::shared().unwrap()
+}
+
+/// `leaderz ARGS` with a clean environment: the admin kubeconfig, no pod variables.
+fn leaderz(kubeconfig: &Path, args: &[&str]) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_leaderz"));
+    cmd.args(args)
+        .env_clear()
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .env("KUBECONFIG", kubeconfig)
+        .env("LEADERZ_LOG_LEVEL", "info")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
+    cmd
+}
+
+fn admin_kubeconfig() -> PathBuf {
+    cp().kubeconfig_path().to_owned()
+}
+
+/// A running `leaderz` whose stderr lines are collected.
+struct Running {
+    child: Child,
+    stderr: Arc<Mutex<Vec<String>>>,
+    reader: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Running {
+    fn start(mut cmd: Command) -> Self {
+        let mut child = cmd.spawn().unwrap();
+        let stderr = Arc::new(Mutex::new(Vec::new()));
+        let lines = stderr.clone();
+        let mut reader = BufReader::new(child.stderr.take().unwrap()).lines();
+        let reader = tokio::spawn(async move {
+            while let Ok(Some(line)) = reader.next_line().await {
+                eprintln!("  leaderz: {line}");
+                lines.lock().unwrap().push(line);
+            }
+        });
+        Self {
+            child,
+            stderr,
+            reader: Some(reader),
+        }
+    }
+
+    fn pid(&self) -> Pid {
+        Pid::from_raw(i32::try_from(self.child.id().unwrap()).unwrap())
+    }
+
+    fn signal(&self, signal: Signal) {
+        kill(self.pid(), signal).unwrap();
+    }
+
+    /// Waits for leaderz to exit and for its last stderr line to be read.
+    async fn wait(&mut self, within: Duration) -> ExitStatus {
+        let status = timeout(within, self.child.wait())
+            .await
+            .expect("leaderz did not exit in time")
+            .unwrap();
+        if let Some(reader) = self.reader.take() {
+            reader.await.unwrap();
+        }
+        status
+    }
+
+    /// Waits for a stderr line containing `needle` and returns it.
+    async fn line_with(&self, needle: &str, within: Duration) -> String {
+        let found = timeout(within, async {
+            loop {
+                let hit = self
+                    .stderr
+                    .lock()
+                    .unwrap()
+                    .iter()
+                    .find(|l| l.contains(needle))
+                    .cloned();
+                if let Some(line) = hit {
+                    return line;
+                }
+                sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+        found.unwrap_or_else(|_| panic!("no stderr line with {needle:?}"))
+    }
+}
+
+/// Waits until `file` contains `needle`; returns how long it took.
+async fn file_contains(file: &Path, needle: &str, within: Duration) -> Duration {
+    let start = Instant::now();
+    timeout(within, async {
+        loop {
+            let text = std::fs::read_to_string(file).unwrap_or_default();
+            if text.contains(needle) {
+                return start.elapsed();
+            }
+            sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| {
+        let text = std::fs::read_to_string(file).unwrap_or_default();
+        panic!(
+            "{} never contained {needle:?}; it has {text:?}",
+            file.display()
+        )
+    })
+}
+
+async fn leases(ns: &str) -> Api<Lease> {
+    Api::namespaced(cp().admin_client().unwrap(), ns)
+}
+
+async fn holder(ns: &str, name: &str) -> Option<String> {
+    leases(ns)
+        .await
+        .get_opt(name)
+        .await
+        .unwrap()
+        .and_then(|l| l.spec)
+        .and_then(|s| s.holder_identity)
+}
+
+/// Waits until the Lease's holder is `want`.
+async fn holder_becomes(ns: &str, name: &str, want: &str) {
+    timeout(Duration::from_secs(20), async {
+        while holder(ns, name).await.as_deref() != Some(want) {
+            sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("the holder of {ns}/{name} never became {want:?}"));
+}
+
+/// As an administrator would: overwrite the holder (a proper update on the version read).
+async fn steal(ns: &str, name: &str, thief: &str) {
+    let api = leases(ns).await;
+    let mut lease = api.get(name).await.unwrap();
+    let spec = lease.spec.get_or_insert_with(LeaseSpec::default);
+    spec.holder_identity = Some(thief.into());
+    spec.renew_time = Some(MicroTime(Timestamp::now()));
+    api.replace(name, &PostParams::default(), &lease)
+        .await
+        .unwrap();
+}
+
+/// A plain HTTP/1.1 GET: status code, headers and body.
+async fn http_get(addr: &str, path: &str) -> (u16, String, String) {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    let (head, body) = response.split_once("\r\n\r\n").unwrap();
+    let code = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+    (code, head.to_owned(), body.to_owned())
+}
+
+#[tokio::test]
+async fn run_starts_the_command_while_leading_and_stops_it_on_loss() {
+    let ns = cp().new_namespace("run").await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mark = dir.path().join("mark");
+    let script = format!(
+        r#"echo "start $LEADERZ_FENCING_TOKEN $LEADERZ_IDENTITY $LEADERZ_LEASE $LEADERZ_NAMESPACE" >> {m}
+trap 'echo term >> {m}; exit 3' TERM
+while :; do sleep 0.05; done"#,
+        m = mark.display()
+    );
+    let mut args = vec!["run", "--lease", "job", "-n", &ns, "--identity", "a"];
+    args.extend(TIMINGS);
+    args.extend(["--", "sh", "-c", &script]);
+    let mut leaderz = Running::start(leaderz(&admin_kubeconfig(), &args));
+
+    file_contains(
+        &mark,
+        &format!("start 0 a job {ns}"),
+        Duration::from_secs(20),
+    )
+    .await;
+    assert_eq!(holder(&ns, "job").await.as_deref(), Some("a"));
+
+    // An administrator gives the lease to someone else: the command is told at once.
+    steal(&ns, "job", "intruder").await;
+    let took = file_contains(&mark, "term", Duration::from_secs(10)).await;
+    eprintln!("SIGTERM reached the command {took:?} after the lease was taken");
+    assert!(took < RENEW_DEADLINE, "took {took:?}");
+
+    // The intruder never renews: leaderz takes the lease back, with a higher token.
+    file_contains(
+        &mark,
+        &format!("start 1 a job {ns}"),
+        Duration::from_secs(20),
+    )
+    .await;
+    holder_becomes(&ns, "job", "a").await;
+
+    // SIGTERM to leaderz: forwarded to the command, whose code becomes leaderz's; released.
+    leaderz.signal(Signal::SIGTERM);
+    let status = leaderz.wait(Duration::from_secs(15)).await;
+    assert_eq!(status.code(), Some(3));
+    let text = std::fs::read_to_string(&mark).unwrap();
+    assert_eq!(text.matches("term").count(), 2, "{text}");
+    assert_eq!(holder(&ns, "job").await.as_deref(), Some(""));
+}
+
+#[tokio::test]
+async fn run_exits_with_the_commands_code_and_releases() {
+    let ns = cp().new_namespace("run-exit").await.unwrap();
+    for (script, want) in [("exit 7", 7), ("kill -9 $$", 137), ("true", 0)] {
+        let mut args = vec!["run", "--lease", "once", "-n", &ns, "--identity", "a"];
+        args.extend(TIMINGS);
+        args.extend(["--", "sh", "-c", script]);
+        let mut leaderz = Running::start(leaderz(&admin_kubeconfig(), &args));
+        let status = leaderz.wait(Duration::from_secs(20)).await;
+        assert_eq!(status.code(), Some(want), "{script}");
+        // Released at once, so a successor need not wait for the lease to expire.
+        assert_eq!(holder(&ns, "once").await.as_deref(), Some(""), "{script}");
+    }
+}
+
+#[tokio::test]
+async fn run_exit_on_loss_kills_a_stubborn_command_after_grace() {
+    let ns = cp().new_namespace("run-loss").await.unwrap();
+    let mut args = vec!["run", "--lease", "l", "-n", &ns, "--identity", "a"];
+    args.extend(TIMINGS);
+    args.extend(["--grace", "500ms", "--exit-on-loss"]);
+    args.extend(["--", "sh", "-c", "trap '' TERM; sleep 60"]);
+    let mut leaderz = Running::start(leaderz(&admin_kubeconfig(), &args));
+    leaderz
+        .line_with("started the command", Duration::from_secs(20))
+        .await;
+    steal(&ns, "l", "intruder").await;
+    let status = leaderz.wait(Duration::from_secs(10)).await;
+    assert_eq!(status.code(), Some(1));
+    let stderr = leaderz.stderr.lock().unwrap().clone();
+    assert!(
+        stderr.iter().any(|l| l.contains("sending SIGKILL")),
+        "{stderr:#?}"
+    );
+    assert_eq!(
+        stderr.last().unwrap(),
+        "error: lost leadership of lease `l` (exiting as --exit-on-loss asks)"
+    );
+    // Not released: it was not ours any more.
+    assert_eq!(holder(&ns, "l").await.as_deref(), Some("intruder"));
+}
+
+#[tokio::test]
+async fn serve_answers_who_leads() {
+    let ns = cp().new_namespace("serve").await.unwrap();
+    // Lease and identity from the environment, as a pod spec would set them.
+    let mut args = vec!["serve", "--http", "127.0.0.1:0"];
+    args.extend(TIMINGS);
+    let mut cmd = leaderz(&admin_kubeconfig(), &args);
+    cmd.env("LEADERZ_LEASE", "side")
+        .env("POD_NAME", "pod-1")
+        .env("POD_NAMESPACE", &ns);
+    let mut leaderz = Running::start(cmd);
+    let line = leaderz
+        .line_with("serving HTTP", Duration::from_secs(20))
+        .await;
+    let addr = line.rsplit("addr=").next().unwrap().trim().to_owned();
+    holder_becomes(&ns, "side", "pod-1").await;
+
+    let (code, _, body) = http_get(&addr, "/").await;
+    assert_eq!(code, 200);
+    let body: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(body["name"].as_str(), holder(&ns, "side").await.as_deref());
+
+    let (code, _, body) = http_get(&addr, "/status").await;
+    assert_eq!(code, 200);
+    let status: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(status["is_leader"], true);
+    assert_eq!(status["namespace"].as_str(), Some(ns.as_str()));
+    assert_eq!(status["fencing_token"], 0);
+
+    let (code, head, body) = http_get(&addr, "/metrics").await;
+    assert_eq!(code, 200);
+    assert!(head.contains("application/openmetrics-text"), "{head}");
+    let series = format!("leader_election_master_status{{name=\"{ns}/side\"}} 1");
+    assert!(body.contains(&series), "{body}");
+    assert_eq!(http_get(&addr, "/healthz").await.0, 200);
+    assert_eq!(http_get(&addr, "/readyz").await.0, 200);
+
+    leaderz.signal(Signal::SIGTERM);
+    assert_eq!(leaderz.wait(Duration::from_secs(10)).await.code(), Some(0));
+    assert_eq!(holder(&ns, "side").await.as_deref(), Some(""));
+}
+
+#[tokio::test]
+async fn status_json_matches_the_lease() {
+    let ns = cp().new_namespace("status").await.unwrap();
+    let renew = Timestamp::now();
+    let lease = Lease {
+        metadata: ObjectMeta {
+            name: Some("held".into()),
+            ..Default::default()
+        },
+        spec: Some(LeaseSpec {
+            holder_identity: Some("pod-x".into()),
+            lease_duration_seconds: Some(30),
+            acquire_time: Some(MicroTime(renew)),
+            renew_time: Some(MicroTime(renew)),
+            lease_transitions: Some(4),
+            ..Default::default()
+        }),
+    };
+    let created = leases(&ns)
+        .await
+        .create(&PostParams::default(), &lease)
+        .await
+        .unwrap();
+    let spec = serde_json::to_value(created.spec.unwrap()).unwrap();
+
+    let out = leaderz(
+        &admin_kubeconfig(),
+        &["status", "held", "-n", &ns, "-o", "json"],
+    )
+    .output()
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let json: Value = serde_json::from_slice(&out.stdout).unwrap();
+    for field in [
+        "holderIdentity",
+        "leaseDurationSeconds",
+        "acquireTime",
+        "renewTime",
+        "leaseTransitions",
+    ] {
+        assert_eq!(json[field], spec[field], "{field}");
+    }
+    assert_eq!(json["name"], "held");
+    let expires = json["expiresInSeconds"].as_f64().unwrap();
+    assert!(expires > 20.0 && expires <= 30.0, "{expires}");
+
+    // All Leases of the namespace: an array; and the table names the holder.
+    let out = leaderz(&admin_kubeconfig(), &["status", "-n", &ns, "-o", "json"])
+        .output()
+        .await
+        .unwrap();
+    let mut all: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(all.as_array().unwrap().len(), 1);
+    let mut one = json.clone();
+    // Moments apart: the estimate moved.
+    assert!(all[0]["expiresInSeconds"].take().as_f64().unwrap() <= expires);
+    one["expiresInSeconds"].take();
+    assert_eq!(all[0], one);
+    let out = leaderz(&admin_kubeconfig(), &["status", "-n", &ns])
+        .output()
+        .await
+        .unwrap();
+    let table = String::from_utf8(out.stdout).unwrap();
+    assert!(table.starts_with("NAME "), "{table}");
+    assert!(
+        table.contains("pod-x") && table.contains("EXPIRES IN (EST.)"),
+        "{table}"
+    );
+
+    let out = leaderz(&admin_kubeconfig(), &["status", "missing", "-n", &ns])
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert_eq!(
+        String::from_utf8(out.stderr).unwrap(),
+        format!("error: lease `missing` not found in namespace `{ns}`\n")
+    );
+}
+
+#[tokio::test]
+async fn watch_prints_holder_changes() {
+    let ns = cp().new_namespace("watch").await.unwrap();
+    let mut cmd = leaderz(
+        &admin_kubeconfig(),
+        &["watch", "w", "-n", &ns, "-o", "json"],
+    );
+    let mut watch = cmd.spawn().unwrap();
+    let mut lines = BufReader::new(watch.stdout.take().unwrap()).lines();
+    let mut next = async || -> Value {
+        let line = timeout(Duration::from_secs(10), lines.next_line())
+            .await
+            .expect("no line from leaderz watch")
+            .unwrap()
+            .unwrap();
+        serde_json::from_str(&line).unwrap()
+    };
+    assert_eq!(next().await["exists"], false);
+
+    let mut lease = Lease {
+        metadata: ObjectMeta {
+            name: Some("w".into()),
+            ..Default::default()
+        },
+        spec: Some(LeaseSpec {
+            holder_identity: Some("a".into()),
+            lease_transitions: Some(0),
+            ..Default::default()
+        }),
+    };
+    lease = leases(&ns)
+        .await
+        .create(&PostParams::default(), &lease)
+        .await
+        .unwrap();
+    let line = next().await;
+    assert_eq!(
+        (line["exists"].clone(), line["holderIdentity"].clone()),
+        (true.into(), "a".into())
+    );
+
+    // A change that is not a new holder or transition prints nothing; a new holder does.
+    lease.spec.as_mut().unwrap().renew_time = Some(MicroTime(Timestamp::now()));
+    lease = leases(&ns)
+        .await
+        .replace("w", &PostParams::default(), &lease)
+        .await
+        .unwrap();
+    let spec = lease.spec.as_mut().unwrap();
+    spec.holder_identity = Some("b".into());
+    spec.lease_transitions = Some(1);
+    leases(&ns)
+        .await
+        .replace("w", &PostParams::default(), &lease)
+        .await
+        .unwrap();
+    let line = next().await;
+    assert_eq!(line["holderIdentity"], "b");
+    assert_eq!(line["leaseTransitions"], 1);
+
+    kill(
+        Pid::from_raw(i32::try_from(watch.id().unwrap()).unwrap()),
+        Signal::SIGINT,
+    )
+    .unwrap();
+    let status = timeout(Duration::from_secs(5), watch.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(status.code(), Some(0));
+}
+
+/// A kubeconfig for a user with no permissions at all.
+fn nobody_kubeconfig(dir: &Path) -> PathBuf {
+    let path = dir.join("nobody.kubeconfig");
+    let credentials = cp().user_credentials("nobody", &[]).unwrap();
+    cp().write_kubeconfig(&path, &credentials).unwrap();
+    path
+}
+
+/// The admin kubeconfig pointing at a port where nothing listens.
+fn unreachable_kubeconfig(dir: &Path) -> PathBuf {
+    let path = dir.join("unreachable.kubeconfig");
+    let yaml = std::fs::read_to_string(cp().kubeconfig_path()).unwrap();
+    let yaml = yaml.replace(cp().server_url(), "https://127.0.0.1:1");
+    std::fs::write(&path, yaml).unwrap();
+    path
+}
+
+#[tokio::test]
+async fn bad_input_fails_with_one_line_and_writes_nothing() {
+    let ns = cp().new_namespace("bad").await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mark = dir.path().join("started");
+    let touch = format!("touch {}", mark.display());
+    let admin = admin_kubeconfig();
+    let nobody = nobody_kubeconfig(dir.path());
+    let unreachable = unreachable_kubeconfig(dir.path());
+
+    // (kubeconfig, extra flags, expected exit code, expected start of the line)
+    let cases: Vec<(&Path, Vec<&str>, i32, &str)> = vec![
+        (
+            &admin,
+            vec!["--lease-duration", "2s", "--renew-deadline", "2s"],
+            2,
+            "error: lease duration (2s) must be greater than renew deadline (2s)",
+        ),
+        (
+            &admin,
+            vec!["--renew-deadline", "1s", "--retry-period", "1s"],
+            2,
+            "error: renew deadline (1s) must be greater than 1.2 x retry period (1s)",
+        ),
+        (
+            &admin,
+            vec!["--lease-duration", "2500ms", "--renew-deadline", "1s"],
+            2,
+            "error: lease duration must be a whole number of seconds",
+        ),
+        (
+            &admin,
+            vec!["--identity", ""],
+            2,
+            "error: identity must not be empty",
+        ),
+        (
+            &admin,
+            vec!["--lease-duration", "soon"],
+            2,
+            "error: invalid value 'soon'",
+        ),
+        (
+            &unreachable,
+            vec![],
+            1,
+            "error: cannot reach the Kubernetes API server at https://127.0.0.1:1/: ",
+        ),
+        (
+            &admin,
+            vec!["-n", "no-such-namespace"],
+            1,
+            "error: namespace `no-such-namespace` does not exist: create it or pick another with --namespace",
+        ),
+        (
+            &nobody,
+            vec![],
+            1,
+            "error: forbidden: grant `get` on `leases.coordination.k8s.io` in namespace",
+        ),
+    ];
+    for (kubeconfig, flags, code, want) in cases {
+        for sub in ["run", "serve"] {
+            let mut args = vec![sub, "--lease", "bad"];
+            args.extend(&flags);
+            if sub == "serve" {
+                args.extend(["--http", "127.0.0.1:0"]);
+            } else {
+                args.extend(["--", "sh", "-c", &touch]);
+            }
+            let out = leaderz(kubeconfig, &args)
+                .env("POD_NAME", "me")
+                .env("POD_NAMESPACE", &ns)
+                .output()
+                .await
+                .unwrap();
+            let stderr = String::from_utf8(out.stderr).unwrap();
+            assert_eq!(out.status.code(), Some(code), "{sub} {flags:?}: {stderr}");
+            assert_eq!(stderr.lines().count(), 1, "{sub} {flags:?}: {stderr}");
+            assert!(stderr.starts_with(want), "{sub} {flags:?}: {stderr}");
+        }
+    }
+    assert!(!mark.exists(), "the command was started");
+    let written = leases(&ns)
+        .await
+        .list(&ListParams::default())
+        .await
+        .unwrap();
+    assert!(written.items.is_empty(), "{:?}", written.items);
+}
