@@ -42,7 +42,7 @@ pub(crate) enum Command {
     Run(RunArgs),
     /// Sidecar: campaign for the Lease and serve who leads over HTTP.
     ///
-    /// GET / answers {"name":"<leader>"} like the kubernetes/contrib leader-elector;
+    /// GET / answers `{"name":"<leader>"}` like the kubernetes/contrib leader-elector;
     /// /status (details as JSON), /healthz, /readyz, /metrics (Prometheus) and /events
     /// (server-sent events, one per leader change). SIGTERM/SIGINT release and exit 0.
     Serve(ServeArgs),

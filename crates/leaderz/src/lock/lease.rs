@@ -58,8 +58,8 @@ impl LeaseLock {
     }
 
     /// Also records Kubernetes Events on the Lease when this process starts and stops
-    /// leading, as client-go does (reason `LeaderElection`, "<id> became leader" /
-    /// "<id> stopped leading"). Needs `create` on `events.events.k8s.io`.
+    /// leading, as client-go does (reason `LeaderElection`, `"<id> became leader"` /
+    /// `"<id> stopped leading"`). Needs `create` on `events.events.k8s.io`.
     #[must_use]
     pub fn with_events(mut self, client: Client, controller: &str) -> Self {
         let reporter = Reporter {
