@@ -501,11 +501,14 @@ async fn failing_writes_on_an_expired_lease_are_paced() {
     }));
     let faulty = FaultyLock::new(mem.clone(), 5);
     let b = Elector::new(faulty.clone(), config("b")).unwrap().spawn();
-    sleep(secs(16)).await; // expired now
+    sleep(secs(1)).await; // b has read the record: it expires at 15 s
     faulty.set(Faults {
         fail_before: 1.0,
+        // Each failure takes a moment, so a hot loop shows up as a call count.
+        max_latency: Duration::from_millis(1),
         ..Faults::default()
     });
+    sleep(secs(14)).await; // expired now, and every call fails at once
     let before = faulty.calls();
     sleep(secs(20)).await;
     let calls = faulty.calls() - before;
@@ -524,6 +527,8 @@ async fn a_watch_that_keeps_ending_falls_back_to_polling() {
     let faulty = FaultyLock::new(mem.clone(), 6);
     faulty.set(Faults {
         watch_ends: true,
+        // Each call takes a moment, so a hot loop shows up as a call count.
+        max_latency: Duration::from_millis(1),
         ..Faults::default()
     });
     let b = Elector::new(faulty.clone(), config("b")).unwrap().spawn();
