@@ -1,0 +1,96 @@
+//! N leaderz electors in one process, each the only candidate on its own Lease
+//! (`<prefix>-0` .. `<prefix>-<N-1>`), sharing one `kube::Client`: the benchmark's
+//! "many leases in one process" case. Same output as `bench/clientgo-many`:
+//! `{"ts_ns":..,"event":"all_leading","count":1000}` once every elector leads, and
+//! `{"ts_ns":..,"event":"lost","lease":".."}` whenever one stops leading. SIGTERM
+//! shuts every elector down (each releases its lease) and exits.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use clap::Parser;
+use leaderz::{ElectionConfig, Elector, LeaseLock};
+use tokio::signal::unix::{SignalKind, signal};
+
+/// Flags named as `bench/clientgo-many`'s.
+#[derive(Debug, Parser)]
+struct Args {
+    /// Number of leases, one elector each.
+    #[arg(long, default_value_t = 1000)]
+    count: usize,
+    /// Identity prefix.
+    #[arg(long, default_value = "many")]
+    id: String,
+    /// The Leases' namespace.
+    #[arg(long, default_value = "default")]
+    namespace: String,
+    /// Lease name prefix.
+    #[arg(long, default_value = "many")]
+    lease_prefix: String,
+    #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
+    lease_duration: Duration,
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    renew_deadline: Duration,
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
+    retry_period: Duration,
+}
+
+fn log(event: &str, extra: Option<(&str, serde_json::Value)>) {
+    let ts = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    let mut line = serde_json::json!({ "ts_ns": ts, "event": event });
+    if let Some((k, v)) = extra {
+        line[k] = v;
+    }
+    println!("{line}");
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let client = kube::Client::try_default().await?;
+    let leading = Arc::new(AtomicUsize::new(0));
+    let mut handles = Vec::with_capacity(args.count);
+    for i in 0..args.count {
+        let lease = format!("{}-{i}", args.lease_prefix);
+        let config = ElectionConfig::new(format!("{}-{i}", args.id))
+            .lease_duration(args.lease_duration)
+            .renew_deadline(args.renew_deadline)
+            .retry_period(args.retry_period);
+        let handle = Elector::new(
+            LeaseLock::new(client.clone(), &args.namespace, &lease),
+            config,
+        )?
+        .spawn();
+        let (leading, count) = (leading.clone(), args.count);
+        let mut status = handle.status();
+        tokio::spawn(async move {
+            let mut was_leading = false;
+            loop {
+                let now_leading = status.borrow_and_update().term.is_some();
+                if now_leading && !was_leading {
+                    if leading.fetch_add(1, Ordering::SeqCst) + 1 == count {
+                        log("all_leading", Some(("count", count.into())));
+                    }
+                } else if !now_leading && was_leading {
+                    leading.fetch_sub(1, Ordering::SeqCst);
+                    log("lost", Some(("lease", lease.clone().into())));
+                }
+                was_leading = now_leading;
+                if status.changed().await.is_err() {
+                    break;
+                }
+            }
+        });
+        handles.push(handle);
+    }
+    signal(SignalKind::terminate())?.recv().await;
+    let shutdowns = handles.into_iter().map(|h| h.shutdown());
+    for result in futures::future::join_all(shutdowns).await {
+        result?;
+    }
+    Ok(())
+}
