@@ -572,9 +572,10 @@ fn markdown(r: &Report, analysis: &str) -> String {
         let _ = write!(header, " {v} |");
         rule.push_str("---|");
     }
-    header
-        .push_str(" open watches | RSS MiB | CPU % | kube-apiserver CPU % | etcd CPU % | losses |");
-    rule.push_str("---|---|---|---|---|---|");
+    header.push_str(
+        " open watches | RSS MiB | CPU % | sockets | kube-apiserver CPU % | etcd CPU % | losses |",
+    );
+    rule.push_str("---|---|---|---|---|---|---|");
     let _ = writeln!(w, "{header}\n{rule}");
     for (name, m) in &r.many {
         if let Some(problem) = &m.problem {

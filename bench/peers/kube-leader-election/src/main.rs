@@ -67,9 +67,7 @@ async fn main() -> anyhow::Result<()> {
             Ok(Err(e)) => eprintln!("try_acquire_or_renew: {e}"),
             Err(_) => eprintln!("try_acquire_or_renew timed out"),
         }
-        if events.leading()
-            && last_renewal.is_none_or(|t| t.elapsed() >= args.renew_deadline)
-        {
+        if events.leading() && last_renewal.is_none_or(|t| t.elapsed() >= args.renew_deadline) {
             events.set_leading(false);
         }
     }

@@ -18,10 +18,15 @@ use kube_lease_manager::LeaseManagerBuilder;
 async fn main() -> anyhow::Result<()> {
     let args = common::Args::parse();
     let duration = common::whole_secs(args.lease_duration);
-    anyhow::ensure!(duration >= 2, "kube-lease-manager needs a lease duration of 2 s or more");
+    anyhow::ensure!(
+        duration >= 2,
+        "kube-lease-manager needs a lease duration of 2 s or more"
+    );
     let renew_every = common::whole_secs(args.retry_period).min(duration - 1);
     let grace = duration - renew_every;
-    eprintln!("kube-lease-manager: duration {duration}s, grace {grace}s (renew every {renew_every}s)");
+    eprintln!(
+        "kube-lease-manager: duration {duration}s, grace {grace}s (renew every {renew_every}s)"
+    );
 
     let client = kube::Client::try_default().await?;
     let manager = LeaseManagerBuilder::new(client, &args.lease)
