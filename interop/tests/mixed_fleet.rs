@@ -220,7 +220,14 @@ async fn leaderz_and_client_go_share_a_lease_safely() {
         };
         let leader_side = running[leader_idx].as_ref().unwrap().side;
         let mut stopped = vec![leader_idx];
-        match rng.random_range(0..3) {
+        // The first two actions are cross-side handovers, so that both directions
+        // are always exercised; after that, chance decides.
+        let action = if kills + graceful < 2 {
+            0
+        } else {
+            rng.random_range(0..3)
+        };
+        match action {
             0 => {
                 // A handover to the other side: stop the leader's same-side peer first
                 // (a follower: no lease change), then the leader, gracefully.
