@@ -74,6 +74,10 @@ impl Callbacks {
 impl<L: Lock> Elector<L> {
     /// Runs the election with callbacks until `shutdown` is cancelled (then ends the
     /// term, waits for `on_started_leading` to return, releases) or a fatal error.
+    ///
+    /// If the elector stops while `on_started_leading` still runs after its term ended
+    /// (its `shutdown_grace` ran out, or it failed), the work is aborted: it is never
+    /// left running without an elector.
     pub async fn run(
         self,
         mut callbacks: Callbacks,
@@ -83,7 +87,8 @@ impl<L: Lock> Elector<L> {
         let mut leader = handle.leader();
         let stop = handle.shutdown_token();
         let _stop_on_exit = stop.clone().drop_guard();
-        loop {
+        let mut ended = None;
+        while ended.is_none() {
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break,
@@ -97,7 +102,7 @@ impl<L: Lock> Elector<L> {
                 term = handle.acquired() => {
                     let Ok(term) = term else { break };
                     let token = term.token();
-                    let work = tokio::spawn((callbacks.started)(term));
+                    let mut work = tokio::spawn((callbacks.started)(term));
                     // Keep reporting leader changes while leading.
                     loop {
                         tokio::select! {
@@ -115,12 +120,29 @@ impl<L: Lock> Elector<L> {
                             }
                         }
                     }
-                    let _ = work.await;
+                    // The term has ended: wait for the work, unless the elector stops
+                    // first. A shutdown asked for meanwhile is passed on at once.
+                    loop {
+                        tokio::select! {
+                            biased;
+                            _ = &mut work => break,
+                            _ = shutdown.cancelled(), if !stop.is_cancelled() => stop.cancel(),
+                            result = handle.join() => {
+                                ended = Some(result);
+                                work.abort();
+                                let _ = (&mut work).await;
+                                break;
+                            }
+                        }
+                    }
                     (callbacks.stopped)();
                 }
             }
         }
         stop.cancel();
-        handle.join().await
+        match ended {
+            Some(result) => result,
+            None => handle.join().await,
+        }
     }
 }

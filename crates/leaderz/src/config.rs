@@ -28,7 +28,9 @@ const JITTER_FACTOR: f64 = 1.2;
 #[non_exhaustive]
 pub struct ElectionConfig {
     /// Who this candidate is; written as the Lease's `holderIdentity`. Must be unique
-    /// among candidates (a pod name is).
+    /// among candidates (a pod name is), not blank, and free of control characters
+    /// (newlines, escapes: they would corrupt logs and `kubectl` output). The API sets no
+    /// length limit on `holderIdentity` beyond the object's size; keep it readable.
     pub identity: String,
     /// How long followers wait, from when they observed the last renewal, before they
     /// may take the lease over. Whole seconds: the Lease stores whole seconds.
@@ -137,6 +139,9 @@ impl ElectionConfig {
         if self.identity.trim().is_empty() {
             return Err(EmptyIdentity);
         }
+        if let Some(c) = self.identity.chars().find(|c| c.is_control()) {
+            return Err(IdentityControlCharacter(c));
+        }
         if self.retry_period.is_zero() {
             return Err(ZeroRetryPeriod);
         }
@@ -181,6 +186,9 @@ pub enum ConfigError {
     /// The identity is empty or blank.
     #[error("identity must not be empty (set it to the pod name, e.g. from the downward API)")]
     EmptyIdentity,
+    /// The identity contains a control character.
+    #[error("identity must not contain control characters (found {0:?}); use the pod name")]
+    IdentityControlCharacter(char),
     /// `retry_period` is zero.
     #[error("retry period must be greater than zero")]
     ZeroRetryPeriod,
@@ -339,6 +347,18 @@ mod tests {
                 _ => panic!("{id:?} {ld} {rd} {rp}: got {got:?}"),
             }
         }
+    }
+
+    #[test]
+    fn identities_with_control_characters_are_refused() {
+        for bad in ["pod\nb", "pod\u{1b}[31m", "a\tb", "\u{7f}x"] {
+            let e = ElectionConfig::new(bad).validate().unwrap_err();
+            assert!(
+                matches!(e, ConfigError::IdentityControlCharacter(_)),
+                "{bad:?}: {e}"
+            );
+        }
+        assert_eq!(ElectionConfig::new("pod-a.example_1").validate(), Ok(()));
     }
 
     #[test]

@@ -27,9 +27,15 @@ pub struct Status {
     pub last_error: Option<String>,
     /// Whether a watch on the lease is open (followers only).
     pub watching: bool,
+    /// Why the follower polls instead of watching, while it does (watch refused or
+    /// failing; watching is tried again with a backoff).
+    pub polling: Option<String>,
     /// The last term ended more than `shutdown_grace` ago but its work still holds a
     /// [`Term`]; the elector does not campaign until it is dropped.
     pub work_overdue: bool,
+    /// A problem that keeps this process from leading until someone fixes it: the
+    /// Lease's `leaseTransitions` is exhausted, or another process uses our identity.
+    pub problem: Option<String>,
 }
 
 impl Status {
@@ -51,6 +57,9 @@ impl Status {
         }
         if self.work_overdue {
             return Err(HealthError::WorkNotStopped);
+        }
+        if let Some(problem) = &self.problem {
+            return Err(HealthError::Problem(problem.clone()));
         }
         Ok(())
     }
@@ -136,9 +145,10 @@ impl ElectionHandle {
         self.shutdown.clone()
     }
 
-    /// Health, in the sense of client-go's `HealthzAdaptor`: unhealthy only if this
-    /// process believes it leads but has not renewed for longer than the lease duration
-    /// plus `tolerance` — the elector is stuck, and a restart is the cure. Followers
+    /// Health, in the sense of client-go's `HealthzAdaptor`: unhealthy if this process
+    /// believes it leads but has not renewed for longer than the lease duration plus
+    /// `tolerance` (the elector is stuck, and a restart is the cure), if a lost term's
+    /// work has not stopped, or if a [`Status::problem`] keeps it from leading. Followers
     /// and leaders that step down on time are healthy.
     pub fn check_health(
         &self,
@@ -201,8 +211,9 @@ impl ElectionHandle {
         self.join().await
     }
 
-    /// Stops the elector at once, as a crash would: no release, and the term's token is
-    /// not cancelled. For simulations and fault tests.
+    /// Stops the elector at once, as a crash would: no release. The term ends with the
+    /// elector task (its token is cancelled as the task's state is dropped), but nothing
+    /// waits for the work. For simulations and fault tests.
     #[doc(hidden)]
     pub fn abort(mut self) {
         if let Some(task) = self.task.take() {
@@ -240,7 +251,8 @@ pub struct HealthCheck {
 
 impl HealthCheck {
     /// Unhealthy if the leader has not renewed for `lease_duration + tolerance`, if a
-    /// lost term's work has not stopped, or if the elector has ended.
+    /// lost term's work has not stopped, if a [`Status::problem`] keeps it from leading,
+    /// or if the elector has ended.
     pub fn check(&self, tolerance: Duration) -> Result<(), HealthError> {
         self.status
             .borrow()
@@ -267,6 +279,10 @@ pub enum HealthError {
     /// A lost term's work has not dropped its [`Term`]; the elector cannot campaign.
     #[error("the last term's work has not stopped; the elector is not campaigning")]
     WorkNotStopped,
+    /// Something only a person can fix keeps this process from leading (see
+    /// [`Status::problem`]).
+    #[error("{0}")]
+    Problem(String),
     /// The elector task has ended.
     #[error("the elector has stopped")]
     Stopped,

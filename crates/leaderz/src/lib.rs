@@ -59,8 +59,10 @@
 //! # Layout
 //!
 //! [`config`] (timing and validation), [`record`] (the Lease record and where expiry is
-//! decided), [`lock`] (the Lease and in-memory locks), the engine in `elector` (the
-//! only place the Lease is written), [`Term`] and [`ElectionHandle`], [`Callbacks`],
+//! decided), [`lock`] (the Lease and in-memory locks), [`machine`] (every decision of
+//! the election: when to read, take, renew, step down, release, and with which record —
+//! a state machine without I/O), the tokio driver behind [`Elector::spawn`] (the only
+//! place the lock is called), [`Term`] and [`ElectionHandle`], [`Callbacks`],
 //! [`Metrics`].
 
 pub mod callbacks;
@@ -68,6 +70,7 @@ pub mod config;
 mod elector;
 pub mod handle;
 pub mod lock;
+pub mod machine;
 pub mod metrics;
 pub mod record;
 pub mod term;

@@ -28,6 +28,9 @@ struct ErrorLabels {
 /// | `leaderz_renew_duration_seconds{name}` | histogram | time of each successful renewal |
 /// | `leaderz_api_errors_total{name,kind}` | counter | failed API calls by kind (`conflict`, `timeout`, `forbidden`, ...) |
 /// | `leaderz_transitions_total{name}` | counter | terms this process started |
+/// | `leaderz_follower_watching{name}` | gauge | 1 while the follower watches the lease, 0 while it polls instead |
+///
+/// `name` is the Lease's name (client-go's `config.Name`), without the namespace.
 ///
 /// ```
 /// let mut registry = prometheus_client::registry::Registry::default();
@@ -43,6 +46,7 @@ pub struct Metrics {
     renew_duration: Family<NameLabel, Histogram>,
     api_errors: Family<ErrorLabels, Counter>,
     transitions: Family<NameLabel, Counter>,
+    watching: Family<NameLabel, Gauge>,
 }
 
 fn renew_histogram() -> Histogram {
@@ -59,6 +63,7 @@ impl Metrics {
             renew_duration: Family::new_with_constructor(renew_histogram),
             api_errors: Family::default(),
             transitions: Family::default(),
+            watching: Family::default(),
         };
         registry.register(
             "leader_election_master_status",
@@ -85,6 +90,11 @@ impl Metrics {
             "Leadership terms started by this process.",
             m.transitions.clone(),
         );
+        registry.register(
+            "leaderz_follower_watching",
+            "1 while the follower watches the lease, 0 while it polls instead.",
+            m.watching.clone(),
+        );
         m
     }
 
@@ -101,6 +111,12 @@ impl Metrics {
         if leading {
             self.transitions.get_or_create(&Self::name(name)).inc();
         }
+    }
+
+    pub(crate) fn set_watching(&self, name: &str, watching: bool) {
+        self.watching
+            .get_or_create(&Self::name(name))
+            .set(i64::from(watching));
     }
 
     pub(crate) fn slowpath(&self, name: &str) {

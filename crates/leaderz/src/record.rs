@@ -14,21 +14,24 @@
 //! | no `spec`, or no/empty `holderIdentity` | no holder: free to take |
 //! | `leaseDurationSeconds` missing, zero or negative | our own `lease_duration` |
 //! | `leaseDurationSeconds` shorter than ours | our own `lease_duration` (never shorter) |
-//! | `leaseDurationSeconds` longer than `max_record_duration` | `max_record_duration`, with a warning |
+//! | `leaseDurationSeconds` longer than `max_record_duration` | `max_record_duration` |
 //! | `leaseTransitions` missing or negative | 0 |
-//! | `leaseTransitions` at `i32::MAX` | kept (cannot rise); taking over is refused, see [`TakeoverError`] |
+//! | `leaseTransitions` at `i32::MAX` | kept (cannot rise); taking over is refused and reported until it is fixed, see [`TakeoverError`] |
+//! | `holderIdentity` is our identity, but this process did not write the record | someone else's (a restarted pod, or another process with our identity): valid until it expires |
 //! | `acquireTime`/`renewTime` missing or in the future/past | ignored: times only tell that the record changed |
 //!
+//! Odd durations are logged once per record version ([`LeaderRecord::oddity`]).
 //! The cap exists so that garbage cannot stall an election for decades; it also means
 //! a real holder whose lease duration exceeds `max_record_duration` (1 h by default)
 //! is not supported: raise the cap above every candidate's lease duration.
 //! Honouring a longer record duration than our own is what client-go does; refusing a
 //! shorter one is leaderz's own, safer rule (client-go would take over sooner).
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use jiff::Timestamp;
-use k8s_openapi::api::coordination::v1::LeaseSpec;
+use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use tokio::time::Instant;
 
@@ -45,7 +48,8 @@ pub struct LeaderRecord {
     pub renew_time: Option<Timestamp>,
     /// How many times the lease changed hands (`leaseTransitions`); leaderz's fencing token.
     pub lease_transitions: i32,
-    /// `preferredHolder` and `strategy` (coordinated election), kept as found.
+    /// `preferredHolder` and `strategy` (coordinated election), as read. leaderz's own
+    /// writes clear both, as client-go's non-coordinated writes do.
     pub preferred_holder: Option<String>,
     /// See [`LeaderRecord::preferred_holder`].
     pub strategy: Option<String>,
@@ -90,39 +94,44 @@ impl LeaderRecord {
     /// How long this record keeps its holder valid after it was observed, by the rules
     /// in the module docs: never shorter than `own`, never longer than `max`.
     pub fn effective_duration(&self, own: Duration, max: Duration) -> Duration {
-        let written = self
-            .lease_duration_seconds
-            .and_then(|s| u64::try_from(s).ok())
-            .map(Duration::from_secs)
-            .unwrap_or(Duration::ZERO);
-        if written > max {
-            tracing::warn!(
-                holder = %self.holder_identity,
-                lease_duration_seconds = ?self.lease_duration_seconds,
-                max_secs = max.as_secs(),
-                "lease record's duration is longer than max_record_duration; capping it"
-            );
-        }
-        written.clamp(own, max)
+        self.written_duration().clamp(own, max)
     }
 
-    /// The transitions count after a new term starts on this record: one more, since a
-    /// new term is a transition even when the identity is the same as before (see
-    /// [`crate::Term::fencing_token`]).
-    pub(crate) fn next_transitions(&self) -> Result<i32, TakeoverError> {
-        self.lease_transitions
-            .checked_add(1)
-            .ok_or(TakeoverError::TransitionsExhausted)
+    fn written_duration(&self) -> Duration {
+        self.lease_duration_seconds
+            .and_then(|s| u64::try_from(s).ok())
+            .map(Duration::from_secs)
+            .unwrap_or(Duration::ZERO)
+    }
+
+    /// What is odd about a held record, by the rules in the module docs, if anything:
+    /// for a warning (the elector logs it once per record version).
+    pub fn oddity(&self, max: Duration) -> Option<String> {
+        self.holder()?;
+        match self.lease_duration_seconds {
+            None => Some("the lease record has no leaseDurationSeconds; reading it as our own lease duration".into()),
+            Some(s) if s <= 0 => Some(format!(
+                "the lease record's leaseDurationSeconds is {s}; reading it as our own lease duration"
+            )),
+            Some(s) if self.written_duration() > max => Some(format!(
+                "the lease record's leaseDurationSeconds ({s}) is longer than max_record_duration ({}s); capping it",
+                max.as_secs()
+            )),
+            Some(_) => None,
+        }
     }
 }
 
-/// Why a lease cannot be taken over even though it is free.
+/// Why a lease cannot be taken over even though it is free. The elector keeps running
+/// (as a follower), reports it in [`Status::problem`](crate::Status::problem), its logs and
+/// the `leaderz_api_errors_total{kind="transitions_exhausted"}` metric, and takes the lease
+/// as soon as it is fixed.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum TakeoverError {
     /// `leaseTransitions` is `i32::MAX`, so the fencing token could not rise.
     #[error(
-        "leaseTransitions is at its maximum (2147483647); the fencing token cannot rise: delete the Lease to reset it"
+        "leaseTransitions is at its maximum (2147483647); the fencing token cannot rise: delete the Lease to reset it (kubectl delete lease <name>)"
     )]
     TransitionsExhausted,
 }
@@ -143,13 +152,18 @@ pub(crate) fn now_micros() -> Timestamp {
 
 /// A record as this process saw it, and when (on the local monotonic clock).
 #[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
 pub struct Observed {
     /// The record.
     pub record: LeaderRecord,
     /// The version it was read at (the Lease's `resourceVersion`).
     pub version: String,
-    /// When this process first saw this version of the record.
+    /// When this process first saw the record in this form (a new version with the same
+    /// record, e.g. after a label edit, keeps the earlier time).
     pub observed_at: Instant,
+    /// The whole Lease it came from, if it came from one (kept so that a write on it
+    /// preserves labels, annotations and owners).
+    pub lease: Option<Arc<Lease>>,
 }
 
 impl Observed {
@@ -258,20 +272,30 @@ mod tests {
     }
 
     #[test]
-    fn transitions_cannot_overflow() {
-        let rec = LeaderRecord {
-            lease_transitions: i32::MAX,
+    fn oddities_are_named() {
+        let max = Duration::from_secs(3600);
+        let with = |s: Option<i32>| LeaderRecord {
+            holder_identity: "x".into(),
+            lease_duration_seconds: s,
             ..Default::default()
         };
-        assert_eq!(
-            rec.next_transitions(),
-            Err(TakeoverError::TransitionsExhausted)
+        assert!(
+            with(None)
+                .oddity(max)
+                .unwrap()
+                .contains("no leaseDurationSeconds")
         );
-        let rec = LeaderRecord {
-            lease_transitions: 4,
-            ..Default::default()
-        };
-        assert_eq!(rec.next_transitions(), Ok(5));
+        assert!(with(Some(-1)).oddity(max).unwrap().contains("is -1"));
+        assert!(
+            with(Some(i32::MAX))
+                .oddity(max)
+                .unwrap()
+                .contains("capping")
+        );
+        assert_eq!(with(Some(15)).oddity(max), None);
+        // A released record has no holder to worry about.
+        let released = LeaderRecord::default();
+        assert_eq!(released.oddity(max), None);
     }
 
     fn arb_timestamp() -> impl Strategy<Value = Option<Timestamp>> {

@@ -72,11 +72,40 @@ impl Term {
         self.cancel.cancelled()
     }
 
-    /// Whether the term is still going on.
+    /// Whether the term is still going on: not ended, and before its [deadline]. The
+    /// deadline is checked on the clock here, so this is right even when the elector's
+    /// task has not run for a while (a starved runtime, blocking work).
+    ///
+    /// [deadline]: Term::deadline
     pub fn is_active(&self) -> bool {
-        !self.cancel.is_cancelled()
+        !self.cancel.is_cancelled() && Instant::now() < self.deadline()
+    }
+
+    /// Checks that the term is still going on, right before a side effect that only the
+    /// leader may make; cheap enough to call before every write.
+    ///
+    /// ```
+    /// # fn doc(term: &leaderz::Term) -> Result<(), leaderz::term::TermEnded> {
+    /// term.check()?; // then write, passing term.fencing_token() along
+    /// # Ok(()) }
+    /// ```
+    ///
+    /// This narrows, but cannot close, the window in which a paused process acts on a
+    /// term that has ended (it can be paused right after the check): pass the
+    /// [fencing token](Term::fencing_token) to the resource as well.
+    pub fn check(&self) -> Result<(), TermEnded> {
+        if self.is_active() {
+            Ok(())
+        } else {
+            Err(TermEnded)
+        }
     }
 }
+
+/// The term has ended (see [`Term::check`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("the leadership term has ended")]
+pub struct TermEnded;
 
 /// The elector's side of a term: it ends the term and learns when the work stopped.
 /// Dropping it ends the term too, so that a crashed or aborted elector task never

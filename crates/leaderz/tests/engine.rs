@@ -350,33 +350,85 @@ async fn garbage_records_are_read_safely() {
     }
 }
 
+/// Defect 10: garbage must never stop the election. An exhausted `leaseTransitions`
+/// keeps the candidate running, reported, and writing nothing, until it is fixed.
 #[tokio::test(start_paused = true)]
-async fn exhausted_transitions_stop_the_elector_with_a_clear_error() {
+async fn exhausted_transitions_are_reported_and_the_elector_keeps_running() {
     let lock = MemoryLock::new("l");
     lock.force(Some(LeaderRecord {
         lease_transitions: i32::MAX,
         ..Default::default()
     }));
-    let mut h = Elector::new(lock.clone(), config("a")).unwrap().spawn();
-    let err = h.join().await.unwrap_err();
-    assert!(err.to_string().contains("delete the Lease"), "{err}");
-    assert!(h.acquired().await.is_err());
+    let before = lock.peek().unwrap().version;
+    let h = Elector::new(lock.clone(), config("a")).unwrap().spawn();
+    sleep(secs(30)).await;
+    let problem = h.status().borrow().problem.clone().expect("reported");
+    assert!(problem.contains("delete the Lease"), "{problem}");
+    assert!(!h.is_leader());
+    assert_eq!(lock.peek().unwrap().version, before, "nothing written");
+    // An admin fixes the record: the candidate takes it at once.
+    lock.force(Some(LeaderRecord {
+        lease_transitions: 41,
+        ..Default::default()
+    }));
+    let term = tokio::time::timeout(secs(1), h.acquired())
+        .await
+        .expect("takes the fixed lease")
+        .unwrap();
+    assert_eq!(term.fencing_token(), 42);
+    assert_eq!(h.status().borrow().problem, None);
 }
 
+/// Defect 1: a deleted Lease is re-created only after the last observed record
+/// expired, with the token continuing; the leader ends its term at its next renewal.
 #[tokio::test(start_paused = true)]
-async fn deleted_lease_is_recreated() {
+async fn deleted_lease_is_recreated_after_the_last_record_expired_with_the_next_token() {
     let lock = MemoryLock::new("l");
     let a = Elector::new(lock.clone(), config("a")).unwrap().spawn();
-    let term = a.acquired().await.unwrap();
+    let term_a = a.acquired().await.unwrap();
+    let b = Elector::new(lock.clone(), config("b")).unwrap().spawn();
+    sleep(Duration::from_millis(2500)).await;
+    // a renewed at t=2 s; b saw it then.
+    let renewed_at = Instant::now() - Duration::from_millis(500);
     lock.force(None);
-    term.cancelled().await;
-    drop(term);
-    let term = a.acquired().await.unwrap();
+    // a notices at its next renewal (t=4 s) and ends its term at once.
+    term_a.cancelled().await;
     assert_eq!(
-        term.fencing_token(),
-        0,
-        "deleting the Lease resets the token (documented)"
+        renewed_at.elapsed(),
+        secs(2),
+        "a's term ended at its next renewal"
     );
+    drop(term_a);
+    // Whoever re-creates the Lease does so with the next token: a may at once (the
+    // record was its own, its term has ended); b only after a's last record expired.
+    let term = tokio::select! {
+        t = a.acquired() => t.unwrap(),
+        t = b.acquired() => t.unwrap(),
+    };
+    assert_eq!(term.fencing_token(), 1, "the token continues");
+    assert_eq!(term.identity(), "a");
+    drop(term);
+    b.abort();
+}
+
+/// Defect 1, follower side: a follower never re-creates a deleted Lease before the
+/// holder it last saw has expired.
+#[tokio::test(start_paused = true)]
+async fn follower_waits_out_the_deleted_holder_before_recreating() {
+    let lock = MemoryLock::new("l");
+    lock.force(Some(LeaderRecord {
+        holder_identity: "x".into(),
+        lease_duration_seconds: Some(15),
+        lease_transitions: 6,
+        ..Default::default()
+    }));
+    let b = Elector::new(lock.clone(), config("b")).unwrap().spawn();
+    sleep(secs(1)).await; // b saw x's record at t=0
+    let seen_at = Instant::now() - secs(1);
+    lock.force(None);
+    let term = b.acquired().await.unwrap();
+    assert_eq!(seen_at.elapsed(), secs(15), "waited out x's lease");
+    assert_eq!(term.fencing_token(), 7);
 }
 
 #[tokio::test(start_paused = true)]

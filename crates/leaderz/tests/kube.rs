@@ -11,7 +11,9 @@ use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use kube::api::{ObjectMeta, PostParams};
 use kube::{Api, Client};
-use leaderz::{ElectionConfig, ElectionError, ElectionHandle, Elector, LeaseLock, LockError};
+use leaderz::{
+    ElectionConfig, ElectionError, ElectionHandle, Elector, HealthError, LeaseLock, LockError,
+};
 use leaderz_testenv::ControlPlane;
 use tokio::time::{Instant, sleep, timeout};
 
@@ -246,7 +248,8 @@ async fn garbage_lease_written_by_admin_is_handled_by_the_documented_rules() {
     drop(term);
     h.shutdown().await.unwrap();
 
-    // 3. leaseTransitions at its maximum: the elector stops with an actionable error.
+    // 3. leaseTransitions at its maximum: the elector keeps running, says what fixes it
+    //    (status, health), and writes nothing; deleting the Lease fixes it.
     let mut l = api.get(LEASE).await.unwrap();
     l.spec = Some(LeaseSpec {
         holder_identity: Some(String::new()),
@@ -256,18 +259,43 @@ async fn garbage_lease_written_by_admin_is_handled_by_the_documented_rules() {
     api.replace(LEASE, &PostParams::default(), &l)
         .await
         .unwrap();
-    let mut h = spawn(cp.admin_client().unwrap(), &ns, "a");
-    let err = timeout(Duration::from_secs(5), h.join())
-        .await
-        .unwrap()
-        .unwrap_err();
-    assert!(matches!(err, ElectionError::Takeover(_)), "{err}");
-    assert!(err.to_string().contains("delete the Lease"), "{err}");
-    // Nothing was written.
+    let h = spawn(cp.admin_client().unwrap(), &ns, "a");
+    let mut status = h.status();
+    let problem = timeout(
+        Duration::from_secs(5),
+        status.wait_for(|s| s.problem.is_some()),
+    )
+    .await
+    .unwrap()
+    .unwrap()
+    .problem
+    .clone()
+    .unwrap();
+    assert!(problem.contains("delete the Lease"), "{problem}");
+    let health = h.check_health(Duration::from_secs(3), Duration::from_secs(1));
+    assert!(
+        matches!(&health, Err(HealthError::Problem(p)) if p == &problem),
+        "{health:?}"
+    );
+    sleep(Duration::from_secs(1)).await;
+    assert!(!h.is_leader());
     assert_eq!(
         spec(&api.get(LEASE).await.unwrap()).lease_transitions,
-        Some(i32::MAX)
+        Some(i32::MAX),
+        "nothing written"
     );
+    api.delete(LEASE, &Default::default()).await.unwrap();
+    let term = timeout(Duration::from_secs(10), h.acquired())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        term.fencing_token(),
+        0,
+        "deleting the Lease reset the count"
+    );
+    drop(term);
+    h.shutdown().await.unwrap();
 }
 
 /// Applies kube/role.yaml (the Role the manifests ship) in `ns`, optionally without

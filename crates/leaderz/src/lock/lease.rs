@@ -13,9 +13,6 @@ use kube::{Api, Client};
 use super::{Lock, LockError, LockEvent, Versioned};
 use crate::record::LeaderRecord;
 
-/// How long the server keeps one watch open before we re-read and watch again.
-const WATCH_TIMEOUT_SECS: u32 = 290;
-
 /// A [`Lock`] on a Lease in one namespace.
 ///
 /// Reads with `get`, creates with `create`, and writes with `replace` carrying the
@@ -101,6 +98,7 @@ impl LeaseLock {
                     message: status.message,
                 },
                 401 => LockError::Unauthorized(status.message),
+                410 => LockError::Gone(status.message),
                 code => LockError::Api {
                     code,
                     reason: status.reason,
@@ -177,10 +175,12 @@ impl Lock for LeaseLock {
     async fn watch(
         &self,
         version: &str,
+        timeout: std::time::Duration,
     ) -> Result<BoxStream<'static, Result<LockEvent, LockError>>, LockError> {
+        let secs = u32::try_from(timeout.as_secs()).unwrap_or(u32::MAX).max(1);
         let params = WatchParams::default()
             .fields(&format!("metadata.name={}", self.name))
-            .timeout(WATCH_TIMEOUT_SECS);
+            .timeout(secs);
         let stream = self
             .api
             .watch(&params, version)
@@ -196,6 +196,9 @@ impl Lock for LeaseLock {
                     }
                     Ok(WatchEvent::Deleted(_)) => Some(Ok(LockEvent::Deleted)),
                     Ok(WatchEvent::Bookmark(_)) => None,
+                    Ok(WatchEvent::Error(status)) if status.code == 410 => {
+                        Some(Err(LockError::Gone(status.message)))
+                    }
                     Ok(WatchEvent::Error(status)) => Some(Err(LockError::Api {
                         code: status.code,
                         reason: status.reason,

@@ -10,9 +10,9 @@ use super::{Lock, LockError, LockEvent, Versioned};
 use crate::record::LeaderRecord;
 
 /// A [`Lock`] held in memory, shared by cloning. It behaves like the API server does
-/// for one Lease: versions rise on every write, `update` is a compare-and-swap, and
+/// for one Lease: versions change on every write, `update` is a compare-and-swap, and
 /// watchers see every state after the version they name (intermediate states may be
-/// coalesced, as a real watch may deliver them late).
+/// coalesced, as a real watch may deliver them late) until their timeout ends the watch.
 ///
 /// ```
 /// # #[tokio::main(flavor = "current_thread")] async fn main() {
@@ -129,9 +129,11 @@ impl Lock for MemoryLock {
     async fn watch(
         &self,
         version: &str,
+        timeout: std::time::Duration,
     ) -> Result<BoxStream<'static, Result<LockEvent, LockError>>, LockError> {
         let mut rx = self.state.subscribe();
-        let mut last = Some(version.to_owned());
+        // An empty version means "from now on": the current record is reported at once.
+        let mut last = (!version.is_empty()).then(|| version.to_owned());
         // Report the current state at once if it differs from what the caller saw.
         rx.mark_changed();
         let stream = futures::stream::unfold(rx, |mut rx| async move {
@@ -151,7 +153,9 @@ impl Lock for MemoryLock {
                 }))
             };
             futures::future::ready(event)
-        });
+        })
+        // The server ends every watch after its timeout.
+        .take_until(tokio::time::sleep(timeout));
         Ok(stream.boxed())
     }
 
@@ -196,7 +200,10 @@ mod tests {
     async fn watch_reports_changes_after_the_named_version() {
         let lock = MemoryLock::new("l");
         let v1 = lock.create(&rec("a")).await.unwrap();
-        let mut w = lock.watch(&v1.version).await.unwrap();
+        let mut w = lock
+            .watch(&v1.version, std::time::Duration::from_secs(60))
+            .await
+            .unwrap();
         let v2 = lock.update(&v1, &rec("b")).await.unwrap();
         match w.next().await {
             Some(Ok(LockEvent::Changed(v))) => assert_eq!(v, v2),

@@ -62,11 +62,13 @@ pub trait Lock: Send + Sync + 'static {
         record: &LeaderRecord,
     ) -> impl Future<Output = Result<Versioned, LockError>> + Send;
 
-    /// A stream of changes after `version`. It ends when the server ends the watch;
-    /// the caller reads again and watches anew.
+    /// A stream of changes after `version` (empty: from now on). The server ends it after
+    /// about `timeout`; the caller then watches anew. A version too old to watch from
+    /// fails with [`LockError::Gone`] (when opening, or as the stream's last item).
     fn watch(
         &self,
         version: &str,
+        timeout: std::time::Duration,
     ) -> impl Future<Output = Result<BoxStream<'static, Result<LockEvent, LockError>>, LockError>> + Send;
 
     /// A short description for logs and metrics labels, e.g. `default/my-lock`.
@@ -117,6 +119,10 @@ pub enum LockError {
     /// The call did not finish within its time limit.
     #[error("the API call did not finish within {0:?}")]
     Timeout(std::time::Duration),
+    /// The version a watch was to start from is too old (HTTP 410 Gone, e.g. after
+    /// etcd compaction): read again and watch from the fresh version.
+    #[error("the watched version is gone: {0}")]
+    Gone(String),
     /// The API server answered with another error (HTTP 5xx, 429, 410, ...).
     #[error("API error {code} {reason}: {message}")]
     Api {
@@ -143,14 +149,16 @@ impl LockError {
             LockError::Forbidden { .. } => "forbidden",
             LockError::Unauthorized(_) => "unauthorized",
             LockError::Timeout(_) => "timeout",
+            LockError::Gone(_) => "gone",
             LockError::Api { .. } => "api",
             LockError::Transport(_) => "transport",
         }
     }
 
-    /// Whether retrying can help without someone changing RBAC or credentials.
-    /// Forbidden, unauthorized and a missing namespace are fatal: the elector stops and
-    /// reports them.
+    /// Whether this is a refusal that retrying cannot cure without someone changing
+    /// RBAC, credentials or namespaces: forbidden, unauthorized, a missing namespace.
+    /// While an election starts these stop it with this error (it names what to grant);
+    /// once it has read or written the Lease, they are an outage it rides out.
     pub fn is_fatal(&self) -> bool {
         matches!(
             self,
@@ -158,5 +166,10 @@ impl LockError {
                 | LockError::Unauthorized(_)
                 | LockError::NamespaceNotFound(_)
         )
+    }
+
+    /// Whether a watch must restart from a fresh read (see [`LockError::Gone`]).
+    pub fn is_gone(&self) -> bool {
+        matches!(self, LockError::Gone(_))
     }
 }

@@ -171,6 +171,7 @@ impl Lock for FaultyLock {
     async fn watch(
         &self,
         version: &str,
+        timeout: Duration,
     ) -> Result<BoxStream<'static, Result<LockEvent, LockError>>, LockError> {
         self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let f = self.faults();
@@ -188,7 +189,7 @@ impl Lock for FaultyLock {
         if f.hang {
             return std::future::pending().await;
         }
-        let stream = self.inner.watch(version).await?;
+        let stream = self.inner.watch(version, timeout).await?;
         // Deliver events late, in order.
         let max = f.max_latency;
         let rng = self.rng.clone();

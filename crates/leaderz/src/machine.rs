@@ -1,0 +1,1685 @@
+//! Every decision of an election, apart from I/O: a state machine that takes events and
+//! returns actions.
+//!
+//! This is where leaderz decides when to read, take, renew, step down and release, and
+//! with which record. It does no I/O and never reads a clock: the caller passes the time
+//! with every event, carries out the [`Action`]s (lock requests, watches, terms) and feeds
+//! their outcomes back as [`Input`]s. The tokio driver behind [`Elector::spawn`] is one
+//! such caller; the simulation tests are another (they give every candidate a clock of its
+//! own, running at its own rate). Expiry itself is decided in
+//! [`Observed::expires_at`](crate::record::Observed::expires_at).
+//!
+//! ```
+//! use leaderz::machine::{Action, Answer, Input, Machine, Op};
+//! use leaderz::ElectionConfig;
+//! use tokio::time::Instant;
+//!
+//! let now = Instant::now();
+//! let mut m = Machine::new(ElectionConfig::new("pod-a"), "default/my-lock", now).unwrap();
+//! // The first thing a candidate does is read the lock.
+//! let Some(Action::Send(request)) = m.poll_action() else { panic!() };
+//! assert!(matches!(request.op, Op::Get));
+//! // The Lease does not exist: the machine creates it, holding it itself.
+//! m.handle(Input::Reply(Ok(Answer::Read(None))), now);
+//! let Some(Action::Send(request)) = m.poll_action() else { panic!() };
+//! let Op::Create(record) = &request.op else { panic!() };
+//! assert_eq!(record.holder_identity, "pod-a");
+//! ```
+//!
+//! # The rules, in one place
+//!
+//! - **One request at a time.** The machine never has more than one lock request
+//!   outstanding, and every request carries the deadline by which the caller must answer
+//!   it (with [`LockError::Timeout`] if need be). A write whose answer is lost may still
+//!   land later; the machine remembers what it wrote so that it recognises its own
+//!   records whenever they show up.
+//! - **Taking.** A follower takes a record that has no holder, whose holder's lease has
+//!   expired on the local clock, or that is one of this process's own writes (then no
+//!   other process can be leading on it). Every new term raises `leaseTransitions`, from
+//!   the highest value this process has seen on the Lease.
+//! - **Leading.** The term starts at the send time of the taking write and ends no later
+//!   than the send time of the last successful write + `renew_deadline`. A write
+//!   answered after that deadline never starts or extends a term.
+//! - **Deletion.** A deleted Lease is re-created only once the last record observed
+//!   before the deletion has expired (at once if that record was released or is this
+//!   process's own), with `leaseTransitions` continuing from it.
+//! - **Access.** Refusals (401/403, missing namespace) stop the election only while it
+//!   starts (before the Lease has first been read or written); afterwards they are an
+//!   outage: a leader steps down, everyone backs off and keeps trying.
+//! - **Watching.** Followers watch; a watch that ends at once repeatedly, is refused or
+//!   fails is replaced by polling every `retry_period`, and watching is tried again
+//!   later with a backoff. A watch that misses an expected renewal is checked with one
+//!   read, and re-opened if it turns out to be behind.
+
+use std::collections::VecDeque;
+use std::time::Duration;
+
+use rand::rngs::SmallRng;
+use rand::{Rng, SeedableRng};
+use tokio::time::Instant;
+use tracing::{debug, info, warn};
+
+use crate::config::{ConfigError, ElectionConfig};
+use crate::elector::ElectionError;
+use crate::handle::Status;
+use crate::lock::{LockError, LockEvent, Versioned};
+use crate::metrics::Metrics;
+use crate::record::{LeaderRecord, Observed, TakeoverError, now_micros};
+use crate::term::TermInfo;
+
+/// How long the API server keeps one watch open (`timeoutSeconds`). A watch still open
+/// [`WATCH_SLACK`] after this without having ended is taken for dead.
+pub const WATCH_TIMEOUT: Duration = Duration::from_secs(290);
+
+/// See [`WATCH_TIMEOUT`].
+const WATCH_SLACK: Duration = Duration::from_secs(30);
+
+/// Watches that end within a retry period of opening, this many times in a row, make
+/// the follower poll for a while instead.
+const SHORT_WATCHES_BEFORE_POLLING: u32 = 3;
+
+/// After falling back to polling, watching is tried again after this long, doubling up
+/// to [`WATCH_RETRY_MAX`].
+const WATCH_RETRY_MIN: Duration = Duration::from_secs(30);
+const WATCH_RETRY_MAX: Duration = Duration::from_secs(300);
+
+/// How many of its own recent writes a process remembers to recognise them later.
+const OWN_WRITES: usize = 8;
+
+/// Something that happened, fed to [`Machine::handle`].
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum Input {
+    /// Time passed: the caller reached [`Machine::poll_timeout`].
+    Tick,
+    /// The answer to the outstanding [`Request`].
+    Reply(Result<Answer, LockError>),
+    /// The watch asked for by [`Action::Watch`] is open, or could not be opened.
+    WatchOpened(Result<(), LockError>),
+    /// The open watch delivered an event.
+    WatchEvent(LockEvent),
+    /// The open watch ended: by the server (`None`) or with an error.
+    WatchEnded(Option<LockError>),
+    /// Stop the election: end the term, wait for the work, release, stop.
+    Shutdown,
+    /// Every handle on the last term has been dropped: its work has stopped.
+    WorkStopped,
+}
+
+/// A successful answer to a [`Request`].
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum Answer {
+    /// The answer to [`Op::Get`]: the record, or `None` if the Lease does not exist.
+    Read(Option<Versioned>),
+    /// The answer to [`Op::Create`] or [`Op::Update`]: the record as written.
+    Wrote(Versioned),
+}
+
+/// What the caller must do, taken from [`Machine::poll_action`].
+#[derive(Debug)]
+#[non_exhaustive]
+#[allow(clippy::large_enum_variant)] // taken at once, never stored in bulk
+pub enum Action {
+    /// Carry out a lock request and feed its outcome back as [`Input::Reply`].
+    Send(Request),
+    /// Open a watch on the lock after version `after` (empty: from now), asking the
+    /// server to end it after `timeout`; answer with [`Input::WatchOpened`] by `open_by`.
+    Watch {
+        /// The version the watch starts after.
+        after: String,
+        /// How long the server should keep the watch open.
+        timeout: Duration,
+        /// When to give up opening it (answer `WatchOpened(Err(Timeout))`).
+        open_by: Instant,
+    },
+    /// Close the watch; deliver nothing more from it.
+    Unwatch,
+    /// A term starts: hand the work a term with this fencing token and deadline.
+    StartTerm {
+        /// The fencing token (`leaseTransitions`).
+        token: i32,
+        /// When the taking write was sent.
+        started_at: Instant,
+        /// When the term ends unless extended.
+        deadline: Instant,
+    },
+    /// The term's deadline moved (a successful renewal).
+    ExtendTerm(Instant),
+    /// The term ended: cancel it, and report [`Input::WorkStopped`] once its work has
+    /// dropped every handle.
+    EndTerm,
+    /// Tell the world (e.g. Events on the Lease) that this process started or stopped
+    /// leading; best effort.
+    Announce {
+        /// Started (`true`) or stopped leading.
+        leading: bool,
+    },
+    /// The election is over.
+    Stop(Result<(), ElectionError>),
+}
+
+/// A lock request and when the caller must have answered it.
+#[derive(Debug)]
+#[non_exhaustive]
+pub struct Request {
+    /// What to do.
+    pub op: Op,
+    /// When to give up and answer [`LockError::Timeout`].
+    pub deadline: Instant,
+}
+
+/// A lock operation (see [`Lock`](crate::Lock)).
+#[derive(Debug)]
+#[non_exhaustive]
+pub enum Op {
+    /// [`Lock::get`](crate::Lock::get).
+    Get,
+    /// [`Lock::create`](crate::Lock::create) with this record.
+    Create(LeaderRecord),
+    /// [`Lock::update`](crate::Lock::update) of this version with this record.
+    Update(Versioned, LeaderRecord),
+}
+
+/// What the outstanding request is for.
+#[derive(Debug)]
+enum Purpose {
+    /// A follower's read (also to check the watch or to resolve a conflict).
+    Read,
+    /// A follower's taking write.
+    Take,
+    /// The leader's renewal on its cached version.
+    Renew,
+    /// The leader's read after a failed renewal (client-go's slow path).
+    RenewRead,
+    /// The leader's renewal on the version just read.
+    RenewWrite,
+    /// Shutting down: did a taking write whose answer was lost land?
+    ResolveRead,
+    /// Shutting down: the read before the release.
+    ReleaseRead,
+    /// Shutting down: the release.
+    ReleaseWrite,
+}
+
+#[derive(Debug)]
+struct Inflight {
+    purpose: Purpose,
+    sent_at: Instant,
+    /// The role the request was sent in has ended: only its record still counts.
+    orphaned: bool,
+}
+
+#[derive(Debug)]
+enum Role {
+    Follower,
+    Leader(Leading),
+    /// A term ended; its work has not stopped yet. No campaigning until it has.
+    Draining {
+        since: Instant,
+        overdue: bool,
+    },
+    ShuttingDown(Closing),
+    Stopped,
+}
+
+#[derive(Debug)]
+struct Leading {
+    token: i32,
+    /// Our record as last written, at its version.
+    current: Versioned,
+    /// The send time of the last successful write: the term ends RD later.
+    last_ok: Instant,
+    next_renew: Instant,
+}
+
+#[derive(Debug)]
+enum Closing {
+    /// A taking write was outstanding at shutdown: find out whether it landed.
+    Resolving {
+        until: Instant,
+        retry_at: Option<Instant>,
+    },
+    /// The term was ended; waiting for the work to stop.
+    WaitingForWork { token: i32, until: Instant },
+    /// Releasing (only if a fresh read shows the lease is still this term's).
+    Releasing {
+        token: i32,
+        until: Instant,
+        retry_at: Option<Instant>,
+        current: Option<Versioned>,
+    },
+}
+
+/// A taking write whose outcome is not known yet.
+#[derive(Debug, Clone)]
+struct PendingTake {
+    record: LeaderRecord,
+    sent_at: Instant,
+}
+
+#[derive(Debug)]
+enum Watch {
+    /// Not open. `retry_at`: not before then.
+    Closed {
+        retry_at: Option<Instant>,
+    },
+    Opening {
+        after: String,
+    },
+    Open(OpenWatch),
+    /// Watching failed or was refused: poll instead, and try again at `retry_at`.
+    Polling {
+        retry_at: Instant,
+    },
+}
+
+#[derive(Debug)]
+struct OpenWatch {
+    opened_at: Instant,
+    /// The last version the watch delivered (or started after).
+    version: String,
+    /// When the watch last delivered a change of the record, and the gap between the
+    /// last two changes by the same holder (its renewal interval, as seen here).
+    last_change_at: Instant,
+    renew_gap: Option<Duration>,
+    /// A read was made to check this watch since its last event.
+    checked: bool,
+}
+
+/// A streak of failed API calls (an outage), logged once when it starts and once when
+/// it ends.
+#[derive(Debug)]
+struct Outage {
+    since: Instant,
+    failures: u32,
+}
+
+/// The election state machine. See the [module docs](self).
+#[derive(Debug)]
+pub struct Machine {
+    config: ElectionConfig,
+    name: String,
+    metrics: Option<Metrics>,
+    rng: SmallRng,
+    role: Role,
+    inflight: Option<Inflight>,
+    actions: VecDeque<Action>,
+
+    /// The latest record seen, and when it was first seen in this form.
+    observed: Option<Observed>,
+    /// The Lease is known not to exist (a 404, or a deletion event).
+    absent: bool,
+    /// The last record observed before the Lease was found deleted.
+    tombstone: Option<Observed>,
+    /// The highest `leaseTransitions` seen on this Lease.
+    highest_token: Option<i32>,
+    /// Records this process wrote recently, answered or not.
+    own_writes: VecDeque<LeaderRecord>,
+    pending_take: Option<PendingTake>,
+    /// The observed record was read (not inferred) in this step: act on it at once.
+    just_read: bool,
+    /// The observed record may be out of date: read before acting on it.
+    stale: bool,
+    /// When the next poll is due (while not watching).
+    read_due: Option<Instant>,
+    /// Not before this instant (pacing after failures).
+    not_before: Option<Instant>,
+    /// Consecutive failed follower attempts (for the backoff).
+    failures: u32,
+    /// The Lease has been read or written successfully at least once.
+    started: bool,
+    outage: Option<Outage>,
+
+    watch: Watch,
+    short_watches: u32,
+    watch_retry: Duration,
+    /// A version whose record cannot be taken (its transitions are exhausted).
+    blocked_version: Option<String>,
+    /// The version whose garbage was last reported (once per version).
+    reported_version: Option<String>,
+    /// The holder last warned about as using our identity.
+    clash_reported: Option<String>,
+    status: Status,
+    /// The time of the last step: timers at or before it have been acted on.
+    now: Instant,
+}
+
+impl Machine {
+    /// A machine for `config` (validated here) on the lock described by `name` (for logs,
+    /// metrics and [`TermInfo::lock`]). Its first action is a read of the lock.
+    pub fn new(
+        config: ElectionConfig,
+        name: impl Into<String>,
+        now: Instant,
+    ) -> Result<Self, ConfigError> {
+        config.validate()?;
+        Ok(Self::build(config, name.into(), now))
+    }
+
+    /// [`Machine::new`] for a configuration that has been validated already.
+    pub(crate) fn build(config: ElectionConfig, name: String, now: Instant) -> Self {
+        let mut m = Self {
+            rng: SmallRng::from_os_rng(),
+            config,
+            name,
+            metrics: None,
+            role: Role::Follower,
+            inflight: None,
+            actions: VecDeque::new(),
+            observed: None,
+            absent: false,
+            tombstone: None,
+            highest_token: None,
+            own_writes: VecDeque::new(),
+            pending_take: None,
+            just_read: false,
+            stale: true,
+            read_due: None,
+            not_before: None,
+            failures: 0,
+            started: false,
+            outage: None,
+            watch: Watch::Closed { retry_at: None },
+            short_watches: 0,
+            watch_retry: WATCH_RETRY_MIN,
+            blocked_version: None,
+            reported_version: None,
+            clash_reported: None,
+            status: Status::default(),
+            now,
+        };
+        m.step(now);
+        m
+    }
+
+    /// Seeds the jitter, so that a simulation replays exactly.
+    #[must_use]
+    pub fn with_seed(mut self, seed: u64) -> Self {
+        self.rng = SmallRng::seed_from_u64(seed);
+        self
+    }
+
+    /// Reports to these metrics.
+    #[must_use]
+    pub fn with_metrics(mut self, metrics: Metrics) -> Self {
+        metrics.init(&self.metric_name());
+        self.metrics = Some(metrics);
+        self
+    }
+
+    /// The next action to carry out, if any.
+    pub fn poll_action(&mut self) -> Option<Action> {
+        self.actions.pop_front()
+    }
+
+    /// When to feed [`Input::Tick`] next, if nothing else happens first.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let mut at: Option<Instant> = None;
+        // Timers at or before the last step were acted on then (or cannot be yet):
+        // waking for them again would spin.
+        let last = self.now;
+        let mut add = |t: Option<Instant>| {
+            if let Some(t) = t.filter(|&t| t > last) {
+                at = Some(at.map_or(t, |a| a.min(t)));
+            }
+        };
+        match &self.role {
+            Role::Leader(l) => {
+                add(Some(l.last_ok + self.config.renew_deadline));
+                if self.inflight.is_none() {
+                    add(Some(l.next_renew));
+                }
+            }
+            Role::Draining { since, overdue } => {
+                if !overdue {
+                    add(Some(*since + self.config.shutdown_grace));
+                }
+            }
+            Role::Follower => {
+                if self.inflight.is_none() {
+                    add(self.not_before);
+                    if !matches!(self.watch, Watch::Open(_)) {
+                        add(self.read_due);
+                    }
+                    add(self.observed_expiry());
+                    add(self.tombstone_expiry());
+                    add(self.watch_check_at());
+                }
+            }
+            Role::ShuttingDown(c) => match c {
+                Closing::Resolving { until, retry_at } => {
+                    add(Some(*until));
+                    add(*retry_at);
+                }
+                Closing::WaitingForWork { until, .. } => add(Some(*until)),
+                Closing::Releasing {
+                    until, retry_at, ..
+                } => {
+                    add(Some(*until));
+                    add(*retry_at);
+                }
+            },
+            Role::Stopped => return None,
+        }
+        match &self.watch {
+            Watch::Closed { retry_at } => add(*retry_at),
+            Watch::Polling { retry_at, .. } => add(Some(*retry_at)),
+            Watch::Open(w) => add(Some(w.opened_at + WATCH_TIMEOUT + WATCH_SLACK)),
+            Watch::Opening { .. } => {}
+        }
+        at
+    }
+
+    /// Who leads as this process sees it at `now`: itself while it holds a term, else the
+    /// observed holder while its lease is valid, else nobody.
+    pub fn leader(&self, now: Instant) -> Option<&str> {
+        if matches!(self.role, Role::Leader(_)) {
+            return Some(&self.config.identity);
+        }
+        self.observed
+            .as_ref()
+            .filter(|o| self.is_held(o, now) && !self.is_own(&o.record))
+            .and_then(|o| o.record.holder())
+    }
+
+    /// What the machine knows, for status pages and health checks.
+    pub fn status(&self) -> &Status {
+        &self.status
+    }
+
+    /// Whether the election is over.
+    pub fn is_stopped(&self) -> bool {
+        matches!(self.role, Role::Stopped)
+    }
+
+    /// Feeds one event in at `now`; then take the resulting actions with
+    /// [`poll_action`](Self::poll_action).
+    pub fn handle(&mut self, input: Input, now: Instant) {
+        if self.is_stopped() {
+            return;
+        }
+        match input {
+            Input::Tick => {}
+            Input::Reply(reply) => self.on_reply(reply, now),
+            Input::WatchOpened(result) => self.on_watch_opened(result, now),
+            Input::WatchEvent(event) => self.on_watch_event(event, now),
+            Input::WatchEnded(error) => self.on_watch_ended(error, now),
+            Input::Shutdown => self.on_shutdown(now),
+            Input::WorkStopped => self.on_work_stopped(now),
+        }
+        self.step(now);
+    }
+
+    // ---- the step: act on the current state at `now` --------------------------------
+
+    fn step(&mut self, now: Instant) {
+        self.now = now;
+        self.watch_step(now);
+        match &mut self.role {
+            Role::Leader(l) => {
+                if now >= l.last_ok + self.config.renew_deadline {
+                    let rd = self.config.renew_deadline;
+                    self.lose(
+                        format!("no successful renewal within the renew deadline ({rd:?})"),
+                        now,
+                    );
+                } else if self.inflight.is_none() && now >= l.next_renew {
+                    self.send_renewal(now);
+                }
+            }
+            Role::Draining { since, overdue } => {
+                if !*overdue && now >= *since + self.config.shutdown_grace {
+                    *overdue = true;
+                    warn!(
+                        grace = ?self.config.shutdown_grace,
+                        "the last term's work has not dropped its Term; not campaigning until it does"
+                    );
+                    self.status.work_overdue = true;
+                }
+            }
+            Role::Follower => self.campaign(now),
+            Role::ShuttingDown(_) => self.closing_step(now),
+            Role::Stopped => {}
+        }
+        self.just_read = false;
+        self.status.observed = self.observed.clone();
+    }
+
+    /// The follower's decision: read, take, or wait.
+    fn campaign(&mut self, now: Instant) {
+        if self.inflight.is_some() || self.not_before.is_some_and(|t| now < t) {
+            return;
+        }
+        self.not_before = None;
+        if self.absent && !self.stale {
+            if self.tombstone_expiry().is_some_and(|t| now < t) {
+                return;
+            }
+            let token = self.create_token();
+            let record = self.taking_record(token);
+            self.send_take(None, record, now);
+            return;
+        }
+        let watching = matches!(self.watch, Watch::Open(_));
+        let check_watch = self.watch_check_at().is_some_and(|t| now >= t);
+        if check_watch && let Watch::Open(w) = &mut self.watch {
+            w.checked = true;
+        }
+        let poll_due = !watching && self.read_due.is_none_or(|t| now >= t);
+        if self.observed.is_none() || self.stale || check_watch || poll_due {
+            self.send(Purpose::Read, Op::Get, now);
+            return;
+        }
+        let Some(observed) = &self.observed else {
+            return;
+        };
+        if !self.can_take(observed, now) {
+            return;
+        }
+        if !watching && !self.just_read {
+            // Expired on what we saw some time ago: look again first.
+            self.send(Purpose::Read, Op::Get, now);
+            return;
+        }
+        if self.blocked_version.as_ref() == Some(&observed.version) {
+            return;
+        }
+        let base = Versioned {
+            record: observed.record.clone(),
+            version: observed.version.clone(),
+            lease: observed.lease.clone(),
+        };
+        match self.take_token(&base.record) {
+            Ok(token) => {
+                let record = self.taking_record(token);
+                self.send_take(Some(base), record, now);
+            }
+            Err(e) => {
+                self.blocked_version = Some(base.version.clone());
+                warn!(error = %e, "cannot take the lease");
+                self.count("transitions_exhausted");
+                self.status.problem = Some(e.to_string());
+            }
+        }
+    }
+
+    /// Whether a follower may take `observed` at `now`.
+    fn can_take(&self, observed: &Observed, now: Instant) -> bool {
+        observed.record.holder().is_none()
+            || !self.is_held(observed, now)
+            || self.is_own(&observed.record)
+    }
+
+    // ---- requests -------------------------------------------------------------------
+
+    fn send(&mut self, purpose: Purpose, op: Op, now: Instant) {
+        self.send_until(purpose, op, now, None);
+    }
+
+    /// Sends a request bounded by the request timeout, or by `limit` if sooner.
+    fn send_until(&mut self, purpose: Purpose, op: Op, now: Instant, limit: Option<Instant>) {
+        let mut deadline = now + self.config.request_timeout;
+        if let Some(limit) = limit {
+            deadline = deadline.min(limit);
+        }
+        if let Op::Create(r) | Op::Update(_, r) = &op {
+            self.remember_write(r);
+        }
+        self.inflight = Some(Inflight {
+            purpose,
+            sent_at: now,
+            orphaned: false,
+        });
+        self.actions
+            .push_back(Action::Send(Request { op, deadline }));
+    }
+
+    fn send_take(&mut self, base: Option<Versioned>, record: LeaderRecord, now: Instant) {
+        self.pending_take = Some(PendingTake {
+            record: record.clone(),
+            sent_at: now,
+        });
+        let limit = Some(now + self.config.renew_deadline);
+        let op = match base {
+            Some(base) => Op::Update(base, record),
+            None => Op::Create(record),
+        };
+        self.send_until(Purpose::Take, op, now, limit);
+    }
+
+    fn send_renewal(&mut self, now: Instant) {
+        let Role::Leader(l) = &self.role else { return };
+        let record = self.renewed(&l.current.record, l.token);
+        let op = Op::Update(l.current.clone(), record);
+        let limit = Some(l.last_ok + self.config.renew_deadline);
+        self.send_until(Purpose::Renew, op, now, limit);
+    }
+
+    fn remember_write(&mut self, record: &LeaderRecord) {
+        if self.own_writes.len() == OWN_WRITES {
+            self.own_writes.pop_front();
+        }
+        self.own_writes.push_back(record.clone());
+    }
+
+    fn is_own(&self, record: &LeaderRecord) -> bool {
+        record.holder_identity == self.config.identity && self.own_writes.contains(record)
+    }
+
+    // ---- replies --------------------------------------------------------------------
+
+    fn on_reply(&mut self, reply: Result<Answer, LockError>, now: Instant) {
+        let Some(inflight) = self.inflight.take() else {
+            debug!("an answer without a request; ignored");
+            return;
+        };
+        let reply = match reply {
+            Ok(answer) => {
+                // A 404 on the first read is not yet proof of access: the create follows.
+                let proof = !matches!(answer, Answer::Read(None));
+                self.api_ok(proof, now);
+                Ok(answer)
+            }
+            Err(e) => {
+                if self.refused_at_start(&e, &inflight.purpose) {
+                    self.fatal(e);
+                    return;
+                }
+                Err(e)
+            }
+        };
+        if inflight.orphaned {
+            // Only what it tells about the record still counts.
+            match reply {
+                Ok(Answer::Read(Some(v)) | Answer::Wrote(v)) => self.observe(v, now),
+                Ok(Answer::Read(None)) => self.observe_absent(),
+                Err(e) => self.api_failed("request", &e, now),
+            }
+            return;
+        }
+        match inflight.purpose {
+            Purpose::Read => self.on_read(reply, now),
+            Purpose::Take if matches!(self.role, Role::ShuttingDown(Closing::Resolving { .. })) => {
+                self.on_take_resolved(reply, now);
+            }
+            Purpose::Take => self.on_take(reply, now),
+            Purpose::Renew => self.on_renewed(reply, inflight.sent_at, true, now),
+            Purpose::RenewWrite => self.on_renewed(reply, inflight.sent_at, false, now),
+            Purpose::RenewRead => self.on_renew_read(reply, now),
+            Purpose::ResolveRead => self.on_resolve_read(reply, now),
+            Purpose::ReleaseRead => self.on_release_read(reply, now),
+            Purpose::ReleaseWrite => self.on_released(reply, now),
+        }
+    }
+
+    fn on_read(&mut self, reply: Result<Answer, LockError>, now: Instant) {
+        match reply {
+            Ok(Answer::Read(Some(v))) => {
+                self.stale = false;
+                self.just_read = true;
+                self.failures = 0;
+                self.read_due = Some(now + self.jitter(self.config.retry_period));
+                let behind = match &self.watch {
+                    Watch::Open(w) => w.version != v.version,
+                    _ => false,
+                };
+                self.observe(v, now);
+                if behind {
+                    // The watch has not shown what the read did: it is behind or dead.
+                    debug!("the watch missed a write; watching anew");
+                    self.restart_watch(now);
+                }
+                self.landed_take(now);
+            }
+            Ok(Answer::Read(None)) => {
+                self.stale = false;
+                self.failures = 0;
+                self.read_due = Some(now + self.jitter(self.config.retry_period));
+                self.observe_absent();
+            }
+            Ok(Answer::Wrote(_)) => debug!("a write answer to a read; ignored"),
+            Err(e) => {
+                self.api_failed("read", &e, now);
+                self.back_off(now);
+            }
+        }
+    }
+
+    fn on_take(&mut self, reply: Result<Answer, LockError>, now: Instant) {
+        match reply {
+            Ok(Answer::Wrote(v)) => {
+                self.failures = 0;
+                self.observe(v, now);
+                self.landed_take(now);
+            }
+            Ok(Answer::Read(_)) => debug!("a read answer to a write; ignored"),
+            Err(LockError::Conflict | LockError::AlreadyExists) => {
+                // Lost the race, or what we saw was out of date.
+                self.count("conflict");
+                self.pending_take = None;
+                self.stale = true;
+                self.absent = false;
+            }
+            Err(LockError::NotFound) => {
+                // Deleted since we read it.
+                self.pending_take = None;
+                self.observe_absent();
+            }
+            Err(e) => {
+                // The write may still land: keep `pending_take` so that we recognise it.
+                self.api_failed("take", &e, now);
+                self.stale = true;
+                self.back_off(now);
+            }
+        }
+    }
+
+    /// If the observed record is our outstanding taking write, start the term on it (or,
+    /// answered too late to lead on, leave it to be taken again as our own record).
+    fn landed_take(&mut self, now: Instant) {
+        let (Some(pending), Some(observed)) = (&self.pending_take, &self.observed) else {
+            return;
+        };
+        if pending.record != observed.record || !matches!(self.role, Role::Follower) {
+            return;
+        }
+        let pending = pending.clone();
+        self.pending_take = None;
+        if now >= pending.sent_at + self.config.renew_deadline {
+            // Our record, but too late to lead on. Nobody else leads on it either (it
+            // names us): take it again now, as our own record.
+            warn!(
+                "the lease was taken but the answer came after the renew deadline; taking it again"
+            );
+            self.just_read = true;
+            return;
+        }
+        let current = Versioned {
+            record: observed.record.clone(),
+            version: observed.version.clone(),
+            lease: observed.lease.clone(),
+        };
+        self.lead(current, pending.sent_at);
+    }
+
+    fn on_renewed(
+        &mut self,
+        reply: Result<Answer, LockError>,
+        sent_at: Instant,
+        fast: bool,
+        now: Instant,
+    ) {
+        match reply {
+            Ok(Answer::Wrote(v)) => {
+                self.observe(v.clone(), now);
+                let Role::Leader(l) = &mut self.role else {
+                    return;
+                };
+                if now >= l.last_ok + self.config.renew_deadline {
+                    // The term's deadline passed before the answer came: it has ended
+                    // (the step ends it); a term is never extended after its deadline.
+                    return;
+                }
+                l.current = v;
+                l.last_ok = sent_at;
+                l.next_renew = sent_at + self.config.retry_period;
+                let deadline = sent_at + self.config.renew_deadline;
+                self.actions.push_back(Action::ExtendTerm(deadline));
+                if let Some(m) = &self.metrics {
+                    m.renewed(&self.metric_name(), (now - sent_at).as_secs_f64());
+                }
+                self.status.last_renewed = Some(sent_at);
+                self.status.last_error = None;
+            }
+            Ok(Answer::Read(_)) => {}
+            Err(LockError::NotFound) => {
+                self.observe_absent();
+                self.lose("the lease was deleted".into(), now);
+            }
+            Err(e) if e.is_fatal() => {
+                self.api_failed("renew", &e, now);
+                self.lose(format!("the API server refused the renewal: {e}"), now);
+            }
+            Err(e) if !fast => {
+                self.api_failed("renew", &e, now);
+                if let Role::Leader(l) = &mut self.role {
+                    l.next_renew = now + self.config.retry_period;
+                }
+            }
+            Err(e) => {
+                // client-go's slow path: read, and renew on what we read if still ours.
+                debug!(error = %e, "renewal failed; reading the lease");
+                self.count(e.kind());
+                if let Some(m) = &self.metrics {
+                    m.slowpath(&self.metric_name());
+                }
+                let Role::Leader(l) = &self.role else { return };
+                let limit = Some(l.last_ok + self.config.renew_deadline);
+                self.send_until(Purpose::RenewRead, Op::Get, now, limit);
+            }
+        }
+    }
+
+    fn on_renew_read(&mut self, reply: Result<Answer, LockError>, now: Instant) {
+        let Role::Leader(l) = &self.role else { return };
+        let token = l.token;
+        match reply {
+            Ok(Answer::Read(Some(v))) => {
+                self.observe(v.clone(), now);
+                let ours = v.record.holder_identity == self.config.identity
+                    && v.record.lease_transitions == token;
+                if ours && self.is_own(&v.record) {
+                    let record = self.renewed(&v.record, token);
+                    let Role::Leader(l) = &self.role else { return };
+                    let limit = Some(l.last_ok + self.config.renew_deadline);
+                    self.send_until(Purpose::RenewWrite, Op::Update(v, record), now, limit);
+                } else if ours {
+                    let msg = format!(
+                        "another process uses identity {}: it wrote the lease under our name; stepping down",
+                        self.config.identity
+                    );
+                    tracing::error!("{msg}");
+                    self.count("identity_clash");
+                    self.status.problem = Some(msg.clone());
+                    self.lose(msg, now);
+                } else {
+                    let holder = v.record.holder().unwrap_or("nobody").to_owned();
+                    self.lose(format!("the lease is now held by {holder}"), now);
+                }
+            }
+            Ok(Answer::Read(None)) => {
+                self.observe_absent();
+                self.lose("the lease was deleted".into(), now);
+            }
+            Ok(Answer::Wrote(_)) => {}
+            Err(e) => {
+                self.api_failed("renew", &e, now);
+                if e.is_fatal() {
+                    self.lose(format!("the API server refused the renewal: {e}"), now);
+                } else if let Role::Leader(l) = &mut self.role {
+                    l.next_renew = now + self.config.retry_period;
+                }
+            }
+        }
+    }
+
+    // ---- leading ----------------------------------------------------------------------
+
+    fn lead(&mut self, current: Versioned, sent_at: Instant) {
+        let token = current.record.lease_transitions;
+        let deadline = sent_at + self.config.renew_deadline;
+        info!(term = token, "became leader");
+        self.failures = 0;
+        self.blocked_version = None;
+        self.status.problem = None;
+        self.role = Role::Leader(Leading {
+            token,
+            current,
+            last_ok: sent_at,
+            next_renew: sent_at + self.config.retry_period,
+        });
+        self.actions.push_back(Action::StartTerm {
+            token,
+            started_at: sent_at,
+            deadline,
+        });
+        self.actions.push_back(Action::Announce { leading: true });
+        self.status.term = Some(TermInfo {
+            identity: self.config.identity.clone(),
+            lock: self.name.clone(),
+            fencing_token: i64::from(token),
+            started_at: sent_at,
+        });
+        self.status.last_renewed = Some(sent_at);
+        if let Some(m) = &self.metrics {
+            m.set_leading(&self.metric_name(), true);
+        }
+    }
+
+    /// Ends the term (the work is told at once) and waits for the work to stop.
+    fn lose(&mut self, reason: String, now: Instant) {
+        let Role::Leader(l) = &self.role else { return };
+        warn!(%reason, term = l.token, "stopped leading");
+        self.end_term();
+        self.role = Role::Draining {
+            since: now,
+            overdue: false,
+        };
+    }
+
+    fn end_term(&mut self) {
+        if let Some(inflight) = &mut self.inflight {
+            inflight.orphaned = true;
+        }
+        self.actions.push_back(Action::EndTerm);
+        self.actions.push_back(Action::Announce { leading: false });
+        self.status.term = None;
+        self.stale = true;
+        if let Some(m) = &self.metrics {
+            m.set_leading(&self.metric_name(), false);
+        }
+    }
+
+    fn on_work_stopped(&mut self, now: Instant) {
+        self.status.work_overdue = false;
+        match &self.role {
+            Role::Draining { .. } => {
+                self.role = Role::Follower;
+            }
+            Role::ShuttingDown(Closing::WaitingForWork { token, .. }) => {
+                let token = *token;
+                if self.config.release_on_cancel {
+                    self.role = Role::ShuttingDown(Closing::Releasing {
+                        token,
+                        until: now + self.config.renew_deadline,
+                        retry_at: None,
+                        current: None,
+                    });
+                } else {
+                    self.stop(Ok(()));
+                }
+            }
+            _ => {}
+        }
+    }
+
+    // ---- shutting down -------------------------------------------------------------------
+
+    fn on_shutdown(&mut self, now: Instant) {
+        match &self.role {
+            Role::Leader(l) => {
+                let token = l.token;
+                info!(term = token, "shutting down: waiting for the work to stop");
+                self.end_term();
+                self.role = Role::ShuttingDown(Closing::WaitingForWork {
+                    token,
+                    until: now + self.config.shutdown_grace,
+                });
+            }
+            Role::Follower
+                if self
+                    .inflight
+                    .as_ref()
+                    .is_some_and(|i| matches!(i.purpose, Purpose::Take)) =>
+            {
+                // The taking write may land: find out, and release it if it did.
+                self.role = Role::ShuttingDown(Closing::Resolving {
+                    until: now + self.config.renew_deadline,
+                    retry_at: None,
+                });
+            }
+            Role::Follower if self.pending_take.is_some() && self.config.release_on_cancel => {
+                // A taking write whose answer was lost may have landed.
+                self.role = Role::ShuttingDown(Closing::Resolving {
+                    until: now + self.config.renew_deadline,
+                    retry_at: None,
+                });
+                self.send(Purpose::ResolveRead, Op::Get, now);
+            }
+            Role::ShuttingDown(_) | Role::Stopped => {}
+            Role::Follower | Role::Draining { .. } => self.stop(Ok(())),
+        }
+    }
+
+    fn closing_step(&mut self, now: Instant) {
+        let Role::ShuttingDown(closing) = &mut self.role else {
+            return;
+        };
+        match closing {
+            Closing::Resolving { until, retry_at } => {
+                if now >= *until {
+                    warn!(
+                        "could not find out whether our last taking write landed; the lease will expire"
+                    );
+                    self.stop(Ok(()));
+                } else if self.inflight.is_none() && retry_at.is_some_and(|t| now >= t) {
+                    *retry_at = None;
+                    let until = *until;
+                    self.send_until(Purpose::ResolveRead, Op::Get, now, Some(until));
+                }
+            }
+            Closing::WaitingForWork { until, .. } => {
+                if now >= *until {
+                    warn!(
+                        grace = ?self.config.shutdown_grace,
+                        "the work did not stop in time: not releasing; the lease will expire"
+                    );
+                    self.stop(Ok(()));
+                }
+            }
+            Closing::Releasing {
+                until,
+                retry_at,
+                current,
+                ..
+            } => {
+                if now >= *until {
+                    warn!("could not release the lease in time; it will expire");
+                    self.stop(Ok(()));
+                    return;
+                }
+                if self.inflight.is_some() || retry_at.is_some_and(|t| now < t) {
+                    return;
+                }
+                *retry_at = None;
+                let until = *until;
+                match current.take() {
+                    None => self.send_until(Purpose::ReleaseRead, Op::Get, now, Some(until)),
+                    Some(fresh) => {
+                        let at = now_micros();
+                        let record = LeaderRecord {
+                            holder_identity: String::new(),
+                            lease_duration_seconds: Some(1),
+                            acquire_time: Some(at),
+                            renew_time: Some(at),
+                            lease_transitions: fresh.record.lease_transitions,
+                            preferred_holder: None,
+                            strategy: None,
+                        };
+                        self.send_until(
+                            Purpose::ReleaseWrite,
+                            Op::Update(fresh, record),
+                            now,
+                            Some(until),
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    /// Shutting down with a taking write outstanding: its answer arrived.
+    fn on_take_resolved(&mut self, reply: Result<Answer, LockError>, now: Instant) {
+        match reply {
+            Ok(Answer::Wrote(v)) => {
+                self.observe(v.clone(), now);
+                self.release_untaken(v, now);
+            }
+            Err(LockError::Conflict | LockError::AlreadyExists | LockError::NotFound) => {
+                self.stop(Ok(()));
+            }
+            Err(_) if self.config.release_on_cancel => {
+                self.send(Purpose::ResolveRead, Op::Get, now);
+            }
+            _ => self.stop(Ok(())),
+        }
+    }
+
+    fn on_resolve_read(&mut self, reply: Result<Answer, LockError>, now: Instant) {
+        match reply {
+            Ok(Answer::Read(Some(v))) => {
+                self.observe(v.clone(), now);
+                let landed = self
+                    .pending_take
+                    .as_ref()
+                    .is_some_and(|p| p.record == v.record);
+                if landed {
+                    self.release_untaken(v, now);
+                } else {
+                    self.stop(Ok(()));
+                }
+            }
+            Ok(_) => self.stop(Ok(())),
+            Err(e) => {
+                self.api_failed("read", &e, now);
+                // Try again while the time allows (the closing step stops us at `until`).
+                let pause = self.config.retry_period / 4;
+                if let Role::ShuttingDown(Closing::Resolving { retry_at, .. }) = &mut self.role {
+                    *retry_at = Some(now + pause);
+                }
+            }
+        }
+    }
+
+    /// Our taking write landed while shutting down; no term was started on it. Give it
+    /// back at once, if configured to release.
+    fn release_untaken(&mut self, v: Versioned, now: Instant) {
+        self.pending_take = None;
+        if !self.config.release_on_cancel {
+            self.stop(Ok(()));
+            return;
+        }
+        info!("our taking write landed as we shut down: releasing it");
+        self.role = Role::ShuttingDown(Closing::Releasing {
+            token: v.record.lease_transitions,
+            until: now + self.config.renew_deadline,
+            retry_at: None,
+            current: Some(v),
+        });
+    }
+
+    fn on_release_read(&mut self, reply: Result<Answer, LockError>, now: Instant) {
+        let Role::ShuttingDown(Closing::Releasing { token, .. }) = &self.role else {
+            return;
+        };
+        let token = *token;
+        match reply {
+            Ok(Answer::Read(Some(v))) => {
+                self.observe(v.clone(), now);
+                let ours = v.record.holder_identity == self.config.identity
+                    && v.record.lease_transitions == token;
+                if ours {
+                    if let Role::ShuttingDown(Closing::Releasing { current, .. }) = &mut self.role {
+                        *current = Some(v);
+                    }
+                } else {
+                    debug!("the lease is no longer ours; nothing to release");
+                    self.stop(Ok(()));
+                }
+            }
+            Ok(_) => self.stop(Ok(())),
+            Err(e) => {
+                self.api_failed("release", &e, now);
+                self.release_retry(now);
+            }
+        }
+    }
+
+    fn on_released(&mut self, reply: Result<Answer, LockError>, now: Instant) {
+        match reply {
+            Ok(Answer::Wrote(v)) => {
+                let token = v.record.lease_transitions;
+                self.observe(v, now);
+                info!(term = token, "released the lease");
+                self.stop(Ok(()));
+            }
+            Ok(_) => self.stop(Ok(())),
+            Err(LockError::Conflict) => {
+                // Read again at once: a late write of ours, or someone else's.
+            }
+            Err(LockError::NotFound) => self.stop(Ok(())),
+            Err(e) => {
+                self.api_failed("release", &e, now);
+                self.release_retry(now);
+            }
+        }
+    }
+
+    fn release_retry(&mut self, now: Instant) {
+        let pause = self.config.retry_period / 4;
+        if let Role::ShuttingDown(Closing::Releasing { retry_at, .. }) = &mut self.role {
+            *retry_at = Some(now + pause);
+        }
+    }
+
+    fn stop(&mut self, result: Result<(), ElectionError>) {
+        if let Some(inflight) = &mut self.inflight {
+            inflight.orphaned = true;
+        }
+        if !matches!(self.watch, Watch::Closed { .. } | Watch::Polling { .. }) {
+            self.actions.push_back(Action::Unwatch);
+        }
+        self.watch = Watch::Closed { retry_at: None };
+        self.role = Role::Stopped;
+        self.status.watching = false;
+        self.actions.push_back(Action::Stop(result));
+    }
+
+    fn fatal(&mut self, e: LockError) {
+        if matches!(self.role, Role::Leader(_)) {
+            self.end_term();
+        }
+        self.stop(Err(ElectionError::Lock(e)));
+    }
+
+    // ---- watching -----------------------------------------------------------------------
+
+    fn watch_wanted(&self) -> bool {
+        self.config.watch && matches!(self.role, Role::Follower | Role::Draining { .. })
+    }
+
+    fn watch_step(&mut self, now: Instant) {
+        if !self.watch_wanted() {
+            if matches!(self.watch, Watch::Open(_) | Watch::Opening { .. }) {
+                self.actions.push_back(Action::Unwatch);
+                self.watch = Watch::Closed { retry_at: None };
+                self.status.watching = false;
+            }
+            return;
+        }
+        match &self.watch {
+            Watch::Open(w) if now >= w.opened_at + WATCH_TIMEOUT + WATCH_SLACK => {
+                warn!("the watch outlived its server-side timeout without ending; watching anew");
+                self.restart_watch(now);
+                self.stale = true;
+            }
+            Watch::Polling { retry_at, .. } if now >= *retry_at => {
+                debug!("trying to watch again");
+                self.watch = Watch::Closed { retry_at: None };
+                self.open_watch(now);
+            }
+            Watch::Closed { retry_at } if retry_at.is_none_or(|t| now >= t) => {
+                self.open_watch(now);
+            }
+            _ => {}
+        }
+    }
+
+    fn open_watch(&mut self, now: Instant) {
+        // Start after what we know; nothing known yet: read first.
+        let after = if self.absent && !self.stale {
+            String::new()
+        } else {
+            match &self.observed {
+                Some(o) if !self.stale => o.version.clone(),
+                _ => return,
+            }
+        };
+        self.actions.push_back(Action::Watch {
+            after: after.clone(),
+            timeout: WATCH_TIMEOUT,
+            open_by: now + self.config.request_timeout,
+        });
+        self.watch = Watch::Opening { after };
+    }
+
+    /// Closes the watch and opens it again after the next read.
+    fn restart_watch(&mut self, _now: Instant) {
+        if matches!(self.watch, Watch::Open(_) | Watch::Opening { .. }) {
+            self.actions.push_back(Action::Unwatch);
+        }
+        self.watch = Watch::Closed { retry_at: None };
+        self.status.watching = false;
+    }
+
+    fn on_watch_opened(&mut self, result: Result<(), LockError>, now: Instant) {
+        let Watch::Opening { after } = &self.watch else {
+            return;
+        };
+        match result {
+            Ok(()) => {
+                debug!(version = %after, "watching the lease");
+                self.watch = Watch::Open(OpenWatch {
+                    opened_at: now,
+                    version: after.clone(),
+                    last_change_at: now,
+                    renew_gap: None,
+                    checked: false,
+                });
+                self.status.watching = true;
+                self.status.polling = None;
+                if let Some(m) = &self.metrics {
+                    m.set_watching(&self.metric_name(), true);
+                }
+                self.api_ok(true, now);
+            }
+            Err(e) => self.watch_failed(e, now),
+        }
+    }
+
+    fn on_watch_event(&mut self, event: LockEvent, now: Instant) {
+        let Watch::Open(w) = &mut self.watch else {
+            return;
+        };
+        match event {
+            LockEvent::Changed(v) => {
+                w.version = v.version.clone();
+                w.checked = false;
+                let changed = self.observed.as_ref().map(|o| &o.record) != Some(&v.record);
+                if changed {
+                    let same_holder = self
+                        .observed
+                        .as_ref()
+                        .is_some_and(|o| o.record.holder_identity == v.record.holder_identity);
+                    w.renew_gap = same_holder.then(|| now - w.last_change_at);
+                    w.last_change_at = now;
+                }
+                self.short_watches = 0;
+                self.observe(v, now);
+                self.landed_take(now);
+            }
+            LockEvent::Deleted => self.observe_absent(),
+        }
+    }
+
+    fn on_watch_ended(&mut self, error: Option<LockError>, now: Instant) {
+        let Watch::Open(w) = &self.watch else {
+            return;
+        };
+        let lived = now - w.opened_at;
+        self.status.watching = false;
+        match error {
+            Some(e) => self.watch_failed(e, now),
+            None if lived >= self.config.retry_period => {
+                // The server ended a healthy watch: continue where it left off.
+                self.short_watches = 0;
+                self.watch = Watch::Closed { retry_at: None };
+            }
+            None => self.short_watch(now, "the watch keeps ending at once".into()),
+        }
+    }
+
+    fn watch_failed(&mut self, e: LockError, now: Instant) {
+        self.status.watching = false;
+        if e.is_gone() {
+            // Our version is too old to watch from: read afresh, then watch from there.
+            debug!("the watch's version is gone; reading afresh");
+            self.watch = Watch::Closed { retry_at: None };
+            self.stale = true;
+            return;
+        }
+        self.count(e.kind());
+        if e.is_fatal() {
+            self.fall_back(now, format!("cannot watch the lease: {e}"));
+        } else {
+            debug!(error = %e, "the watch failed");
+            self.short_watch(now, format!("the watch keeps failing: {e}"));
+        }
+    }
+
+    fn short_watch(&mut self, now: Instant, reason: String) {
+        self.short_watches += 1;
+        if self.short_watches >= SHORT_WATCHES_BEFORE_POLLING {
+            self.fall_back(now, reason);
+        } else {
+            let retry_at = now + self.jitter(self.config.retry_period);
+            self.watch = Watch::Closed {
+                retry_at: Some(retry_at),
+            };
+        }
+    }
+
+    fn fall_back(&mut self, now: Instant, reason: String) {
+        let retry = self.watch_retry;
+        self.watch_retry = (self.watch_retry * 2).min(WATCH_RETRY_MAX);
+        self.short_watches = 0;
+        warn!(%reason, retry_in = ?retry, "polling every retry period instead of watching");
+        self.status.polling = Some(reason);
+        self.watch = Watch::Polling {
+            retry_at: now + retry,
+        };
+        if let Some(m) = &self.metrics {
+            m.set_watching(&self.metric_name(), false);
+        }
+    }
+
+    /// When an open watch should have shown the holder's next renewal, if it is due one.
+    fn watch_check_at(&self) -> Option<Instant> {
+        let Watch::Open(w) = &self.watch else {
+            return None;
+        };
+        if w.checked {
+            return None;
+        }
+        let gap = w.renew_gap?;
+        let observed = self.observed.as_ref()?;
+        observed.record.holder()?;
+        let expected = w.last_change_at + gap * 2 + Duration::from_secs(1);
+        Some(expected.min(self.observed_expiry().unwrap_or(expected)))
+    }
+
+    // ---- observing ----------------------------------------------------------------------
+
+    /// Records a record we saw. The observation time resets only when the record itself
+    /// changes (as in client-go), so edits to labels or annotations do not keep a dead
+    /// holder's lease alive. Versions are opaque: any version is news.
+    fn observe(&mut self, v: Versioned, now: Instant) {
+        let observed_at = match &self.observed {
+            Some(o) if o.record == v.record => o.observed_at,
+            _ => now,
+        };
+        self.absent = false;
+        self.tombstone = None;
+        let t = v.record.lease_transitions;
+        self.highest_token = Some(self.highest_token.map_or(t, |h| h.max(t)));
+        if self.blocked_version.as_ref() != Some(&v.version) {
+            self.blocked_version = None;
+            if matches!(self.role, Role::Follower)
+                && self
+                    .status
+                    .problem
+                    .as_deref()
+                    .is_some_and(|p| p.contains("leaseTransitions"))
+            {
+                self.status.problem = None;
+            }
+        }
+        self.report_garbage(&v);
+        self.report_clash(&v.record);
+        self.observed = Some(Observed {
+            record: v.record,
+            version: v.version,
+            observed_at,
+            lease: v.lease,
+        });
+    }
+
+    /// The Lease does not exist (a 404 or a deletion event).
+    fn observe_absent(&mut self) {
+        if let Some(o) = self.observed.take() {
+            info!(
+                holder = o.record.holder().unwrap_or("nobody"),
+                "the lease was deleted"
+            );
+            self.tombstone = Some(o);
+        }
+        self.absent = true;
+        self.stale = false;
+    }
+
+    /// When the tombstone (the record seen before the Lease was deleted) expires; a
+    /// re-create waits for it. `None`: create at once.
+    fn tombstone_expiry(&self) -> Option<Instant> {
+        if !self.absent {
+            return None;
+        }
+        let t = self.tombstone.as_ref()?;
+        if t.record.holder().is_none() || self.is_own(&t.record) {
+            return None;
+        }
+        Some(t.expires_at(self.config.lease_duration, self.config.max_record_duration))
+    }
+
+    /// When the observed holder's lease expires, if someone else holds it.
+    fn observed_expiry(&self) -> Option<Instant> {
+        let o = self.observed.as_ref()?;
+        o.record.holder()?;
+        if self.is_own(&o.record) {
+            return None;
+        }
+        Some(o.expires_at(self.config.lease_duration, self.config.max_record_duration))
+    }
+
+    fn is_held(&self, o: &Observed, now: Instant) -> bool {
+        o.is_held_at(
+            now,
+            self.config.lease_duration,
+            self.config.max_record_duration,
+        )
+    }
+
+    fn report_garbage(&mut self, v: &Versioned) {
+        if self.reported_version.as_ref() == Some(&v.version) {
+            return;
+        }
+        if let Some(problem) = v.record.oddity(self.config.max_record_duration) {
+            self.reported_version = Some(v.version.clone());
+            warn!(holder = %v.record.holder_identity, "{problem}");
+        }
+    }
+
+    fn report_clash(&mut self, record: &LeaderRecord) {
+        let clash = record.holder_identity == self.config.identity
+            && !self.own_writes.contains(record)
+            && !matches!(self.role, Role::Leader(_));
+        if !clash {
+            if record.holder_identity != self.config.identity {
+                self.clash_reported = None;
+            }
+            return;
+        }
+        if self.clash_reported.is_none() && self.started {
+            warn!(
+                identity = %self.config.identity,
+                "the lease names our identity but this process did not write it: another process uses identity {} (or an earlier run did); waiting for it to expire",
+                self.config.identity
+            );
+            self.clash_reported = Some(record.holder_identity.clone());
+        }
+    }
+
+    // ---- records ------------------------------------------------------------------------
+
+    /// The token of a new term taken over from `base`: one above the highest seen.
+    fn take_token(&self, base: &LeaderRecord) -> Result<i32, TakeoverError> {
+        let highest = self
+            .highest_token
+            .map_or(base.lease_transitions, |h| h.max(base.lease_transitions));
+        highest
+            .checked_add(1)
+            .or_else(|| base.lease_transitions.checked_add(1))
+            .ok_or(TakeoverError::TransitionsExhausted)
+    }
+
+    /// The token for re-creating the Lease: continuing from the last record seen, or 0
+    /// if nothing was ever seen (or the count is exhausted: deleting the Lease resets it).
+    fn create_token(&self) -> i32 {
+        let last = self
+            .tombstone
+            .as_ref()
+            .map(|t| t.record.lease_transitions)
+            .into_iter()
+            .chain(self.highest_token)
+            .max();
+        match last {
+            None => 0,
+            Some(t) => t.checked_add(1).unwrap_or_else(|| {
+                warn!("leaseTransitions was exhausted; the re-created Lease starts again at 0");
+                0
+            }),
+        }
+    }
+
+    /// The record that starts a term: us, now, with `token`. client-go's
+    /// non-coordinated writes clear `preferredHolder` and `strategy`; so do we.
+    fn taking_record(&self, token: i32) -> LeaderRecord {
+        let at = now_micros();
+        LeaderRecord {
+            holder_identity: self.config.identity.clone(),
+            lease_duration_seconds: Some(self.config.lease_duration_seconds()),
+            acquire_time: Some(at),
+            renew_time: Some(at),
+            lease_transitions: token,
+            preferred_holder: None,
+            strategy: None,
+        }
+    }
+
+    /// The renewal of `from`: renewTime now (a different value than before, so that
+    /// followers see a change), everything else kept.
+    fn renewed(&self, from: &LeaderRecord, token: i32) -> LeaderRecord {
+        LeaderRecord {
+            holder_identity: self.config.identity.clone(),
+            lease_duration_seconds: Some(self.config.lease_duration_seconds()),
+            acquire_time: from.acquire_time,
+            renew_time: Some(renew_time(from.renew_time, now_micros())),
+            lease_transitions: token,
+            preferred_holder: None,
+            strategy: None,
+        }
+    }
+
+    // ---- access and errors ----------------------------------------------------------------
+
+    /// A refusal while the election starts is a configuration error: stop and say what to
+    /// grant. (Afterwards it is an outage, ridden out.)
+    fn refused_at_start(&self, e: &LockError, purpose: &Purpose) -> bool {
+        !self.started && e.is_fatal() && matches!(purpose, Purpose::Read | Purpose::Take)
+    }
+
+    fn api_ok(&mut self, proof: bool, now: Instant) {
+        self.started |= proof;
+        if let Some(outage) = self.outage.take() {
+            info!(
+                failures = outage.failures,
+                lasted = ?(now - outage.since),
+                "the API server answers again"
+            );
+            self.status.last_error = None;
+        }
+    }
+
+    /// Counts a failed call; logs the first of a streak (an outage) as a warning, the
+    /// rest at debug level.
+    fn api_failed(&mut self, what: &str, e: &LockError, now: Instant) {
+        self.count(e.kind());
+        let msg = format!("{what}: {e}");
+        match &mut self.outage {
+            Some(o) => {
+                o.failures += 1;
+                debug!(error = %e, "{what} failed");
+            }
+            None => {
+                warn!(error = %e, "{what} failed; retrying (further failures are logged at debug level until it recovers)");
+                self.outage = Some(Outage {
+                    since: now,
+                    failures: 1,
+                });
+            }
+        }
+        self.status.last_error = Some(msg);
+    }
+
+    /// Paces the follower's next attempt after a failure: the retry period, doubling with
+    /// each failure in a row, up to the smaller of 4 retry periods and half the lease
+    /// duration; jittered.
+    fn back_off(&mut self, now: Instant) {
+        self.failures = self.failures.saturating_add(1);
+        let rp = self.config.retry_period;
+        let cap = (rp * 4).min(self.config.lease_duration / 2).max(rp);
+        let exp = self.failures.saturating_sub(1).min(8);
+        let wait = (rp * 2u32.pow(exp)).min(cap);
+        self.not_before = Some(now + self.jitter(wait));
+    }
+
+    fn count(&self, kind: &str) {
+        if let Some(m) = &self.metrics {
+            m.api_error(&self.metric_name(), kind);
+        }
+    }
+
+    fn metric_name(&self) -> String {
+        // client-go's `name` label is the lock's name, not namespace/name.
+        self.name
+            .rsplit('/')
+            .next()
+            .unwrap_or(&self.name)
+            .to_owned()
+    }
+
+    fn jitter(&mut self, d: Duration) -> Duration {
+        d.mul_f64(1.0 + self.rng.random::<f64>() * 0.2)
+    }
+}
+
+/// The renewTime to write: now, unless that equals the previous value (then one
+/// microsecond later), so that every renewal changes the record. A clock that stepped
+/// back still writes now: followers look for a change, not for time moving forward.
+fn renew_time(previous: Option<jiff::Timestamp>, now: jiff::Timestamp) -> jiff::Timestamp {
+    match previous {
+        Some(p) if p == now => p
+            .checked_add(jiff::SignedDuration::from_micros(1))
+            .unwrap_or(now),
+        _ => now,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renew_time_is_now_even_when_the_clock_stepped_back() {
+        let prev: jiff::Timestamp = "2030-01-01T00:00:10Z".parse().unwrap();
+        let now: jiff::Timestamp = "2030-01-01T00:00:00Z".parse().unwrap();
+        assert_eq!(renew_time(Some(prev), now), now);
+        assert_eq!(
+            renew_time(Some(now), now),
+            "2030-01-01T00:00:00.000001Z"
+                .parse::<jiff::Timestamp>()
+                .unwrap()
+        );
+        assert_eq!(renew_time(None, now), now);
+    }
+}
