@@ -52,6 +52,7 @@
 //!   read, and re-opened if it turns out to be behind.
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 use std::time::Duration;
 
 use rand::rngs::SmallRng;
@@ -343,6 +344,19 @@ pub struct Machine {
     status: Status,
     /// The time of the last step: timers at or before it have been acted on.
     now: Instant,
+    /// The wall clock, read only to fill the record's MicroTime fields.
+    wall: WallClock,
+}
+
+/// Where the machine reads wall-clock time for `acquireTime`/`renewTime` (never to
+/// judge expiry). The system clock by default; simulations give their own.
+#[derive(Clone)]
+struct WallClock(Arc<dyn Fn() -> jiff::Timestamp + Send + Sync>);
+
+impl std::fmt::Debug for WallClock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("WallClock")
+    }
 }
 
 impl Machine {
@@ -388,6 +402,7 @@ impl Machine {
             clash_reported: None,
             status: Status::default(),
             now,
+            wall: WallClock(Arc::new(now_micros)),
         };
         m.step(now);
         m
@@ -397,6 +412,17 @@ impl Machine {
     #[must_use]
     pub fn with_seed(mut self, seed: u64) -> Self {
         self.rng = SmallRng::seed_from_u64(seed);
+        self
+    }
+
+    /// Reads wall-clock time (for the record's MicroTime fields only) from `clock`
+    /// instead of the system clock, e.g. to simulate a clock that steps.
+    #[must_use]
+    pub fn with_wall_clock(
+        mut self,
+        clock: impl Fn() -> jiff::Timestamp + Send + Sync + 'static,
+    ) -> Self {
+        self.wall = WallClock(Arc::new(clock));
         self
     }
 
@@ -1067,7 +1093,7 @@ impl Machine {
                 match current.take() {
                     None => self.send_until(Purpose::ReleaseRead, Op::Get, now, Some(until)),
                     Some(fresh) => {
-                        let at = now_micros();
+                        let at = self.wall_now();
                         let record = LeaderRecord {
                             holder_identity: String::new(),
                             lease_duration_seconds: Some(1),
@@ -1554,7 +1580,7 @@ impl Machine {
     /// The record that starts a term: us, now, with `token`. client-go's
     /// non-coordinated writes clear `preferredHolder` and `strategy`; so do we.
     fn taking_record(&self, token: i32) -> LeaderRecord {
-        let at = now_micros();
+        let at = self.wall_now();
         LeaderRecord {
             holder_identity: self.config.identity.clone(),
             lease_duration_seconds: Some(self.config.lease_duration_seconds()),
@@ -1573,7 +1599,7 @@ impl Machine {
             holder_identity: self.config.identity.clone(),
             lease_duration_seconds: Some(self.config.lease_duration_seconds()),
             acquire_time: from.acquire_time,
-            renew_time: Some(renew_time(from.renew_time, now_micros())),
+            renew_time: Some(renew_time(from.renew_time, self.wall_now())),
             lease_transitions: token,
             preferred_holder: None,
             strategy: None,
@@ -1648,6 +1674,12 @@ impl Machine {
             .to_owned()
     }
 
+    /// Wall-clock now, at MicroTime's resolution.
+    fn wall_now(&self) -> jiff::Timestamp {
+        let t = (self.wall.0)();
+        jiff::Timestamp::from_microsecond(t.as_microsecond()).unwrap_or(t)
+    }
+
     fn jitter(&mut self, d: Duration) -> Duration {
         d.mul_f64(1.0 + self.rng.random::<f64>() * 0.2)
     }
@@ -1668,6 +1700,51 @@ fn renew_time(previous: Option<jiff::Timestamp>, now: jiff::Timestamp) -> jiff::
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Mutex;
+
+    fn take_send(m: &mut Machine) -> Request {
+        loop {
+            match m.poll_action() {
+                Some(Action::Send(r)) => return r,
+                Some(_) => {}
+                None => panic!("no request"),
+            }
+        }
+    }
+
+    /// Defect 8: a leader whose wall clock stepped back writes the new time, not the
+    /// previous one plus a microsecond (client-go followers compare whole seconds and
+    /// would see no change for as long as the step).
+    #[test]
+    fn a_renewal_after_the_wall_clock_stepped_back_writes_the_new_time() {
+        let wall: Arc<Mutex<jiff::Timestamp>> =
+            Arc::new(Mutex::new("2030-01-01T01:00:00Z".parse().unwrap()));
+        let w = wall.clone();
+        let t0 = Instant::now();
+        let mut m = Machine::new(ElectionConfig::new("a"), "ns/l", t0)
+            .unwrap()
+            .with_wall_clock(move || *w.lock().unwrap());
+        assert!(matches!(take_send(&mut m).op, Op::Get));
+        m.handle(Input::Reply(Ok(Answer::Read(None))), t0);
+        let Op::Create(record) = take_send(&mut m).op else {
+            panic!("expected a create")
+        };
+        let v1 = Versioned {
+            record,
+            version: "1".into(),
+            lease: None,
+        };
+        m.handle(Input::Reply(Ok(Answer::Wrote(v1))), t0);
+        assert!(m.leader(t0) == Some("a"));
+        // The clock steps back an hour.
+        let stepped: jiff::Timestamp = "2030-01-01T00:00:00Z".parse().unwrap();
+        *wall.lock().unwrap() = stepped;
+        m.handle(Input::Tick, t0 + Duration::from_secs(2));
+        let Op::Update(_, renewal) = take_send(&mut m).op else {
+            panic!("expected a renewal")
+        };
+        assert_eq!(renewal.renew_time, Some(stepped));
+    }
 
     #[test]
     fn renew_time_is_now_even_when_the_clock_stepped_back() {

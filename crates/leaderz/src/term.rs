@@ -163,3 +163,38 @@ impl Drop for TermControl {
         self.cancel.cancel();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn info() -> TermInfo {
+        TermInfo {
+            identity: "a".into(),
+            lock: "ns/l".into(),
+            fencing_token: 3,
+            started_at: Instant::now(),
+        }
+    }
+
+    /// Defect 6: a term is over at its deadline even if nobody cancelled it yet (the
+    /// elector's task is starved), and `check` says so before a side effect.
+    #[tokio::test(start_paused = true)]
+    async fn a_term_is_inactive_past_its_deadline_even_if_not_cancelled() {
+        let control = TermControl::new(info(), Instant::now() + Duration::from_secs(10));
+        let term = control.term().unwrap();
+        assert!(term.is_active());
+        assert_eq!(term.check(), Ok(()));
+        tokio::time::advance(Duration::from_secs(9)).await;
+        assert!(term.is_active());
+        control.set_deadline(Instant::now() + Duration::from_secs(10));
+        tokio::time::advance(Duration::from_secs(9)).await;
+        assert!(term.is_active(), "the deadline moved with the renewal");
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert!(!term.token().is_cancelled(), "nobody cancelled it");
+        assert!(!term.is_active());
+        assert_eq!(term.check(), Err(TermEnded));
+        drop(control);
+    }
+}

@@ -62,6 +62,19 @@ impl MemoryLock {
         out
     }
 
+    /// Puts the lock back to `record` at `version`, as restoring etcd from a backup
+    /// does: versions go backwards (later writes count on from `version`).
+    pub fn restore(&self, record: Option<LeaderRecord>, version: u64) {
+        self.state.send_modify(|s| {
+            s.next_version = version;
+            s.current = record.map(|record| Versioned {
+                record,
+                version: s.bump(),
+                lease: None,
+            });
+        });
+    }
+
     /// The record as it is now, without going through the [`Lock`] API.
     pub fn peek(&self) -> Option<Versioned> {
         self.state.borrow().current.clone()

@@ -33,6 +33,15 @@ pub struct Faults {
     pub watch_ends: bool,
     /// Writes (create, update) are applied but their answers are lost.
     pub lose_write_answers: bool,
+    /// Every call (watches too) is refused with this HTTP status (401 or 403): RBAC
+    /// revoked, or credentials refused.
+    pub refuse: Option<u16>,
+    /// Writes take exactly this long before they are applied, and this long after.
+    pub write_delay: Option<(Duration, Duration)>,
+    /// Opening a watch hangs (other calls work).
+    pub hang_watch: bool,
+    /// Watches from a version below this fail with 410 Gone (etcd compacted them).
+    pub compacted: Option<u64>,
 }
 
 /// A lock that reaches the shared [`MemoryLock`] through injected faults. Calls are
@@ -44,6 +53,10 @@ pub struct FaultyLock {
     faults: Arc<Mutex<Faults>>,
     rng: Arc<Mutex<SmallRng>>,
     calls: Arc<std::sync::atomic::AtomicU64>,
+    /// Bumped to end every open watch (as a server restart does).
+    epoch: Arc<tokio::sync::watch::Sender<u64>>,
+    /// While true, open watches deliver nothing (a half-open connection).
+    stalled: Arc<tokio::sync::watch::Sender<bool>>,
 }
 
 impl FaultyLock {
@@ -53,7 +66,19 @@ impl FaultyLock {
             faults: Arc::default(),
             rng: Arc::new(Mutex::new(SmallRng::seed_from_u64(seed))),
             calls: Arc::default(),
+            epoch: Arc::new(tokio::sync::watch::Sender::new(0)),
+            stalled: Arc::new(tokio::sync::watch::Sender::new(false)),
         }
+    }
+
+    /// Ends every open watch, as an API server restart does.
+    pub fn end_watches(&self) {
+        self.epoch.send_modify(|e| *e += 1);
+    }
+
+    /// Open watches stay open but deliver nothing (true), or resume (false).
+    pub fn stall_watches(&self, stall: bool) {
+        self.stalled.send_replace(stall);
     }
 
     /// How many calls (get, create, update, watch) were made so far.
@@ -83,6 +108,7 @@ impl FaultyLock {
         let after = lat();
         let stall = rng.random::<f64>() < f.stall;
         Plan {
+            write_delay: None,
             before: if stall {
                 before + Duration::from_secs(30)
             } else {
@@ -100,9 +126,17 @@ impl FaultyLock {
         op: impl FnOnce(MemoryLock) -> Result<T, LockError> + Send + 'static,
     ) -> Result<T, LockError> {
         self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        let plan = self.plan();
+        let mut plan = self.plan();
         if plan.hang {
             return std::future::pending().await;
+        }
+        if let Some(code) = self.faults().refuse {
+            tokio::time::sleep(plan.before).await;
+            return Err(refused(code));
+        }
+        if let Some((before, after)) = plan.write_delay {
+            plan.before = before;
+            plan.after = after;
         }
         let (tx, rx) = oneshot::channel();
         let inner = self.inner.clone();
@@ -124,12 +158,56 @@ impl FaultyLock {
     }
 }
 
+impl FaultyLock {
+    /// A write: like [`FaultyLock::call`], with the fixed write delay if one is set.
+    async fn write_call(
+        &self,
+        op: impl FnOnce(MemoryLock) -> Result<Versioned, LockError> + Send + 'static,
+    ) -> Result<Versioned, LockError> {
+        match self.faults().write_delay {
+            None => self.call(op).await,
+            Some(delay) => self.call_delayed(delay, op).await,
+        }
+    }
+
+    async fn call_delayed(
+        &self,
+        (before, after): (Duration, Duration),
+        op: impl FnOnce(MemoryLock) -> Result<Versioned, LockError> + Send + 'static,
+    ) -> Result<Versioned, LockError> {
+        self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let (tx, rx) = oneshot::channel();
+        let inner = self.inner.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(before).await;
+            let result = op(inner);
+            tokio::time::sleep(after).await;
+            let _ = tx.send(result);
+        });
+        rx.await.unwrap_or_else(|_| Err(unavailable()))
+    }
+}
+
 struct Plan {
+    write_delay: Option<(Duration, Duration)>,
     before: Duration,
     after: Duration,
     fail_before: bool,
     fail_after: bool,
     hang: bool,
+}
+
+fn refused(code: u16) -> LockError {
+    if code == 401 {
+        LockError::Unauthorized("injected".into())
+    } else {
+        LockError::Forbidden {
+            verb: "get",
+            namespace: "test".into(),
+            name: "lock".into(),
+            message: "injected".into(),
+        }
+    }
 }
 
 fn unavailable() -> LockError {
@@ -153,7 +231,7 @@ impl Lock for FaultyLock {
     async fn create(&self, record: &LeaderRecord) -> Result<Versioned, LockError> {
         let record = record.clone();
         let lose = self.faults().lose_write_answers;
-        let r = self.call(move |l| now(l.create(&record))).await;
+        let r = self.write_call(move |l| now(l.create(&record))).await;
         if lose { Err(unavailable()) } else { r }
     }
 
@@ -164,7 +242,9 @@ impl Lock for FaultyLock {
     ) -> Result<Versioned, LockError> {
         let (current, record) = (current.clone(), record.clone());
         let lose = self.faults().lose_write_answers;
-        let r = self.call(move |l| now(l.update(&current, &record))).await;
+        let r = self
+            .write_call(move |l| now(l.update(&current, &record)))
+            .await;
         if lose { Err(unavailable()) } else { r }
     }
 
@@ -175,6 +255,17 @@ impl Lock for FaultyLock {
     ) -> Result<BoxStream<'static, Result<LockEvent, LockError>>, LockError> {
         self.calls.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let f = self.faults();
+        if let Some(code) = f.refuse {
+            return Err(refused(code));
+        }
+        if f.hang_watch {
+            return std::future::pending().await;
+        }
+        if let Some(c) = f.compacted
+            && version.parse::<u64>().is_ok_and(|v| v < c)
+        {
+            return Err(LockError::Gone("injected: compacted".into()));
+        }
         if f.watch_ends {
             return Ok(futures::stream::empty().boxed());
         }
@@ -190,9 +281,15 @@ impl Lock for FaultyLock {
             return std::future::pending().await;
         }
         let stream = self.inner.watch(version, timeout).await?;
-        // Deliver events late, in order.
+        // Deliver events late, in order; hold them while stalled; end on a restart.
         let max = f.max_latency;
         let rng = self.rng.clone();
+        let stalled = self.stalled.subscribe();
+        let mut epoch = self.epoch.subscribe();
+        epoch.borrow_and_update();
+        let restarted = async move {
+            let _ = epoch.changed().await;
+        };
         Ok(stream
             .then(move |ev| {
                 let d = if max.is_zero() {
@@ -200,11 +297,14 @@ impl Lock for FaultyLock {
                 } else {
                     max.mul_f64(rng.lock().unwrap().random::<f64>())
                 };
+                let mut stalled = stalled.clone();
                 async move {
                     tokio::time::sleep(d).await;
+                    let _ = stalled.wait_for(|s| !s).await;
                     ev
                 }
             })
+            .take_until(restarted)
             .boxed())
     }
 
