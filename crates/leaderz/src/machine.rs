@@ -19,8 +19,9 @@
 //! // The first thing a candidate does is read the lock.
 //! let Some(Action::Send(request)) = m.poll_action() else { panic!() };
 //! assert!(matches!(request.op, Op::Get));
-//! // The Lease does not exist: the machine creates it, holding it itself.
+//! // The Lease does not exist: the machine watches for it and creates it.
 //! m.handle(Input::Reply(Ok(Answer::Read(None))), now);
+//! assert!(matches!(m.poll_action(), Some(Action::Watch { .. })));
 //! let Some(Action::Send(request)) = m.poll_action() else { panic!() };
 //! let Op::Create(record) = &request.op else { panic!() };
 //! assert_eq!(record.holder_identity, "pod-a");
@@ -40,9 +41,11 @@
 //! - **Leading.** The term starts at the send time of the taking write and ends no later
 //!   than the send time of the last successful write + `renew_deadline`. A write
 //!   answered after that deadline never starts or extends a term.
-//! - **Deletion.** A deleted Lease is re-created only once the last record observed
-//!   before the deletion has expired (at once if that record was released or is this
-//!   process's own), with `leaseTransitions` continuing from it.
+//! - **Deletion.** A deleted Lease is re-created with `leaseTransitions` continuing from
+//!   the last record seen, once no term can still run on it: a whole lease duration
+//!   after learning of the deletion (and not before the last record seen expired); at
+//!   once by the leader that found it deleted. A process that never saw the Lease
+//!   creates it at once.
 //! - **Access.** Refusals (401/403, missing namespace) stop the election only while it
 //!   starts (before the Lease has first been read or written); afterwards they are an
 //!   outage: a leader steps down, everyone backs off and keeps trying.
@@ -280,10 +283,6 @@ struct OpenWatch {
     opened_at: Instant,
     /// The last version the watch delivered (or started after).
     version: String,
-    /// When the watch last delivered a change of the record, and the gap between the
-    /// last two changes by the same holder (its renewal interval, as seen here).
-    last_change_at: Instant,
-    renew_gap: Option<Duration>,
     /// A read was made to check this watch since its last event.
     checked: bool,
 }
@@ -313,6 +312,11 @@ pub struct Machine {
     absent: bool,
     /// The last record observed before the Lease was found deleted.
     tombstone: Option<Observed>,
+    /// When we learned that the Lease was deleted, and whether we learned it as leader.
+    absent_since: Option<(Instant, bool)>,
+    /// While the Lease was absent, a read or the watch failed: we do not know whether it
+    /// came back in between.
+    absence_unsure: bool,
     /// The highest `leaseTransitions` seen on this Lease.
     highest_token: Option<i32>,
     /// Records this process wrote recently, answered or not.
@@ -324,6 +328,10 @@ pub struct Machine {
     stale: bool,
     /// When the next poll is due (while not watching).
     read_due: Option<Instant>,
+    /// When the observed record last changed, and the holder's renewal interval as the
+    /// watch showed it (to notice a watch that stopped delivering).
+    last_change_at: Option<Instant>,
+    renew_gap: Option<Duration>,
     /// Not before this instant (pacing after failures).
     not_before: Option<Instant>,
     /// Consecutive failed follower attempts (for the backoff).
@@ -384,12 +392,16 @@ impl Machine {
             observed: None,
             absent: false,
             tombstone: None,
+            absent_since: None,
+            absence_unsure: false,
             highest_token: None,
             own_writes: VecDeque::new(),
             pending_take: None,
             just_read: false,
             stale: true,
             read_due: None,
+            last_change_at: None,
+            renew_gap: None,
             not_before: None,
             failures: 0,
             started: false,
@@ -465,7 +477,7 @@ impl Machine {
             Role::Follower => {
                 if self.inflight.is_none() {
                     add(self.not_before);
-                    if !matches!(self.watch, Watch::Open(_)) {
+                    if self.absent || !matches!(self.watch, Watch::Open(_)) {
                         add(self.read_due);
                     }
                     add(self.observed_expiry());
@@ -578,7 +590,16 @@ impl Machine {
             return;
         }
         self.not_before = None;
+        let watching = matches!(self.watch, Watch::Open(_));
+        let poll_due = !watching && self.read_due.is_none_or(|t| now >= t);
         if self.absent && !self.stale {
+            // Keep looking while we wait, watch or not (a watch on a Lease that does
+            // not exist shows no renewals to tell that it still works): if the Lease
+            // comes back (and goes again), the wait starts over.
+            if self.read_due.is_none_or(|t| now >= t) {
+                self.send(Purpose::Read, Op::Get, now);
+                return;
+            }
             if self.tombstone_expiry().is_some_and(|t| now < t) {
                 return;
             }
@@ -587,12 +608,10 @@ impl Machine {
             self.send_take(None, record, now);
             return;
         }
-        let watching = matches!(self.watch, Watch::Open(_));
         let check_watch = self.watch_check_at().is_some_and(|t| now >= t);
         if check_watch && let Watch::Open(w) = &mut self.watch {
             w.checked = true;
         }
-        let poll_due = !watching && self.read_due.is_none_or(|t| now >= t);
         if self.observed.is_none() || self.stale || check_watch || poll_due {
             self.send(Purpose::Read, Op::Get, now);
             return;
@@ -603,8 +622,11 @@ impl Machine {
         if !self.can_take(observed, now) {
             return;
         }
-        if !watching && !self.just_read {
-            // Expired on what we saw some time ago: look again first.
+        let expired = observed.record.holder().is_some() && !self.is_own(&observed.record);
+        if !self.just_read && (expired || !watching) {
+            // Expired on what we saw some time ago: look again first. (Even with a
+            // watch open: it may have stopped delivering, and after an etcd restore the
+            // version we saw may now name other contents.)
             self.send(Purpose::Read, Op::Get, now);
             return;
         }
@@ -719,7 +741,7 @@ impl Machine {
             // Only what it tells about the record still counts.
             match reply {
                 Ok(Answer::Read(Some(v)) | Answer::Wrote(v)) => self.observe(v, now),
-                Ok(Answer::Read(None)) => self.observe_absent(),
+                Ok(Answer::Read(None)) => self.observe_absent(false, now),
                 Err(e) => self.api_failed("request", &e, now),
             }
             return;
@@ -762,10 +784,11 @@ impl Machine {
                 self.stale = false;
                 self.failures = 0;
                 self.read_due = Some(now + self.jitter(self.config.retry_period));
-                self.observe_absent();
+                self.observe_absent(false, now);
             }
             Ok(Answer::Wrote(_)) => debug!("a write answer to a read; ignored"),
             Err(e) => {
+                self.absence_unsure |= self.absent;
                 self.api_failed("read", &e, now);
                 self.back_off(now);
             }
@@ -790,7 +813,7 @@ impl Machine {
             Err(LockError::NotFound) => {
                 // Deleted since we read it.
                 self.pending_take = None;
-                self.observe_absent();
+                self.observe_absent(false, now);
             }
             Err(e) => {
                 // The write may still land: keep `pending_take` so that we recognise it.
@@ -860,7 +883,8 @@ impl Machine {
             }
             Ok(Answer::Read(_)) => {}
             Err(LockError::NotFound) => {
-                self.observe_absent();
+                // While we lead nobody else can have written it: we know its last record.
+                self.observe_absent(true, now);
                 self.lose("the lease was deleted".into(), now);
             }
             Err(e) if e.is_fatal() => {
@@ -895,7 +919,15 @@ impl Machine {
                 self.observe(v.clone(), now);
                 let ours = v.record.holder_identity == self.config.identity
                     && v.record.lease_transitions == token;
-                if ours && self.is_own(&v.record) {
+                // Ours, or ours with other fields edited (an admin changing its duration,
+                // say): the renewal time is still one we wrote. Another process renewing
+                // under our name writes its own renewal time.
+                let renewed_by_us = self.own_writes.iter().any(|w| {
+                    w.holder_identity == v.record.holder_identity
+                        && w.lease_transitions == token
+                        && w.renew_time == v.record.renew_time
+                });
+                if ours && renewed_by_us {
                     let record = self.renewed(&v.record, token);
                     let Role::Leader(l) = &self.role else { return };
                     let limit = Some(l.last_ok + self.config.renew_deadline);
@@ -915,7 +947,7 @@ impl Machine {
                 }
             }
             Ok(Answer::Read(None)) => {
-                self.observe_absent();
+                self.observe_absent(true, now);
                 self.lose("the lease was deleted".into(), now);
             }
             Ok(Answer::Wrote(_)) => {}
@@ -1036,12 +1068,15 @@ impl Machine {
                 });
             }
             Role::Follower if self.pending_take.is_some() && self.config.release_on_cancel => {
-                // A taking write whose answer was lost may have landed.
+                // A taking write whose answer was lost may have landed: read (once the
+                // outstanding request, if any, is answered) and release it if it did.
+                if let Some(inflight) = &mut self.inflight {
+                    inflight.orphaned = true;
+                }
                 self.role = Role::ShuttingDown(Closing::Resolving {
                     until: now + self.config.renew_deadline,
-                    retry_at: None,
+                    retry_at: Some(now),
                 });
-                self.send(Purpose::ResolveRead, Op::Get, now);
             }
             Role::ShuttingDown(_) | Role::Stopped => {}
             Role::Follower | Role::Draining { .. } => self.stop(Ok(())),
@@ -1319,8 +1354,6 @@ impl Machine {
                 self.watch = Watch::Open(OpenWatch {
                     opened_at: now,
                     version: after.clone(),
-                    last_change_at: now,
-                    renew_gap: None,
                     checked: false,
                 });
                 self.status.watching = true;
@@ -1342,20 +1375,18 @@ impl Machine {
             LockEvent::Changed(v) => {
                 w.version = v.version.clone();
                 w.checked = false;
-                let changed = self.observed.as_ref().map(|o| &o.record) != Some(&v.record);
-                if changed {
-                    let same_holder = self
-                        .observed
-                        .as_ref()
-                        .is_some_and(|o| o.record.holder_identity == v.record.holder_identity);
-                    w.renew_gap = same_holder.then(|| now - w.last_change_at);
-                    w.last_change_at = now;
+                // The holder's renewal interval, as the watch shows it.
+                if let (Some(o), Some(last)) = (&self.observed, self.last_change_at)
+                    && o.record != v.record
+                    && o.record.holder_identity == v.record.holder_identity
+                {
+                    self.renew_gap = Some(now - last);
                 }
                 self.short_watches = 0;
                 self.observe(v, now);
                 self.landed_take(now);
             }
-            LockEvent::Deleted => self.observe_absent(),
+            LockEvent::Deleted => self.observe_absent(false, now),
         }
     }
 
@@ -1378,6 +1409,7 @@ impl Machine {
 
     fn watch_failed(&mut self, e: LockError, now: Instant) {
         self.status.watching = false;
+        self.absence_unsure |= self.absent;
         if e.is_gone() {
             // Our version is too old to watch from: read afresh, then watch from there.
             debug!("the watch's version is gone; reading afresh");
@@ -1428,10 +1460,10 @@ impl Machine {
         if w.checked {
             return None;
         }
-        let gap = w.renew_gap?;
+        let (gap, last) = (self.renew_gap?, self.last_change_at?);
         let observed = self.observed.as_ref()?;
         observed.record.holder()?;
-        let expected = w.last_change_at + gap * 2 + Duration::from_secs(1);
+        let expected = last.max(w.opened_at) + gap * 2 + Duration::from_secs(1);
         Some(expected.min(self.observed_expiry().unwrap_or(expected)))
     }
 
@@ -1441,12 +1473,37 @@ impl Machine {
     /// changes (as in client-go), so edits to labels or annotations do not keep a dead
     /// holder's lease alive. Versions are opaque: any version is news.
     fn observe(&mut self, v: Versioned, now: Instant) {
-        let observed_at = match &self.observed {
-            Some(o) if o.record == v.record => o.observed_at,
-            _ => now,
+        let (own, max) = (self.config.lease_duration, self.config.max_record_duration);
+        let changed = self.observed.as_ref().is_none_or(|o| o.record != v.record);
+        if changed {
+            if self
+                .observed
+                .as_ref()
+                .is_none_or(|o| o.record.holder_identity != v.record.holder_identity)
+            {
+                self.renew_gap = None;
+            }
+            self.last_change_at = Some(now);
+        }
+        let (observed_at, carried) = match &self.observed {
+            Some(o) if o.record == v.record => (o.observed_at, o.carried),
+            // A holder replaced by another without a release, or its record edited
+            // without a renewal (an admin, garbage): the holder we saw may still lead
+            // for as long as the duration we saw allows. Only a renewal by the holder
+            // itself (a new renewTime) speaks for its duration.
+            Some(o)
+                if o.record.holder().is_some()
+                    && v.record.holder().is_some()
+                    && (o.record.holder_identity != v.record.holder_identity
+                        || o.record.renew_time == v.record.renew_time) =>
+            {
+                (now, o.duration(own, max))
+            }
+            _ => (now, Duration::ZERO),
         };
         self.absent = false;
         self.tombstone = None;
+        self.absent_since = None;
         let t = v.record.lease_transitions;
         self.highest_token = Some(self.highest_token.map_or(t, |h| h.max(t)));
         if self.blocked_version.as_ref() != Some(&v.version) {
@@ -1468,33 +1525,53 @@ impl Machine {
             version: v.version,
             observed_at,
             lease: v.lease,
+            carried,
         });
     }
 
-    /// The Lease does not exist (a 404 or a deletion event).
-    fn observe_absent(&mut self) {
+    /// The Lease does not exist (a 404 or a deletion event). `leading`: we found out as
+    /// its leader (nobody else can have written it since our last write).
+    fn observe_absent(&mut self, leading: bool, now: Instant) {
         if let Some(o) = self.observed.take() {
             info!(
                 holder = o.record.holder().unwrap_or("nobody"),
                 "the lease was deleted"
             );
             self.tombstone = Some(o);
+            self.absent_since = Some((now, leading));
+        } else if self.absence_unsure && self.tombstone.is_some() {
+            // We could not look for a while: it may have been re-created, led on and
+            // deleted again meanwhile. Wait as if we had just learned of a deletion.
+            self.absent_since = Some((now, false));
         }
+        self.absence_unsure = false;
         self.absent = true;
         self.stale = false;
     }
 
-    /// When the tombstone (the record seen before the Lease was deleted) expires; a
-    /// re-create waits for it. `None`: create at once.
+    /// When a deleted Lease may be re-created (`None`: at once).
+    ///
+    /// - Never seen before: at once (nothing is known; see the README's limits).
+    /// - Found deleted by its leader (us): at once; nobody else wrote it after us.
+    /// - Otherwise: once the last record we saw has expired, and a whole lease duration
+    ///   after we learned of the deletion — someone may have taken the Lease after what
+    ///   we saw and lead until the deletion; their term ends within `renew_deadline` of
+    ///   their last renewal, which came before the deletion. (Waiting from the
+    ///   deletion costs at most a retry period more than waiting out the last record.)
     fn tombstone_expiry(&self) -> Option<Instant> {
         if !self.absent {
             return None;
         }
         let t = self.tombstone.as_ref()?;
-        if t.record.holder().is_none() || self.is_own(&t.record) {
+        let (learned, leading) = self.absent_since?;
+        if leading {
             return None;
         }
-        Some(t.expires_at(self.config.lease_duration, self.config.max_record_duration))
+        let (own, max) = (self.config.lease_duration, self.config.max_record_duration);
+        let unknown = learned + t.duration(own, max);
+        let held = t.record.holder().is_some() && !self.is_own(&t.record);
+        let expiry = held.then(|| t.expires_at(own, max));
+        Some(expiry.map_or(unknown, |e| e.max(unknown)))
     }
 
     /// When the observed holder's lease expires, if someone else holds it.

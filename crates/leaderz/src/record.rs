@@ -18,6 +18,7 @@
 //! | `leaseTransitions` missing or negative | 0 |
 //! | `leaseTransitions` at `i32::MAX` | kept (cannot rise); taking over is refused and reported until it is fixed, see [`TakeoverError`] |
 //! | `holderIdentity` is our identity, but this process did not write the record | someone else's (a restarted pod, or another process with our identity): valid until it expires |
+//! | a holder replaced by another without a release, or its record edited without a renewal (an admin) | valid at least as long as the record it replaced ([`Observed::carried`]) |
 //! | `acquireTime`/`renewTime` missing or in the future/past | ignored: times only tell that the record changed |
 //!
 //! Odd durations are logged once per record version ([`LeaderRecord::oddity`]).
@@ -164,14 +165,30 @@ pub struct Observed {
     /// The whole Lease it came from, if it came from one (kept so that a write on it
     /// preserves labels, annotations and owners).
     pub lease: Option<Arc<Lease>>,
+    /// The lease duration of the record this one replaced, when it replaced a holder
+    /// by another without a release in between, or edited the holder's record without
+    /// renewing it (same renewTime): this record is valid at least that long. Normally
+    /// the old holder's term is over by then (it was taken over after it expired); but
+    /// when someone else overwrote the record (an admin, garbage) the holder may still
+    /// lead until its own deadline, which its own, possibly longer, duration bounds.
+    /// Only the holder's own renewals (a new renewTime) speak for its duration.
+    pub carried: Duration,
 }
 
 impl Observed {
     /// The instant after which the record's holder no longer holds it in this process's
-    /// eyes: `observed_at` plus the record's own (sanitised) duration. This is the only
-    /// expiry rule in leaderz; renewTime is never compared with the local clock.
+    /// eyes: `observed_at` plus the record's own (sanitised) duration, or the duration
+    /// [carried](Observed::carried) from the holder it replaced if longer. This is the
+    /// only expiry rule in leaderz; renewTime is never compared with the local clock.
     pub fn expires_at(&self, own: Duration, max: Duration) -> Instant {
-        self.observed_at + self.record.effective_duration(own, max)
+        self.observed_at + self.duration(own, max)
+    }
+
+    /// How long the record is valid after it was observed (see [`Observed::expires_at`]).
+    pub fn duration(&self, own: Duration, max: Duration) -> Duration {
+        self.record
+            .effective_duration(own, max)
+            .max(self.carried.min(max))
     }
 
     /// Whether someone holds the record and it has not expired at `now`.

@@ -185,9 +185,12 @@ async fn two_candidates_racing_for_an_empty_lease_one_wins() {
         assert_eq!(s.holder_identity.as_deref(), Some(["x", "y"][winner]));
         // Each round starts from a released lease: exactly one transition per round.
         assert_eq!(s.lease_transitions, Some(8 + round));
+        // The loser first (it holds nothing), then the winner releases: had the winner
+        // gone first, the loser would take the released lease (a second transition).
         let [h0, h1] = hs;
-        h0.shutdown().await.unwrap();
-        h1.shutdown().await.unwrap();
+        let (winner, loser) = if winner == 0 { (h0, h1) } else { (h1, h0) };
+        loser.shutdown().await.unwrap();
+        winner.shutdown().await.unwrap();
         assert_eq!(
             spec(&lease(&admin, &ns).await).holder_identity.as_deref(),
             Some("")
