@@ -339,6 +339,17 @@ impl Ledger {
         t.len() - 1
     }
 
+    /// Ends term `idx` now, which must be no later than its `deadline`.
+    pub fn end_by(&self, idx: usize, deadline: Instant) {
+        let now = Instant::now();
+        assert!(
+            now <= deadline,
+            "term {idx} was cancelled {:?} after its deadline",
+            now - deadline
+        );
+        self.end(idx);
+    }
+
     pub fn end(&self, idx: usize) {
         let mut t = self.terms.lock().unwrap();
         if t[idx].end.is_none() {
