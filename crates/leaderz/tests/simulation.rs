@@ -4,8 +4,8 @@
 //! stalls, hangs, refusals, refused, ending, stalled and compacted watches), on paused
 //! time. Checked: no two terms overlap, fencing tokens rise with every term, every term
 //! is cancelled no later than its deadline (the send time of its last successful write
-//! + renew_deadline), and no release is written before the work dropped its term. (The
-//! machine simulation, `machine_sim.rs`, covers what one shared clock cannot: clock
+//! plus renew_deadline), and no release is written before the work dropped its term.
+//! (The machine simulation, `machine_sim.rs`, covers what one shared clock cannot: clock
 //! rates, paused electors, deletion.)
 //!
 //! Every run is reproducible from its seed: `SIM_SEED=1234 cargo test -p leaderz
