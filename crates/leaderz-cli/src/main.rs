@@ -22,6 +22,7 @@ mod run;
 mod serve;
 mod signals;
 mod status;
+mod text;
 mod watch;
 
 use cli::{Cli, Command};
@@ -41,7 +42,8 @@ fn main() -> ExitCode {
     match execute(cli) {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
-            eprintln!("error: {e}");
+            // One line, whatever the message quotes (an identity, a command, a server's words).
+            eprintln!("error: {}", text::printable(&e.to_string()));
             ExitCode::from(e.exit_code())
         }
     }

@@ -539,6 +539,18 @@ async fn bad_input_fails_with_one_line_and_writes_nothing() {
         ),
         (
             &admin,
+            vec!["--identity", "a\nb"],
+            2,
+            "error: invalid identity `a\\nb` (from --identity): it contains the control character \\u{a}",
+        ),
+        (
+            &admin,
+            vec!["--identity", "\u{1b}[31mred"],
+            2,
+            "error: invalid identity `\\u{1b}[31mred` (from --identity)",
+        ),
+        (
+            &admin,
             vec!["--lease-duration", "soon"],
             2,
             "error: invalid value 'soon'",
@@ -590,4 +602,96 @@ async fn bad_input_fails_with_one_line_and_writes_nothing() {
         .await
         .unwrap();
     assert!(written.items.is_empty(), "{:?}", written.items);
+}
+
+/// What an administrator (or anyone allowed to write Leases) may put in holderIdentity.
+const EVIL_HOLDER: &str = "evil\nholder \u{1b}[31mred\u{1b}[0m";
+/// How leaderz prints it outside JSON.
+const EVIL_HOLDER_SHOWN: &str = "evil\\nholder \\u{1b}[31mred\\u{1b}[0m";
+
+/// Defect 14 (issue 12), the binary's side: a holder written by someone else is printed
+/// on one line, without raw control characters, by `status` (table), `watch` (lines)
+/// and the logs; JSON carries the exact value.
+#[tokio::test]
+async fn status_watch_and_logs_escape_a_hostile_holder() {
+    let ns = cp().new_namespace("evil").await.unwrap();
+    let lease = Lease {
+        metadata: ObjectMeta {
+            name: Some("evil".into()),
+            ..Default::default()
+        },
+        spec: Some(LeaseSpec {
+            holder_identity: Some(EVIL_HOLDER.into()),
+            lease_duration_seconds: Some(30),
+            renew_time: Some(MicroTime(Timestamp::now())),
+            lease_transitions: Some(0),
+            ..Default::default()
+        }),
+    };
+    leases(&ns)
+        .await
+        .create(&PostParams::default(), &lease)
+        .await
+        .unwrap();
+    let clean = |text: &str, lines: usize| {
+        assert_eq!(text.lines().count(), lines, "{text:?}");
+        assert!(!text.contains('\u{1b}'), "{text:?}");
+        assert!(text.contains(EVIL_HOLDER_SHOWN), "{text:?}");
+    };
+
+    for args in [vec!["status", "evil", "-n", &ns], vec!["status", "-n", &ns]] {
+        let out = leaderz(&admin_kubeconfig(), &args).output().await.unwrap();
+        assert!(out.status.success(), "{args:?}");
+        clean(&String::from_utf8(out.stdout).unwrap(), 2);
+    }
+    let out = leaderz(
+        &admin_kubeconfig(),
+        &["status", "evil", "-n", &ns, "-o", "json"],
+    )
+    .output()
+    .await
+    .unwrap();
+    let json: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["holderIdentity"], EVIL_HOLDER);
+
+    for format in ["table", "json"] {
+        let mut watch = leaderz(
+            &admin_kubeconfig(),
+            &["watch", "evil", "-n", &ns, "-o", format],
+        )
+        .spawn()
+        .unwrap();
+        let mut lines = BufReader::new(watch.stdout.take().unwrap()).lines();
+        let mut next = async || {
+            timeout(Duration::from_secs(10), lines.next_line())
+                .await
+                .expect("no line from leaderz watch")
+                .unwrap()
+                .unwrap()
+        };
+        if format == "table" {
+            assert!(next().await.starts_with("TIME"));
+            clean(&next().await, 1);
+        } else {
+            let line: Value = serde_json::from_str(&next().await).unwrap();
+            assert_eq!(line["holderIdentity"], EVIL_HOLDER);
+        }
+        watch.start_kill().unwrap();
+        watch.wait().await.unwrap();
+    }
+
+    // A candidate logs who leads: on one line.
+    let mut args = vec!["serve", "--lease", "evil", "-n", &ns, "--identity", "a"];
+    args.extend(["--http", "127.0.0.1:0"]);
+    args.extend(TIMINGS);
+    let mut serve = Running::start(leaderz(&admin_kubeconfig(), &args));
+    let line = serve.line_with("new leader", Duration::from_secs(20)).await;
+    clean(&line, 1);
+    serve.signal(Signal::SIGTERM);
+    serve.wait(Duration::from_secs(10)).await;
+    let stderr = serve.stderr.lock().unwrap().clone();
+    assert!(
+        !stderr.iter().any(|l| l.starts_with("holder")),
+        "{stderr:#?}"
+    );
 }
