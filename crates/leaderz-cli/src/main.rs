@@ -15,6 +15,7 @@ mod cli;
 mod cluster;
 mod election;
 mod error;
+mod exec;
 mod http;
 mod leases;
 mod logging;

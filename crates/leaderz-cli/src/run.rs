@@ -14,6 +14,7 @@ use crate::child::{Child, exit_code};
 use crate::cli::RunArgs;
 use crate::election::{Election, ElectionInfo};
 use crate::error::CliError;
+use crate::exec;
 use crate::http;
 use crate::signals::Signals;
 
@@ -23,6 +24,11 @@ const KILL_SLACK: Duration = Duration::from_secs(5);
 
 /// Runs `leaderz run`; returns the exit code.
 pub(crate) async fn run(args: RunArgs) -> Result<u8, CliError> {
+    // A command that cannot be executed fails like a shell would, before anything is
+    // written.
+    if let Some(program) = args.command.first() {
+        exec::find(program)?;
+    }
     let mut signals = Signals::install()?;
     let listener = match &args.http {
         Some(addr) => Some(http::bind(addr).await?),

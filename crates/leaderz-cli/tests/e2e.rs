@@ -604,6 +604,59 @@ async fn bad_input_fails_with_one_line_and_writes_nothing() {
     assert!(written.items.is_empty(), "{:?}", written.items);
 }
 
+/// Defect 11 (issue 12): a command that cannot be executed fails as a shell would
+/// (127 not found, 126 not executable), with one line, before anything is written.
+#[tokio::test]
+async fn run_refuses_a_command_it_cannot_execute_before_writing() {
+    use std::os::unix::fs::PermissionsExt;
+    let ns = cp().new_namespace("run-noexec").await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let plain = dir.path().join("plain");
+    std::fs::write(&plain, "#!/bin/sh\necho ran\n").unwrap();
+    std::fs::set_permissions(&plain, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let (plain, here) = (
+        plain.display().to_string(),
+        dir.path().display().to_string(),
+    );
+    let cases = [
+        (
+            "/no/such/binary",
+            127,
+            "cannot run `/no/such/binary`: no such file".to_owned(),
+        ),
+        (
+            "leaderz-no-such-command",
+            127,
+            "cannot run `leaderz-no-such-command`: command not found in PATH".to_owned(),
+        ),
+        (
+            plain.as_str(),
+            126,
+            format!("cannot run `{plain}`: permission denied (the file is not executable)"),
+        ),
+        (
+            here.as_str(),
+            126,
+            format!("cannot run `{here}`: it is a directory"),
+        ),
+    ];
+    for (program, code, message) in cases {
+        let mut args = vec!["run", "--lease", "never", "-n", &ns, "--identity", "a"];
+        args.extend(TIMINGS);
+        args.extend(["--", program, "arg"]);
+        let out = leaderz(&admin_kubeconfig(), &args).output().await.unwrap();
+        let stderr = String::from_utf8(out.stderr).unwrap();
+        assert_eq!(out.status.code(), Some(code), "{program}: {stderr}");
+        assert_eq!(stderr, format!("error: {message}\n"), "{program}");
+    }
+    let written = leases(&ns)
+        .await
+        .list(&ListParams::default())
+        .await
+        .unwrap();
+    assert!(written.items.is_empty(), "{:?}", written.items);
+}
+
 /// What an administrator (or anyone allowed to write Leases) may put in holderIdentity.
 const EVIL_HOLDER: &str = "evil\nholder \u{1b}[31mred\u{1b}[0m";
 /// How leaderz prints it outside JSON.
