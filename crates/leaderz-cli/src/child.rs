@@ -1,7 +1,7 @@
 //! The command `leaderz run` supervises: started in a process group of its own, signalled
 //! as a group, and its exit status mapped to an exit code.
 
-use std::ffi::OsString;
+use std::ffi::{OsStr, OsString};
 use std::os::unix::process::ExitStatusExt;
 use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
@@ -15,6 +15,8 @@ use tracing::{info, warn};
 
 use crate::error::CliError;
 use crate::signals::Signals;
+use crate::supervise;
+use crate::text::printable;
 
 /// A running command, leader of its own process group.
 #[derive(Debug)]
@@ -28,16 +30,33 @@ pub(crate) struct Child {
 }
 
 impl Child {
-    /// Starts `command` (program and arguments) in a new process group with `env` added
-    /// to leaderz's environment; stdin, stdout and stderr are inherited.
+    /// Starts `command` (program and arguments) under a [supervisor](crate::supervise)
+    /// that leads a new process group and kills it if leaderz dies; `env` is added to
+    /// leaderz's environment; stdin, stdout and stderr are inherited. The pid (and
+    /// process group) of the result is the supervisor's; its exit code is the command's.
+    ///
+    /// Call it on the main thread: the supervisor is told when the thread that started
+    /// it exits, and `leaderz` runs its single-threaded runtime on the main thread,
+    /// which lives as long as the process.
     pub(crate) fn spawn(command: &[OsString], env: &[(&str, String)]) -> Result<Self, CliError> {
-        let (program, args) = command
-            .split_first()
+        let program = command
+            .first()
             .ok_or_else(|| CliError::Usage("no command given after `--`".into()))?;
+        Self::start(supervise::command(command), program, env)
+    }
+
+    /// Starts `command` itself, without a supervisor (for tests of the signalling,
+    /// which cannot start the `leaderz` executable).
+    #[cfg(test)]
+    fn spawn_unsupervised(command: &[OsString], env: &[(&str, String)]) -> Self {
+        let mut cmd = Command::new(&command[0]);
+        cmd.args(&command[1..]);
+        Self::start(cmd, &command[0], env).unwrap()
+    }
+
+    fn start(mut cmd: Command, program: &OsStr, env: &[(&str, String)]) -> Result<Self, CliError> {
         let name = program.to_string_lossy().into_owned();
-        let mut cmd = Command::new(program);
-        cmd.args(args)
-            .envs(env.iter().map(|(k, v)| (k, v)))
+        cmd.envs(env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::inherit())
             .process_group(0)
             // A safety net if leaderz unwinds: Drop also kills the whole group.
@@ -49,7 +68,8 @@ impl Child {
         let pid = inner.id().and_then(|id| i32::try_from(id).ok());
         let Some(pid) = pid else {
             return Err(CliError::Io(format!(
-                "`{name}` exited before it could be supervised"
+                "`{}` exited before it could be supervised",
+                printable(&name)
             )));
         };
         Ok(Self {
@@ -184,7 +204,7 @@ mod tests {
     async fn child_gets_env_and_its_code_is_kept() {
         let cmd =
             ["sh", "-c", "test \"$LEADERZ_FENCING_TOKEN\" = 7 && exit 42"].map(OsString::from);
-        let mut child = Child::spawn(&cmd, &[("LEADERZ_FENCING_TOKEN", "7".into())]).unwrap();
+        let mut child = Child::spawn_unsupervised(&cmd, &[("LEADERZ_FENCING_TOKEN", "7".into())]);
         assert_eq!(exit_code(child.wait().await), 42);
     }
 
@@ -193,7 +213,7 @@ mod tests {
         let mut signals = Signals::install().unwrap();
         // The shell ignores SIGTERM; its background sleep is in the same group.
         let cmd = ["sh", "-c", "trap '' TERM; sleep 30 & wait"].map(OsString::from);
-        let mut child = Child::spawn(&cmd, &[]).unwrap();
+        let mut child = Child::spawn_unsupervised(&cmd, &[]);
         tokio::time::sleep(Duration::from_millis(200)).await;
         let group = child.group;
         let (status, received) = child
@@ -234,28 +254,11 @@ mod tests {
             "trap 'exit 7' TERM; while :; do sleep 0.05; done",
         ]
         .map(OsString::from);
-        let mut child = Child::spawn(&cmd, &[]).unwrap();
+        let mut child = Child::spawn_unsupervised(&cmd, &[]);
         tokio::time::sleep(Duration::from_millis(200)).await;
         let (status, _) = child
             .stop(Signal::SIGTERM, Duration::from_secs(10), &mut signals, 0)
             .await;
         assert_eq!(exit_code(status), 7);
-    }
-
-    #[test]
-    fn spawn_failures_map_to_shell_codes() {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        let _guard = rt.enter();
-        let err = Child::spawn(&[OsString::from("/nonexistent/leaderz-test")], &[]).unwrap_err();
-        assert_eq!(err.exit_code(), 127);
-        assert!(
-            err.to_string()
-                .starts_with("cannot start `/nonexistent/leaderz-test`")
-        );
-        let err = Child::spawn(&[OsString::from("/")], &[]).unwrap_err();
-        assert_eq!(err.exit_code(), 126);
     }
 }

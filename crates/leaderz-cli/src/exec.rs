@@ -54,6 +54,15 @@ impl NotRunnable {
             _ => EXIT_CANNOT_EXECUTE,
         }
     }
+
+    /// The error for a failed spawn of `program` (the file changed after it was checked,
+    /// or the kernel refused it, e.g. a wrong architecture).
+    pub(crate) fn spawn_failed(program: &OsStr, error: io::Error) -> Self {
+        NotRunnable::Other {
+            program: program.to_string_lossy().into_owned(),
+            error,
+        }
+    }
 }
 
 /// Finds `program` as `execvp` would: a name with a `/` is taken as a path, any other is

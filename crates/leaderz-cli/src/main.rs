@@ -23,6 +23,7 @@ mod run;
 mod serve;
 mod signals;
 mod status;
+mod supervise;
 mod text;
 mod watch;
 
@@ -31,6 +32,9 @@ use error::{CliError, EXIT_USAGE};
 
 fn main() -> ExitCode {
     let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if args.get(1).is_some_and(|a| a == supervise::MODE) {
+        return ExitCode::from(supervise::main(&args[2..]));
+    }
     let cli = match Cli::try_parse_from(&args) {
         Ok(cli) => cli,
         // --help and --version go to stdout and exit 0.

@@ -2,7 +2,8 @@
 //!
 //! The command starts when a term starts and holds the [`Term`] while it runs; the term
 //! is dropped only once the command's whole process group has exited, so the library
-//! neither campaigns again nor releases the Lease while any of it may still run.
+//! neither campaigns again nor releases the Lease while any of it may still run. If
+//! leaderz itself dies, the command's [supervisor](crate::supervise) kills the group.
 
 use std::time::Duration;
 
@@ -25,7 +26,7 @@ const KILL_SLACK: Duration = Duration::from_secs(5);
 /// Runs `leaderz run`; returns the exit code.
 pub(crate) async fn run(args: RunArgs) -> Result<u8, CliError> {
     // A command that cannot be executed fails like a shell would, before anything is
-    // written.
+    // written (the supervisor checks again when it starts it).
     if let Some(program) = args.command.first() {
         exec::find(program)?;
     }
@@ -56,6 +57,7 @@ pub(crate) async fn run(args: RunArgs) -> Result<u8, CliError> {
             },
         };
 
+        // On the main thread (this runtime's only one): see `Child::spawn`.
         let mut child = match Child::spawn(&args.command, &child_env(&election.info, &term)) {
             Ok(child) => child,
             Err(e) => {

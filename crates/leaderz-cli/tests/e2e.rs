@@ -604,6 +604,219 @@ async fn bad_input_fails_with_one_line_and_writes_nothing() {
     assert!(written.items.is_empty(), "{:?}", written.items);
 }
 
+/// Pids of the processes in group `pgid` that have not exited (zombies excluded), from
+/// /proc.
+fn live_group_members(pgid: i32) -> Vec<i32> {
+    let mut out = Vec::new();
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    for entry in dir.flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        // pid (comm) state ppid pgrp ...; comm may contain spaces and parentheses.
+        let Some((_, rest)) = stat.rsplit_once(')') else {
+            continue;
+        };
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let pgrp = fields.get(2).and_then(|g| g.parse::<i32>().ok());
+        if pgrp == Some(pgid) && !matches!(fields.first(), Some(&"Z" | &"X")) {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+/// Waits until group `pgid` has no live member; returns how long that took. If it
+/// does not happen `within`, kills the group (not to leave it running) and fails.
+async fn group_gone(pgid: i32, within: Duration) -> Duration {
+    let start = Instant::now();
+    while !live_group_members(pgid).is_empty() {
+        if start.elapsed() > within {
+            let members = live_group_members(pgid);
+            let _ = nix::sys::signal::killpg(Pid::from_raw(pgid), Signal::SIGKILL);
+            panic!("process group {pgid} still has {members:?} after {within:?}");
+        }
+        sleep(Duration::from_millis(1)).await;
+    }
+    start.elapsed()
+}
+
+/// SIGKILLs a process group when dropped, so that a failing test leaves nothing running.
+struct KillGroupOnDrop(i32);
+
+impl KillGroupOnDrop {
+    /// The group is gone: its id may be reused, so do not signal it.
+    fn disarm(self) {
+        std::mem::forget(self);
+    }
+}
+
+impl Drop for KillGroupOnDrop {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::killpg(Pid::from_raw(self.0), Signal::SIGKILL);
+    }
+}
+
+/// The pid logged with "leading: started the command" (the command's process group).
+async fn command_group(leaderz: &Running) -> i32 {
+    let line = leaderz
+        .line_with("started the command", Duration::from_secs(20))
+        .await;
+    let pid = line.split("pid=").nth(1).unwrap();
+    pid.split(|c: char| !c.is_ascii_digit())
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+/// Asserts that `file` stops growing (whoever wrote it is gone).
+async fn stops_growing(file: &Path) {
+    let len = || std::fs::metadata(file).map(|m| m.len()).unwrap_or(0);
+    let before = len();
+    sleep(Duration::from_millis(200)).await;
+    assert_eq!(len(), before, "{} is still being written", file.display());
+}
+
+/// How many of the timestamps (`date +%s.%N` lines) in `files` are later than `after`,
+/// and how much later the last one is.
+fn writes_after(files: &[&Path], after: Timestamp) -> (usize, Duration) {
+    let after = after.as_nanosecond();
+    let mut count = 0;
+    let mut last = 0;
+    for file in files {
+        for line in std::fs::read_to_string(file).unwrap().lines() {
+            let Some((secs, nanos)) = line.split_once('.') else {
+                continue;
+            };
+            let (Ok(secs), Ok(nanos)) = (secs.parse::<i128>(), nanos.parse::<i128>()) else {
+                continue;
+            };
+            let at = secs * 1_000_000_000 + nanos;
+            if at > after {
+                count += 1;
+                last = last.max(at - after);
+            }
+        }
+    }
+    (count, Duration::from_nanos(u64::try_from(last).unwrap()))
+}
+
+/// A shell script for a command that keeps working: it and a background job it starts
+/// (same process group) append timestamps to `out` and `out.bg`.
+fn busy_script(out: &Path) -> String {
+    format!(
+        "(while :; do date +%s.%N >> {o}.bg; sleep 0.01; done) & while :; do date +%s.%N >> {o}; sleep 0.01; done",
+        o = out.display()
+    )
+}
+
+/// Defect 9 (issue 12): the OOM killer SIGKILLs just `leaderz`; its command, and
+/// everything the command started, must die with it instead of working on unsupervised.
+#[tokio::test]
+async fn run_command_dies_with_a_sigkilled_leaderz() {
+    const TRIALS: usize = 5;
+    const BOUND: Duration = Duration::from_secs(1);
+    let ns = cp().new_namespace("run-sigkill").await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut took = Vec::new();
+    for trial in 0..TRIALS {
+        let lease = format!("k{trial}");
+        let out = dir.path().join(format!("work{trial}"));
+        let script = busy_script(&out);
+        let mut args = vec!["run", "--lease", &lease, "-n", &ns, "--identity", "a"];
+        args.extend(TIMINGS);
+        args.extend(["--", "sh", "-c", &script]);
+        let mut leaderz = Running::start(leaderz(&admin_kubeconfig(), &args));
+        let group = command_group(&leaderz).await;
+        let guard = KillGroupOnDrop(group);
+        file_contains(&out, ".", Duration::from_secs(10)).await;
+        file_contains(&out.with_extension("bg"), ".", Duration::from_secs(10)).await;
+        // The supervisor, the shell and its background job at least.
+        let members = live_group_members(group);
+        assert!(members.len() >= 3, "{members:?}");
+
+        let killed_at = Timestamp::now();
+        leaderz.signal(Signal::SIGKILL);
+        let gone = group_gone(group, Duration::from_secs(10)).await;
+        guard.disarm();
+        let status = leaderz.wait(Duration::from_secs(5)).await;
+        assert_eq!(
+            std::os::unix::process::ExitStatusExt::signal(&status),
+            Some(9)
+        );
+        stops_growing(&out).await;
+        stops_growing(&out.with_extension("bg")).await;
+        // No release after a SIGKILL: the lease is left to expire.
+        assert_eq!(holder(&ns, &lease).await.as_deref(), Some("a"));
+        let (late, last) = writes_after(&[&out, &out.with_extension("bg")], killed_at);
+        eprintln!(
+            "trial {trial}: the command's group of {} was gone {gone:?} after SIGKILL; {late} writes after it, the last {last:?} after it",
+            members.len()
+        );
+        assert!(last < BOUND, "{last:?}");
+        took.push(gone);
+    }
+    took.sort();
+    eprintln!(
+        "command group gone after leaderz was SIGKILLed, {TRIALS} trials: min {:?}, median {:?}, max {:?}",
+        took[0],
+        took[TRIALS / 2],
+        took[TRIALS - 1]
+    );
+    assert!(took[TRIALS - 1] < BOUND, "{took:?}");
+}
+
+/// The kernel sends the parent-death signal when the *thread* that started the
+/// supervisor exits. The supervisor must tell that from the death of leaderz and let
+/// the command run on.
+#[tokio::test]
+async fn the_command_outlives_the_thread_that_started_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("work");
+    let script = busy_script(&out);
+    let work = out.clone();
+    let thread = std::thread::spawn(move || {
+        use std::os::unix::process::CommandExt;
+        let supervisor = std::process::Command::new(env!("CARGO_BIN_EXE_leaderz"))
+            .args(["__leaderz-supervise", &std::process::id().to_string()])
+            .args(["--", "sh", "-c", &script])
+            .process_group(0)
+            .spawn()
+            .unwrap();
+        // The supervisor asks for the signal before it starts the command: once the
+        // command works, this thread's exit is signalled.
+        while std::fs::metadata(&work).map_or(0, |m| m.len()) == 0 {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        supervisor
+    });
+    let mut supervisor = thread.join().unwrap();
+    let group = i32::try_from(supervisor.id()).unwrap();
+    let guard = KillGroupOnDrop(group);
+    // The thread has exited (and with it the supervisor got its SIGTERM): still working.
+    sleep(Duration::from_millis(500)).await;
+    assert!(
+        supervisor.try_wait().unwrap().is_none(),
+        "the supervisor exited"
+    );
+    assert!(live_group_members(group).len() >= 3);
+    let len = std::fs::metadata(&out).unwrap().len();
+    sleep(Duration::from_millis(200)).await;
+    assert!(
+        std::fs::metadata(&out).unwrap().len() > len,
+        "the command stopped"
+    );
+
+    drop(guard);
+    supervisor.wait().unwrap();
+}
+
 /// Defect 11 (issue 12): a command that cannot be executed fails as a shell would
 /// (127 not found, 126 not executable), with one line, before anything is written.
 #[tokio::test]
@@ -655,6 +868,68 @@ async fn run_refuses_a_command_it_cannot_execute_before_writing() {
         .await
         .unwrap();
     assert!(written.items.is_empty(), "{:?}", written.items);
+}
+
+/// A command that was fine when leaderz started but is gone (or no longer executable)
+/// when it comes to lead: the supervisor says so with a shell's code, and leaderz exits
+/// with it after releasing the lease.
+#[tokio::test]
+async fn run_reports_a_command_that_changed_while_waiting_to_lead() {
+    use std::os::unix::fs::PermissionsExt;
+    let ns = cp().new_namespace("run-vanish").await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    for (case, code) in [("removed", 127), ("chmod -x", 126)] {
+        let lease = if code == 127 { "gone" } else { "noexec" };
+        let script = dir.path().join(lease);
+        std::fs::write(&script, "#!/bin/sh\nexit 0\n").unwrap();
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+        // Someone else holds the lease.
+        let held = Lease {
+            metadata: ObjectMeta {
+                name: Some(lease.into()),
+                ..Default::default()
+            },
+            spec: Some(LeaseSpec {
+                holder_identity: Some("other".into()),
+                lease_duration_seconds: Some(30),
+                renew_time: Some(MicroTime(Timestamp::now())),
+                lease_transitions: Some(0),
+                ..Default::default()
+            }),
+        };
+        leases(&ns)
+            .await
+            .create(&PostParams::default(), &held)
+            .await
+            .unwrap();
+        let path = script.display().to_string();
+        let mut args = vec!["run", "--lease", lease, "-n", &ns, "--identity", "a"];
+        args.extend(TIMINGS);
+        args.extend(["--", &path]);
+        let mut leaderz = Running::start(leaderz(&admin_kubeconfig(), &args));
+        leaderz
+            .line_with("new leader leader=\"other\"", Duration::from_secs(20))
+            .await;
+        if code == 127 {
+            std::fs::remove_file(&script).unwrap();
+        } else {
+            std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o644)).unwrap();
+        }
+        steal(&ns, lease, "").await;
+        let status = leaderz.wait(Duration::from_secs(20)).await;
+        assert_eq!(status.code(), Some(code), "{case}");
+        let stderr = leaderz.stderr.lock().unwrap().clone();
+        let reason = if code == 127 {
+            "no such file"
+        } else {
+            "permission denied (the file is not executable)"
+        };
+        let line = format!("error: cannot run `{path}`: {reason}");
+        assert!(stderr.contains(&line), "{case}: {stderr:#?}");
+        // It led (the supervisor was started), and released on the way out.
+        assert!(stderr.iter().any(|l| l.contains("became leader")), "{case}");
+        assert_eq!(holder(&ns, lease).await.as_deref(), Some(""), "{case}");
+    }
 }
 
 /// What an administrator (or anyone allowed to write Leases) may put in holderIdentity.
