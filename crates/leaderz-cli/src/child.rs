@@ -6,11 +6,12 @@ use std::os::unix::process::ExitStatusExt;
 use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
 
+use leaderz::Term;
 use nix::errno::Errno;
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use tokio::process::Command;
-use tokio::time::sleep;
+use tokio::time::{Instant, sleep_until};
 use tracing::{info, warn};
 
 use crate::error::CliError;
@@ -27,6 +28,49 @@ pub(crate) struct Child {
     program: String,
     /// Whether the child has been reaped (its pid may then be reused).
     reaped: bool,
+}
+
+/// When a command being stopped gets SIGKILL.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct KillLimit<'a> {
+    /// How long after the first signal (`--grace`).
+    pub(crate) grace: Duration,
+    /// The term the command works for, and how long after the term's
+    /// [deadline](Term::deadline) the command may still run once the term has ended:
+    /// SIGKILL comes then even if the grace period lasts longer.
+    pub(crate) term: Option<(&'a Term, Duration)>,
+}
+
+impl KillLimit<'_> {
+    /// Just the grace period.
+    #[cfg(test)]
+    fn grace(grace: Duration) -> Self {
+        Self { grace, term: None }
+    }
+
+    /// When to send SIGKILL given the end of the grace period, and whether that is
+    /// earlier than the grace period (the term ended).
+    fn kill_at(&self, grace_end: Instant) -> (Instant, bool) {
+        match self.term {
+            Some((term, slack)) if !term.is_active() => {
+                let cap = term.deadline() + slack;
+                if cap < grace_end {
+                    (cap, true)
+                } else {
+                    (grace_end, false)
+                }
+            }
+            _ => (grace_end, false),
+        }
+    }
+
+    /// Completes when the term ends (never if there is none, or it has ended).
+    async fn term_ends(&self) {
+        match self.term {
+            Some((term, _)) if term.is_active() => term.cancelled().await,
+            _ => std::future::pending().await,
+        }
+    }
 }
 
 impl Child {
@@ -108,31 +152,41 @@ impl Child {
         }
     }
 
-    /// Stops the command: `first` to its group, then SIGKILL after `grace` (or at once on
-    /// a further SIGTERM/SIGINT to leaderz, if `signals_seen` already counts one).
-    /// Returns its exit status and the first signal leaderz received meanwhile, if any.
-    /// When it returns, the child has exited and nothing is left in its group.
+    /// Stops the command: `first` to its group, then SIGKILL when `limit` says (or at
+    /// once on a further SIGTERM/SIGINT to leaderz, if `signals_seen` already counts
+    /// one). Returns its exit status and the first signal leaderz received meanwhile, if
+    /// any. When it returns, the child has exited and the rest of its group has been sent
+    /// SIGKILL.
     pub(crate) async fn stop(
         &mut self,
         first: Signal,
-        grace: Duration,
+        limit: KillLimit<'_>,
         signals: &mut Signals,
         mut signals_seen: usize,
     ) -> (ExitStatus, Option<Signal>) {
-        info!(signal = %first, pid = self.pid(), grace = ?grace, "stopping the command");
+        info!(signal = %first, pid = self.pid(), grace = ?limit.grace, "stopping the command");
         self.signal(first);
+        let grace_end = Instant::now() + limit.grace;
         let mut received = None;
-        let deadline = sleep(grace);
-        tokio::pin!(deadline);
         let status = loop {
+            let (kill_at, early) = limit.kill_at(grace_end);
             tokio::select! {
                 biased;
                 status = self.wait() => break status,
-                () = &mut deadline => {
-                    warn!(grace = ?grace, "the command did not exit within the grace period: sending SIGKILL");
+                () = sleep_until(kill_at) => {
+                    if early {
+                        warn!(
+                            grace = ?limit.grace,
+                            "the command has not exited and another candidate may soon take the lease over: sending SIGKILL before the grace period ends"
+                        );
+                    } else {
+                        warn!(grace = ?limit.grace, "the command did not exit within the grace period: sending SIGKILL");
+                    }
                     self.signal(Signal::SIGKILL);
                     break self.wait().await;
                 }
+                // The term ended meanwhile: the limit may have moved closer.
+                () = limit.term_ends() => {}
                 signal = signals.recv() => {
                     received.get_or_insert(signal);
                     signals_seen += 1;
@@ -217,7 +271,12 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(200)).await;
         let group = child.group;
         let (status, received) = child
-            .stop(Signal::SIGTERM, Duration::from_millis(300), &mut signals, 0)
+            .stop(
+                Signal::SIGTERM,
+                KillLimit::grace(Duration::from_millis(300)),
+                &mut signals,
+                0,
+            )
             .await;
         assert_eq!(exit_code(status), 137);
         assert_eq!(received, None);
@@ -257,7 +316,12 @@ mod tests {
         let mut child = Child::spawn_unsupervised(&cmd, &[]);
         tokio::time::sleep(Duration::from_millis(200)).await;
         let (status, _) = child
-            .stop(Signal::SIGTERM, Duration::from_secs(10), &mut signals, 0)
+            .stop(
+                Signal::SIGTERM,
+                KillLimit::grace(Duration::from_secs(10)),
+                &mut signals,
+                0,
+            )
             .await;
         assert_eq!(exit_code(status), 7);
     }

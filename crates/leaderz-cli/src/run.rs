@@ -1,9 +1,11 @@
 //! `leaderz run`: run a command only while leading.
 //!
 //! The command starts when a term starts and holds the [`Term`] while it runs; the term
-//! is dropped only once the command's whole process group has exited, so the library
-//! neither campaigns again nor releases the Lease while any of it may still run. If
-//! leaderz itself dies, the command's [supervisor](crate::supervise) kills the group.
+//! is dropped only once the command has exited and the rest of its process group has
+//! been sent SIGKILL, so the library neither campaigns again nor releases the Lease while
+//! any of it may still run. A lost term's command gets SIGTERM, and SIGKILL at the latest
+//! shortly before another candidate may take over; if leaderz itself dies, the command's
+//! [supervisor](crate::supervise) kills the group.
 
 use std::time::Duration;
 
@@ -11,7 +13,7 @@ use leaderz::Term;
 use nix::sys::signal::Signal;
 use tracing::{info, warn};
 
-use crate::child::{Child, exit_code};
+use crate::child::{Child, KillLimit, exit_code};
 use crate::cli::RunArgs;
 use crate::election::{Election, ElectionInfo};
 use crate::error::CliError;
@@ -22,6 +24,21 @@ use crate::signals::Signals;
 /// How long after SIGKILL the command may take to be reaped before the library calls its
 /// work overdue.
 const KILL_SLACK: Duration = Duration::from_secs(5);
+
+/// How long before another candidate may take the lease over a lost term's command gets
+/// SIGKILL at the latest (less if the lease duration is barely above the renew deadline).
+const TAKEOVER_MARGIN: Duration = Duration::from_millis(500);
+
+/// How long after a lost term's deadline its command may still run.
+///
+/// The deadline is the term's last successful renewal (its send time) plus the renew
+/// deadline; a follower that saw that renewal waits a lease duration from then, so it
+/// cannot take over before `deadline + (lease_duration - renew_deadline)` on a clock
+/// that runs at ours. SIGKILL comes shortly before that, however long `--grace` is.
+fn takeover_slack(lease_duration: Duration, renew_deadline: Duration) -> Duration {
+    let gap = lease_duration.saturating_sub(renew_deadline);
+    gap - TAKEOVER_MARGIN.min(gap / 2)
+}
 
 /// Runs `leaderz run`; returns the exit code.
 pub(crate) async fn run(args: RunArgs) -> Result<u8, CliError> {
@@ -39,6 +56,7 @@ pub(crate) async fn run(args: RunArgs) -> Result<u8, CliError> {
     // command gets `grace` and then SIGKILL, so only a command SIGKILL cannot end does.
     let overdue = args.grace + KILL_SLACK;
     let mut election = Election::start(&args.election, |c| c.shutdown_grace(overdue)).await?;
+    let slack = takeover_slack(args.election.lease_duration, args.election.renew_deadline);
     if let Some(listener) = listener {
         http::spawn(listener, http::AppState::for_election(&election));
     }
@@ -75,6 +93,10 @@ pub(crate) async fn run(args: RunArgs) -> Result<u8, CliError> {
         );
 
         let token = term.token();
+        let limit = KillLimit {
+            grace: args.grace,
+            term: Some((&term, slack)),
+        };
         tokio::select! {
             biased;
             status = child.wait() => {
@@ -87,7 +109,7 @@ pub(crate) async fn run(args: RunArgs) -> Result<u8, CliError> {
             }
             () = token.cancelled() => {
                 warn!("lost leadership: stopping the command");
-                let (status, signal) = child.stop(Signal::SIGTERM, args.grace, &mut signals, 0).await;
+                let (status, signal) = child.stop(Signal::SIGTERM, limit, &mut signals, 0).await;
                 drop(term);
                 if let Some(signal) = signal {
                     info!(%signal, "asked to stop while stopping the command: shutting down");
@@ -103,7 +125,7 @@ pub(crate) async fn run(args: RunArgs) -> Result<u8, CliError> {
             }
             signal = signals.recv() => {
                 info!(%signal, "forwarding to the command, then releasing the lease");
-                let (status, _) = child.stop(signal, args.grace, &mut signals, 1).await;
+                let (status, _) = child.stop(signal, limit, &mut signals, 1).await;
                 drop(term);
                 finish(election).await;
                 return Ok(exit_code(status));
@@ -128,4 +150,22 @@ fn child_env(info: &ElectionInfo, term: &Term) -> Vec<(&'static str, String)> {
         ("LEADERZ_NAMESPACE", info.namespace.clone()),
         ("LEADERZ_FENCING_TOKEN", term.fencing_token().to_string()),
     ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_lost_command_is_killed_shortly_before_a_takeover() {
+        let s = |lease, renew| {
+            takeover_slack(Duration::from_millis(lease), Duration::from_millis(renew))
+        };
+        // client-go's defaults: followers may take over 5 s after the deadline.
+        assert_eq!(s(15_000, 10_000), Duration::from_millis(4_500));
+        assert_eq!(s(3_000, 2_000), Duration::from_millis(500));
+        // A thin margin is halved rather than used up.
+        assert_eq!(s(3_000, 2_900), Duration::from_millis(50));
+        assert_eq!(s(3_000, 3_000), Duration::ZERO);
+    }
 }

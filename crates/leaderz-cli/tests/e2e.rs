@@ -171,16 +171,22 @@ async fn holder_becomes(ns: &str, name: &str, want: &str) {
     .unwrap_or_else(|_| panic!("the holder of {ns}/{name} never became {want:?}"));
 }
 
-/// As an administrator would: overwrite the holder (a proper update on the version read).
-async fn steal(ns: &str, name: &str, thief: &str) {
+/// As an administrator would: overwrite the holder (a proper update on the version read,
+/// read again if the holder renewed meanwhile). Returns the replaced record's renewTime.
+async fn steal(ns: &str, name: &str, thief: &str) -> Timestamp {
     let api = leases(ns).await;
-    let mut lease = api.get(name).await.unwrap();
-    let spec = lease.spec.get_or_insert_with(LeaseSpec::default);
-    spec.holder_identity = Some(thief.into());
-    spec.renew_time = Some(MicroTime(Timestamp::now()));
-    api.replace(name, &PostParams::default(), &lease)
-        .await
-        .unwrap();
+    loop {
+        let mut lease = api.get(name).await.unwrap();
+        let spec = lease.spec.get_or_insert_with(LeaseSpec::default);
+        let renewed = spec.renew_time.as_ref().map(|t| t.0);
+        spec.holder_identity = Some(thief.into());
+        spec.renew_time = Some(MicroTime(Timestamp::now()));
+        match api.replace(name, &PostParams::default(), &lease).await {
+            Ok(_) => return renewed.unwrap_or_default(),
+            Err(kube::Error::Api(s)) if s.code == 409 => continue,
+            Err(e) => panic!("cannot update lease {ns}/{name}: {e}"),
+        }
+    }
 }
 
 /// A plain HTTP/1.1 GET: status code, headers and body.
@@ -1020,6 +1026,55 @@ async fn status_watch_and_logs_escape_a_hostile_holder() {
     let stderr = serve.stderr.lock().unwrap().clone();
     assert!(
         !stderr.iter().any(|l| l.starts_with("holder")),
+        "{stderr:#?}"
+    );
+}
+
+/// A lost term's command that ignores SIGTERM gets SIGKILL before another candidate may
+/// take over (its last renewal + the lease duration), however long `--grace` is.
+#[tokio::test]
+async fn run_kills_a_stubborn_command_before_another_candidate_may_lead() {
+    let ns = cp().new_namespace("run-cap").await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("work");
+    let script = format!(
+        "trap '' TERM; while :; do date +%s.%N >> {}; sleep 0.01; done",
+        out.display()
+    );
+    let mut args = vec!["run", "--lease", "cap", "-n", &ns, "--identity", "a"];
+    args.extend(TIMINGS);
+    args.extend([
+        "--grace",
+        "60s",
+        "--exit-on-loss",
+        "--",
+        "sh",
+        "-c",
+        &script,
+    ]);
+    let mut leaderz = Running::start(leaderz(&admin_kubeconfig(), &args));
+    let group = command_group(&leaderz).await;
+    let guard = KillGroupOnDrop(group);
+    file_contains(&out, ".", Duration::from_secs(10)).await;
+    // Let a few renewals happen, then take the lease away.
+    sleep(Duration::from_secs(1)).await;
+    let last_renewal = steal(&ns, "cap", "intruder").await;
+    let gone = group_gone(group, Duration::from_secs(10)).await;
+    guard.disarm();
+    let at = Timestamp::now();
+    stops_growing(&out).await;
+    let since_renewal = at.duration_since(last_renewal).unsigned_abs();
+    eprintln!(
+        "the command was gone {gone:?} after the steal, {since_renewal:?} after the last renewal"
+    );
+    // Lease duration 3 s: a follower that saw the last renewal may take over 3 s after it.
+    assert!(since_renewal < Duration::from_secs(3), "{since_renewal:?}");
+    assert_eq!(leaderz.wait(Duration::from_secs(10)).await.code(), Some(1));
+    let stderr = leaderz.stderr.lock().unwrap().clone();
+    assert!(
+        stderr
+            .iter()
+            .any(|l| l.contains("sending SIGKILL before the grace period ends")),
         "{stderr:#?}"
     );
 }
