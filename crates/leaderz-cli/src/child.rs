@@ -16,7 +16,7 @@ use tracing::{info, warn};
 
 use crate::error::CliError;
 use crate::signals::Signals;
-use crate::supervise;
+use crate::supervise::{self, WhileStopped};
 use crate::text::printable;
 
 /// A running command, leader of its own process group.
@@ -75,18 +75,23 @@ impl KillLimit<'_> {
 
 impl Child {
     /// Starts `command` (program and arguments) under a [supervisor](crate::supervise)
-    /// that leads a new process group and kills it if leaderz dies; `env` is added to
+    /// that leads a new process group and kills it if leaderz dies (and acts as
+    /// `while_stopped` says if leaderz is stopped); `env` is added to
     /// leaderz's environment; stdin, stdout and stderr are inherited. The pid (and
     /// process group) of the result is the supervisor's; its exit code is the command's.
     ///
     /// Call it on the main thread: the supervisor is told when the thread that started
     /// it exits, and `leaderz` runs its single-threaded runtime on the main thread,
     /// which lives as long as the process.
-    pub(crate) fn spawn(command: &[OsString], env: &[(&str, String)]) -> Result<Self, CliError> {
+    pub(crate) fn spawn(
+        command: &[OsString],
+        env: &[(&str, String)],
+        while_stopped: WhileStopped,
+    ) -> Result<Self, CliError> {
         let program = command
             .first()
             .ok_or_else(|| CliError::Usage("no command given after `--`".into()))?;
-        Self::start(supervise::command(command), program, env)
+        Self::start(supervise::command(command, while_stopped), program, env)
     }
 
     /// Starts `command` itself, without a supervisor (for tests of the signalling,

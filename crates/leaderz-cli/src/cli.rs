@@ -39,8 +39,10 @@ pub(crate) enum Command {
     /// again (or exits with --exit-on-loss). When CMD exits, leaderz releases the Lease and
     /// exits with CMD's code (128+N if a signal N killed it). SIGTERM/SIGINT are forwarded
     /// to the group; leaderz releases once it has stopped. If leaderz dies, even by
-    /// SIGKILL, the group is killed with it. A CMD that cannot be executed fails at once,
-    /// before anything is written, with 127 (not found) or 126 (not executable).
+    /// SIGKILL, the group is killed with it; if leaderz is stopped (SIGSTOP, Ctrl-Z) past
+    /// its term, the group gets SIGTERM, then SIGKILL before another candidate may take
+    /// over. A CMD that cannot be executed fails at once, before anything is written,
+    /// with 127 (not found) or 126 (not executable).
     Run(RunArgs),
     /// Sidecar: campaign for the Lease and serve who leads over HTTP.
     ///

@@ -20,6 +20,7 @@ use crate::error::CliError;
 use crate::exec;
 use crate::http;
 use crate::signals::Signals;
+use crate::supervise::WhileStopped;
 
 /// How long after SIGKILL the command may take to be reaped before the library calls its
 /// work overdue.
@@ -40,6 +41,25 @@ fn takeover_slack(lease_duration: Duration, renew_deadline: Duration) -> Duratio
     gap - TAKEOVER_MARGIN.min(gap / 2)
 }
 
+/// What the supervisor does while leaderz is stopped (SIGSTOP, Ctrl-Z, a debugger).
+///
+/// The leader renews every retry period, so the last renewal came at most that long
+/// before the stop (if renewals were succeeding), and the term's deadline is at most
+/// `renew_deadline - retry_period` after the stop: SIGTERM then, as leaderz would, and
+/// SIGKILL `slack` later, before another candidate may take over. The supervisor sees
+/// the stop up to 100 ms late, which the takeover margin covers.
+fn while_stopped(
+    renew_deadline: Duration,
+    retry_period: Duration,
+    slack: Duration,
+) -> WhileStopped {
+    let term_after = renew_deadline.saturating_sub(retry_period);
+    WhileStopped {
+        term_after,
+        kill_after: term_after + slack,
+    }
+}
+
 /// Runs `leaderz run`; returns the exit code.
 pub(crate) async fn run(args: RunArgs) -> Result<u8, CliError> {
     // A command that cannot be executed fails like a shell would, before anything is
@@ -57,6 +77,11 @@ pub(crate) async fn run(args: RunArgs) -> Result<u8, CliError> {
     let overdue = args.grace + KILL_SLACK;
     let mut election = Election::start(&args.election, |c| c.shutdown_grace(overdue)).await?;
     let slack = takeover_slack(args.election.lease_duration, args.election.renew_deadline);
+    let while_stopped = while_stopped(
+        args.election.renew_deadline,
+        args.election.retry_period,
+        slack,
+    );
     if let Some(listener) = listener {
         http::spawn(listener, http::AppState::for_election(&election));
     }
@@ -76,7 +101,8 @@ pub(crate) async fn run(args: RunArgs) -> Result<u8, CliError> {
         };
 
         // On the main thread (this runtime's only one): see `Child::spawn`.
-        let mut child = match Child::spawn(&args.command, &child_env(&election.info, &term)) {
+        let env = child_env(&election.info, &term);
+        let mut child = match Child::spawn(&args.command, &env, while_stopped) {
             Ok(child) => child,
             Err(e) => {
                 drop(term);
@@ -167,5 +193,14 @@ mod tests {
         // A thin margin is halved rather than used up.
         assert_eq!(s(3_000, 2_900), Duration::from_millis(50));
         assert_eq!(s(3_000, 3_000), Duration::ZERO);
+    }
+
+    #[test]
+    fn a_stopped_leaderz_has_its_command_stopped_as_it_would_have() {
+        let ms = Duration::from_millis;
+        let w = while_stopped(ms(10_000), ms(2_000), ms(4_500));
+        assert_eq!((w.term_after, w.kill_after), (ms(8_000), ms(12_500)));
+        let w = while_stopped(ms(2_000), ms(500), ms(500));
+        assert_eq!((w.term_after, w.kill_after), (ms(1_500), ms(2_000)));
     }
 }

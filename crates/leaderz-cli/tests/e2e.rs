@@ -778,6 +778,51 @@ async fn run_command_dies_with_a_sigkilled_leaderz() {
     assert!(took[TRIALS - 1] < BOUND, "{took:?}");
 }
 
+/// A stopped leaderz (SIGSTOP, Ctrl-Z, a debugger) can neither renew nor stop its
+/// command; the supervisor stops the command before another candidate may take over.
+#[tokio::test]
+async fn run_command_is_stopped_while_leaderz_is_stopped() {
+    let ns = cp().new_namespace("run-sigstop").await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("work");
+    let script = busy_script(&out);
+    let mut args = vec!["run", "--lease", "stop", "-n", &ns, "--identity", "a"];
+    args.extend(TIMINGS);
+    args.extend(["--", "sh", "-c", &script]);
+    let mut leaderz = Running::start(leaderz(&admin_kubeconfig(), &args));
+    let group = command_group(&leaderz).await;
+    let guard = KillGroupOnDrop(group);
+    file_contains(&out, ".", Duration::from_secs(10)).await;
+    sleep(Duration::from_secs(1)).await;
+
+    leaderz.signal(Signal::SIGSTOP);
+    let gone = group_gone(group, Duration::from_secs(10)).await;
+    guard.disarm();
+    let at = Timestamp::now();
+    stops_growing(&out).await;
+    let spec = leases(&ns).await.get("stop").await.unwrap().spec.unwrap();
+    assert_eq!(spec.holder_identity.as_deref(), Some("a"));
+    let last_renewal = spec.renew_time.unwrap().0;
+    let since_renewal = at.duration_since(last_renewal).unsigned_abs();
+    eprintln!(
+        "the command was gone {gone:?} after leaderz was stopped, {since_renewal:?} after its last renewal"
+    );
+    // Lease duration 3 s: a follower that saw the last renewal may take over 3 s after it.
+    assert!(since_renewal < Duration::from_secs(3), "{since_renewal:?}");
+
+    // Continued, leaderz finds the command ended by SIGTERM, and exits as it did.
+    leaderz.signal(Signal::SIGCONT);
+    let status = leaderz.wait(Duration::from_secs(10)).await;
+    assert_eq!(status.code(), Some(143));
+    let stderr = leaderz.stderr.lock().unwrap().clone();
+    assert!(
+        stderr
+            .iter()
+            .any(|l| l.starts_with("leaderz has been stopped for")),
+        "{stderr:#?}"
+    );
+}
+
 /// The kernel sends the parent-death signal when the *thread* that started the
 /// supervisor exits. The supervisor must tell that from the death of leaderz and let
 /// the command run on.
@@ -791,6 +836,7 @@ async fn the_command_outlives_the_thread_that_started_it() {
         use std::os::unix::process::CommandExt;
         let supervisor = std::process::Command::new(env!("CARGO_BIN_EXE_leaderz"))
             .args(["__leaderz-supervise", &std::process::id().to_string()])
+            .args(["60000", "60000"])
             .args(["--", "sh", "-c", &script])
             .process_group(0)
             .spawn()
