@@ -1,20 +1,23 @@
 //! The command `leaderz run` supervises: started in a process group of its own, signalled
 //! as a group, and its exit status mapped to an exit code.
 
-use std::ffi::OsString;
+use std::ffi::{OsStr, OsString};
 use std::os::unix::process::ExitStatusExt;
 use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
 
+use leaderz::Term;
 use nix::errno::Errno;
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use tokio::process::Command;
-use tokio::time::sleep;
+use tokio::time::{Instant, sleep_until};
 use tracing::{info, warn};
 
 use crate::error::CliError;
 use crate::signals::Signals;
+use crate::supervise::{self, WhileStopped};
+use crate::text::printable;
 
 /// A running command, leader of its own process group.
 #[derive(Debug)]
@@ -27,17 +30,82 @@ pub(crate) struct Child {
     reaped: bool,
 }
 
+/// When a command being stopped gets SIGKILL.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct KillLimit<'a> {
+    /// How long after the first signal (`--grace`).
+    pub(crate) grace: Duration,
+    /// The term the command works for, and how long after the term's
+    /// [deadline](Term::deadline) the command may still run once the term has ended:
+    /// SIGKILL comes then even if the grace period lasts longer.
+    pub(crate) term: Option<(&'a Term, Duration)>,
+}
+
+impl KillLimit<'_> {
+    /// Just the grace period.
+    #[cfg(test)]
+    fn grace(grace: Duration) -> Self {
+        Self { grace, term: None }
+    }
+
+    /// When to send SIGKILL given the end of the grace period, and whether that is
+    /// earlier than the grace period (the term ended).
+    fn kill_at(&self, grace_end: Instant) -> (Instant, bool) {
+        match self.term {
+            Some((term, slack)) if !term.is_active() => {
+                let cap = term.deadline() + slack;
+                if cap < grace_end {
+                    (cap, true)
+                } else {
+                    (grace_end, false)
+                }
+            }
+            _ => (grace_end, false),
+        }
+    }
+
+    /// Completes when the term ends (never if there is none, or it has ended).
+    async fn term_ends(&self) {
+        match self.term {
+            Some((term, _)) if term.is_active() => term.cancelled().await,
+            _ => std::future::pending().await,
+        }
+    }
+}
+
 impl Child {
-    /// Starts `command` (program and arguments) in a new process group with `env` added
-    /// to leaderz's environment; stdin, stdout and stderr are inherited.
-    pub(crate) fn spawn(command: &[OsString], env: &[(&str, String)]) -> Result<Self, CliError> {
-        let (program, args) = command
-            .split_first()
+    /// Starts `command` (program and arguments) under a [supervisor](crate::supervise)
+    /// that leads a new process group and kills it if leaderz dies (and acts as
+    /// `while_stopped` says if leaderz is stopped); `env` is added to
+    /// leaderz's environment; stdin, stdout and stderr are inherited. The pid (and
+    /// process group) of the result is the supervisor's; its exit code is the command's.
+    ///
+    /// Call it on the main thread: the supervisor is told when the thread that started
+    /// it exits, and `leaderz` runs its single-threaded runtime on the main thread,
+    /// which lives as long as the process.
+    pub(crate) fn spawn(
+        command: &[OsString],
+        env: &[(&str, String)],
+        while_stopped: WhileStopped,
+    ) -> Result<Self, CliError> {
+        let program = command
+            .first()
             .ok_or_else(|| CliError::Usage("no command given after `--`".into()))?;
+        Self::start(supervise::command(command, while_stopped), program, env)
+    }
+
+    /// Starts `command` itself, without a supervisor (for tests of the signalling,
+    /// which cannot start the `leaderz` executable).
+    #[cfg(test)]
+    fn spawn_unsupervised(command: &[OsString], env: &[(&str, String)]) -> Self {
+        let mut cmd = Command::new(&command[0]);
+        cmd.args(&command[1..]);
+        Self::start(cmd, &command[0], env).unwrap()
+    }
+
+    fn start(mut cmd: Command, program: &OsStr, env: &[(&str, String)]) -> Result<Self, CliError> {
         let name = program.to_string_lossy().into_owned();
-        let mut cmd = Command::new(program);
-        cmd.args(args)
-            .envs(env.iter().map(|(k, v)| (k, v)))
+        cmd.envs(env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::inherit())
             .process_group(0)
             // A safety net if leaderz unwinds: Drop also kills the whole group.
@@ -49,7 +117,8 @@ impl Child {
         let pid = inner.id().and_then(|id| i32::try_from(id).ok());
         let Some(pid) = pid else {
             return Err(CliError::Io(format!(
-                "`{name}` exited before it could be supervised"
+                "`{}` exited before it could be supervised",
+                printable(&name)
             )));
         };
         Ok(Self {
@@ -88,31 +157,41 @@ impl Child {
         }
     }
 
-    /// Stops the command: `first` to its group, then SIGKILL after `grace` (or at once on
-    /// a further SIGTERM/SIGINT to leaderz, if `signals_seen` already counts one).
-    /// Returns its exit status and the first signal leaderz received meanwhile, if any.
-    /// When it returns, the child has exited and nothing is left in its group.
+    /// Stops the command: `first` to its group, then SIGKILL when `limit` says (or at
+    /// once on a further SIGTERM/SIGINT to leaderz, if `signals_seen` already counts
+    /// one). Returns its exit status and the first signal leaderz received meanwhile, if
+    /// any. When it returns, the child has exited and the rest of its group has been sent
+    /// SIGKILL.
     pub(crate) async fn stop(
         &mut self,
         first: Signal,
-        grace: Duration,
+        limit: KillLimit<'_>,
         signals: &mut Signals,
         mut signals_seen: usize,
     ) -> (ExitStatus, Option<Signal>) {
-        info!(signal = %first, pid = self.pid(), grace = ?grace, "stopping the command");
+        info!(signal = %first, pid = self.pid(), grace = ?limit.grace, "stopping the command");
         self.signal(first);
+        let grace_end = Instant::now() + limit.grace;
         let mut received = None;
-        let deadline = sleep(grace);
-        tokio::pin!(deadline);
         let status = loop {
+            let (kill_at, early) = limit.kill_at(grace_end);
             tokio::select! {
                 biased;
                 status = self.wait() => break status,
-                () = &mut deadline => {
-                    warn!(grace = ?grace, "the command did not exit within the grace period: sending SIGKILL");
+                () = sleep_until(kill_at) => {
+                    if early {
+                        warn!(
+                            grace = ?limit.grace,
+                            "the command has not exited and another candidate may soon take the lease over: sending SIGKILL before the grace period ends"
+                        );
+                    } else {
+                        warn!(grace = ?limit.grace, "the command did not exit within the grace period: sending SIGKILL");
+                    }
                     self.signal(Signal::SIGKILL);
                     break self.wait().await;
                 }
+                // The term ended meanwhile: the limit may have moved closer.
+                () = limit.term_ends() => {}
                 signal = signals.recv() => {
                     received.get_or_insert(signal);
                     signals_seen += 1;
@@ -184,7 +263,7 @@ mod tests {
     async fn child_gets_env_and_its_code_is_kept() {
         let cmd =
             ["sh", "-c", "test \"$LEADERZ_FENCING_TOKEN\" = 7 && exit 42"].map(OsString::from);
-        let mut child = Child::spawn(&cmd, &[("LEADERZ_FENCING_TOKEN", "7".into())]).unwrap();
+        let mut child = Child::spawn_unsupervised(&cmd, &[("LEADERZ_FENCING_TOKEN", "7".into())]);
         assert_eq!(exit_code(child.wait().await), 42);
     }
 
@@ -193,11 +272,16 @@ mod tests {
         let mut signals = Signals::install().unwrap();
         // The shell ignores SIGTERM; its background sleep is in the same group.
         let cmd = ["sh", "-c", "trap '' TERM; sleep 30 & wait"].map(OsString::from);
-        let mut child = Child::spawn(&cmd, &[]).unwrap();
+        let mut child = Child::spawn_unsupervised(&cmd, &[]);
         tokio::time::sleep(Duration::from_millis(200)).await;
         let group = child.group;
         let (status, received) = child
-            .stop(Signal::SIGTERM, Duration::from_millis(300), &mut signals, 0)
+            .stop(
+                Signal::SIGTERM,
+                KillLimit::grace(Duration::from_millis(300)),
+                &mut signals,
+                0,
+            )
             .await;
         assert_eq!(exit_code(status), 137);
         assert_eq!(received, None);
@@ -234,28 +318,16 @@ mod tests {
             "trap 'exit 7' TERM; while :; do sleep 0.05; done",
         ]
         .map(OsString::from);
-        let mut child = Child::spawn(&cmd, &[]).unwrap();
+        let mut child = Child::spawn_unsupervised(&cmd, &[]);
         tokio::time::sleep(Duration::from_millis(200)).await;
         let (status, _) = child
-            .stop(Signal::SIGTERM, Duration::from_secs(10), &mut signals, 0)
+            .stop(
+                Signal::SIGTERM,
+                KillLimit::grace(Duration::from_secs(10)),
+                &mut signals,
+                0,
+            )
             .await;
         assert_eq!(exit_code(status), 7);
-    }
-
-    #[test]
-    fn spawn_failures_map_to_shell_codes() {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        let _guard = rt.enter();
-        let err = Child::spawn(&[OsString::from("/nonexistent/leaderz-test")], &[]).unwrap_err();
-        assert_eq!(err.exit_code(), 127);
-        assert!(
-            err.to_string()
-                .starts_with("cannot start `/nonexistent/leaderz-test`")
-        );
-        let err = Child::spawn(&[OsString::from("/")], &[]).unwrap_err();
-        assert_eq!(err.exit_code(), 126);
     }
 }

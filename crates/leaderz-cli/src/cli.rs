@@ -38,7 +38,11 @@ pub(crate) enum Command {
     /// leadership the group gets SIGTERM (SIGKILL after --grace), then leaderz campaigns
     /// again (or exits with --exit-on-loss). When CMD exits, leaderz releases the Lease and
     /// exits with CMD's code (128+N if a signal N killed it). SIGTERM/SIGINT are forwarded
-    /// to the group; leaderz releases once it has stopped.
+    /// to the group; leaderz releases once it has stopped. If leaderz dies, even by
+    /// SIGKILL, the group is killed with it; if leaderz is stopped (SIGSTOP, Ctrl-Z) past
+    /// its term, the group gets SIGTERM, then SIGKILL before another candidate may take
+    /// over. A CMD that cannot be executed fails at once, before anything is written,
+    /// with 127 (not found) or 126 (not executable).
     Run(RunArgs),
     /// Sidecar: campaign for the Lease and serve who leads over HTTP.
     ///
@@ -112,7 +116,9 @@ pub(crate) struct RunArgs {
     #[command(flatten)]
     pub(crate) election: ElectionArgs,
 
-    /// After SIGTERM, how long CMD's process group may take to exit before SIGKILL.
+    /// After SIGTERM, how long CMD's process group may take to exit before SIGKILL. After
+    /// a loss of leadership SIGKILL comes earlier if need be: before another candidate
+    /// may take over (the last renewal + the lease duration, less up to 500 ms).
     #[arg(long, env = "LEADERZ_GRACE", value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
     pub(crate) grace: Duration,
 

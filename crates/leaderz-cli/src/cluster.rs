@@ -7,6 +7,7 @@ use kube::Client;
 use tokio::time::timeout;
 
 use crate::error::{CliError, chain};
+use crate::text::printable;
 
 /// The namespace file of a pod's service account.
 const SERVICE_ACCOUNT_NAMESPACE: &str = "/var/run/secrets/kubernetes.io/serviceaccount/namespace";
@@ -60,7 +61,8 @@ fn resolve_namespace(
 }
 
 /// This candidate's identity: the flag (even if empty: the library then refuses it),
-/// else `$POD_NAME`, else the hostname.
+/// else `$POD_NAME`, else the hostname. Refused if it has control characters: it is
+/// written to the Lease and printed by every tool that shows who leads.
 pub(crate) fn identity(flag: Option<&str>) -> Result<String, CliError> {
     let pod_name = std::env::var("POD_NAME").ok();
     let hostname = || {
@@ -68,26 +70,44 @@ pub(crate) fn identity(flag: Option<&str>) -> Result<String, CliError> {
             .ok()
             .and_then(|h| h.into_string().ok())
     };
-    resolve_identity(flag, pod_name.as_deref(), hostname).ok_or_else(|| {
-        CliError::Usage(
-            "cannot tell this candidate's identity: pass --identity or set POD_NAME".into(),
-        )
-    })
+    let (identity, source) =
+        resolve_identity(flag, pod_name.as_deref(), hostname).ok_or_else(|| {
+            CliError::Usage(
+                "cannot tell this candidate's identity: pass --identity or set POD_NAME".into(),
+            )
+        })?;
+    check_identity(&identity, source)?;
+    Ok(identity)
 }
 
-/// [`identity`]'s rule on given inputs.
+/// [`identity`]'s rule on given inputs: the identity and where it came from.
 fn resolve_identity(
     flag: Option<&str>,
     pod_name: Option<&str>,
     hostname: impl FnOnce() -> Option<String>,
-) -> Option<String> {
+) -> Option<(String, &'static str)> {
     if let Some(flag) = flag {
-        return Some(flag.to_owned());
+        return Some((flag.to_owned(), "--identity"));
     }
     if let Some(pod) = pod_name.filter(|p| !p.trim().is_empty()) {
-        return Some(pod.to_owned());
+        return Some((pod.to_owned(), "$POD_NAME"));
     }
-    hostname().filter(|h| !h.trim().is_empty())
+    hostname()
+        .filter(|h| !h.trim().is_empty())
+        .map(|h| (h, "the hostname"))
+}
+
+/// Refuses an identity with control characters (a newline would split `leaderz status`
+/// rows and log lines of every candidate; an escape sequence would steer terminals).
+fn check_identity(identity: &str, source: &str) -> Result<(), CliError> {
+    match identity.chars().find(|c| c.is_control()) {
+        None => Ok(()),
+        Some(c) => Err(CliError::Usage(format!(
+            "invalid identity `{}` (from {source}): it contains the control character {}; use printable characters only",
+            printable(identity),
+            c.escape_unicode()
+        ))),
+    }
 }
 
 /// Checks a Lease name (a DNS subdomain), so that a typo fails here instead of being
@@ -169,25 +189,31 @@ mod tests {
     fn identity_precedence() {
         let host = || Some("host".to_owned());
         let no_host = || None;
+        let r = |flag, pod, host: &dyn Fn() -> Option<String>| {
+            resolve_identity(flag, pod, host).map(|(id, source)| format!("{id} from {source}"))
+        };
         assert_eq!(
-            resolve_identity(Some("a"), Some("pod"), host).as_deref(),
-            Some("a")
+            r(Some("a"), Some("pod"), &host).unwrap(),
+            "a from --identity"
         );
-        assert_eq!(
-            resolve_identity(None, Some("pod"), host).as_deref(),
-            Some("pod")
-        );
-        assert_eq!(resolve_identity(None, None, host).as_deref(), Some("host"));
-        assert_eq!(
-            resolve_identity(None, Some(""), host).as_deref(),
-            Some("host")
-        );
-        assert_eq!(resolve_identity(None, None, no_host), None);
+        assert_eq!(r(None, Some("pod"), &host).unwrap(), "pod from $POD_NAME");
+        assert_eq!(r(None, None, &host).unwrap(), "host from the hostname");
+        assert_eq!(r(None, Some(""), &host).unwrap(), "host from the hostname");
+        assert_eq!(r(None, None, &no_host), None);
         // An explicit empty identity is kept, for the library to refuse with its message.
+        assert_eq!(r(Some(""), Some("pod"), &host).unwrap(), " from --identity");
+    }
+
+    #[test]
+    fn identities_with_control_characters_are_refused_on_one_line() {
+        assert!(check_identity("pod-a.example_1 é", "--identity").is_ok());
+        let err = check_identity("a\nb", "$POD_NAME").unwrap_err();
+        assert_eq!(err.exit_code(), 2);
         assert_eq!(
-            resolve_identity(Some(""), Some("pod"), host).as_deref(),
-            Some("")
+            err.to_string(),
+            "invalid identity `a\\nb` (from $POD_NAME): it contains the control character \\u{a}; use printable characters only"
         );
+        assert!(check_identity("\u{1b}[31mred", "--identity").is_err());
     }
 
     #[test]

@@ -4,6 +4,9 @@ use std::error::Error as StdError;
 
 use leaderz::{ConfigError, ElectionError};
 
+use crate::exec::NotRunnable;
+use crate::text::printable;
+
 /// Exit code for bad input found before contacting the cluster (as clap uses).
 pub(crate) const EXIT_USAGE: u8 = 2;
 /// Exit code for every other failure.
@@ -56,8 +59,11 @@ pub(crate) enum CliError {
         /// Why.
         cause: String,
     },
-    /// The command could not be started.
-    #[error("cannot start `{program}`: {cause}")]
+    /// The command cannot be executed (checked before anything is written).
+    #[error("{0}")]
+    NotRunnable(#[from] NotRunnable),
+    /// The command's supervisor could not be started.
+    #[error("cannot start `{}`: {cause}", printable(.program))]
     Spawn {
         /// The program.
         program: String,
@@ -92,6 +98,7 @@ impl CliError {
                 EXIT_NOT_FOUND
             }
             CliError::Spawn { .. } => EXIT_CANNOT_EXECUTE,
+            CliError::NotRunnable(e) => e.exit_code(),
             _ => EXIT_FAILURE,
         }
     }

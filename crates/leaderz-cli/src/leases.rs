@@ -10,6 +10,7 @@ use serde::Serialize;
 use tokio::time::timeout;
 
 use crate::error::{CliError, chain};
+use crate::text::printable;
 
 /// How long one API call of `status` or `watch` may take.
 pub(crate) const API_TIMEOUT: Duration = Duration::from_secs(10);
@@ -69,10 +70,11 @@ impl LeaseView {
         }
     }
 
-    /// The holder for people: `<none>` after a release.
+    /// The holder for people: `<none>` after a release. Anyone who may write the Lease
+    /// chooses it, so control characters are escaped (`\n`, `\u{1b}`).
     pub(crate) fn holder_cell(&self) -> String {
         match self.holder_identity.as_deref() {
-            Some(h) if !h.is_empty() => h.to_owned(),
+            Some(h) if !h.is_empty() => printable(h).into_owned(),
             _ => "<none>".to_owned(),
         }
     }

@@ -15,6 +15,7 @@ mod cli;
 mod cluster;
 mod election;
 mod error;
+mod exec;
 mod http;
 mod leases;
 mod logging;
@@ -22,6 +23,8 @@ mod run;
 mod serve;
 mod signals;
 mod status;
+mod supervise;
+mod text;
 mod watch;
 
 use cli::{Cli, Command};
@@ -29,6 +32,9 @@ use error::{CliError, EXIT_USAGE};
 
 fn main() -> ExitCode {
     let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    if args.get(1).is_some_and(|a| a == supervise::MODE) {
+        return ExitCode::from(supervise::main(&args[2..]));
+    }
     let cli = match Cli::try_parse_from(&args) {
         Ok(cli) => cli,
         // --help and --version go to stdout and exit 0.
@@ -41,7 +47,8 @@ fn main() -> ExitCode {
     match execute(cli) {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
-            eprintln!("error: {e}");
+            // One line, whatever the message quotes (an identity, a command, a server's words).
+            eprintln!("error: {}", text::printable(&e.to_string()));
             ExitCode::from(e.exit_code())
         }
     }

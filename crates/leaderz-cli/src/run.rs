@@ -1,8 +1,11 @@
 //! `leaderz run`: run a command only while leading.
 //!
 //! The command starts when a term starts and holds the [`Term`] while it runs; the term
-//! is dropped only once the command's whole process group has exited, so the library
-//! neither campaigns again nor releases the Lease while any of it may still run.
+//! is dropped only once the command has exited and the rest of its process group has
+//! been sent SIGKILL, so the library neither campaigns again nor releases the Lease while
+//! any of it may still run. A lost term's command gets SIGTERM, and SIGKILL at the latest
+//! shortly before another candidate may take over; if leaderz itself dies, the command's
+//! [supervisor](crate::supervise) kills the group.
 
 use std::time::Duration;
 
@@ -10,19 +13,60 @@ use leaderz::Term;
 use nix::sys::signal::Signal;
 use tracing::{info, warn};
 
-use crate::child::{Child, exit_code};
+use crate::child::{Child, KillLimit, exit_code};
 use crate::cli::RunArgs;
 use crate::election::{Election, ElectionInfo};
 use crate::error::CliError;
+use crate::exec;
 use crate::http;
 use crate::signals::Signals;
+use crate::supervise::WhileStopped;
 
 /// How long after SIGKILL the command may take to be reaped before the library calls its
 /// work overdue.
 const KILL_SLACK: Duration = Duration::from_secs(5);
 
+/// How long before another candidate may take the lease over a lost term's command gets
+/// SIGKILL at the latest (less if the lease duration is barely above the renew deadline).
+const TAKEOVER_MARGIN: Duration = Duration::from_millis(500);
+
+/// How long after a lost term's deadline its command may still run.
+///
+/// The deadline is the term's last successful renewal (its send time) plus the renew
+/// deadline; a follower that saw that renewal waits a lease duration from then, so it
+/// cannot take over before `deadline + (lease_duration - renew_deadline)` on a clock
+/// that runs at ours. SIGKILL comes shortly before that, however long `--grace` is.
+fn takeover_slack(lease_duration: Duration, renew_deadline: Duration) -> Duration {
+    let gap = lease_duration.saturating_sub(renew_deadline);
+    gap - TAKEOVER_MARGIN.min(gap / 2)
+}
+
+/// What the supervisor does while leaderz is stopped (SIGSTOP, Ctrl-Z, a debugger).
+///
+/// The leader renews every retry period, so the last renewal came at most that long
+/// before the stop (if renewals were succeeding), and the term's deadline is at most
+/// `renew_deadline - retry_period` after the stop: SIGTERM then, as leaderz would, and
+/// SIGKILL `slack` later, before another candidate may take over. The supervisor sees
+/// the stop up to 100 ms late, which the takeover margin covers.
+fn while_stopped(
+    renew_deadline: Duration,
+    retry_period: Duration,
+    slack: Duration,
+) -> WhileStopped {
+    let term_after = renew_deadline.saturating_sub(retry_period);
+    WhileStopped {
+        term_after,
+        kill_after: term_after + slack,
+    }
+}
+
 /// Runs `leaderz run`; returns the exit code.
 pub(crate) async fn run(args: RunArgs) -> Result<u8, CliError> {
+    // A command that cannot be executed fails like a shell would, before anything is
+    // written (the supervisor checks again when it starts it).
+    if let Some(program) = args.command.first() {
+        exec::find(program)?;
+    }
     let mut signals = Signals::install()?;
     let listener = match &args.http {
         Some(addr) => Some(http::bind(addr).await?),
@@ -32,6 +76,12 @@ pub(crate) async fn run(args: RunArgs) -> Result<u8, CliError> {
     // command gets `grace` and then SIGKILL, so only a command SIGKILL cannot end does.
     let overdue = args.grace + KILL_SLACK;
     let mut election = Election::start(&args.election, |c| c.shutdown_grace(overdue)).await?;
+    let slack = takeover_slack(args.election.lease_duration, args.election.renew_deadline);
+    let while_stopped = while_stopped(
+        args.election.renew_deadline,
+        args.election.retry_period,
+        slack,
+    );
     if let Some(listener) = listener {
         http::spawn(listener, http::AppState::for_election(&election));
     }
@@ -50,7 +100,9 @@ pub(crate) async fn run(args: RunArgs) -> Result<u8, CliError> {
             },
         };
 
-        let mut child = match Child::spawn(&args.command, &child_env(&election.info, &term)) {
+        // On the main thread (this runtime's only one): see `Child::spawn`.
+        let env = child_env(&election.info, &term);
+        let mut child = match Child::spawn(&args.command, &env, while_stopped) {
             Ok(child) => child,
             Err(e) => {
                 drop(term);
@@ -67,6 +119,10 @@ pub(crate) async fn run(args: RunArgs) -> Result<u8, CliError> {
         );
 
         let token = term.token();
+        let limit = KillLimit {
+            grace: args.grace,
+            term: Some((&term, slack)),
+        };
         tokio::select! {
             biased;
             status = child.wait() => {
@@ -79,7 +135,7 @@ pub(crate) async fn run(args: RunArgs) -> Result<u8, CliError> {
             }
             () = token.cancelled() => {
                 warn!("lost leadership: stopping the command");
-                let (status, signal) = child.stop(Signal::SIGTERM, args.grace, &mut signals, 0).await;
+                let (status, signal) = child.stop(Signal::SIGTERM, limit, &mut signals, 0).await;
                 drop(term);
                 if let Some(signal) = signal {
                     info!(%signal, "asked to stop while stopping the command: shutting down");
@@ -95,7 +151,7 @@ pub(crate) async fn run(args: RunArgs) -> Result<u8, CliError> {
             }
             signal = signals.recv() => {
                 info!(%signal, "forwarding to the command, then releasing the lease");
-                let (status, _) = child.stop(signal, args.grace, &mut signals, 1).await;
+                let (status, _) = child.stop(signal, limit, &mut signals, 1).await;
                 drop(term);
                 finish(election).await;
                 return Ok(exit_code(status));
@@ -120,4 +176,31 @@ fn child_env(info: &ElectionInfo, term: &Term) -> Vec<(&'static str, String)> {
         ("LEADERZ_NAMESPACE", info.namespace.clone()),
         ("LEADERZ_FENCING_TOKEN", term.fencing_token().to_string()),
     ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_lost_command_is_killed_shortly_before_a_takeover() {
+        let s = |lease, renew| {
+            takeover_slack(Duration::from_millis(lease), Duration::from_millis(renew))
+        };
+        // client-go's defaults: followers may take over 5 s after the deadline.
+        assert_eq!(s(15_000, 10_000), Duration::from_millis(4_500));
+        assert_eq!(s(3_000, 2_000), Duration::from_millis(500));
+        // A thin margin is halved rather than used up.
+        assert_eq!(s(3_000, 2_900), Duration::from_millis(50));
+        assert_eq!(s(3_000, 3_000), Duration::ZERO);
+    }
+
+    #[test]
+    fn a_stopped_leaderz_has_its_command_stopped_as_it_would_have() {
+        let ms = Duration::from_millis;
+        let w = while_stopped(ms(10_000), ms(2_000), ms(4_500));
+        assert_eq!((w.term_after, w.kill_after), (ms(8_000), ms(12_500)));
+        let w = while_stopped(ms(2_000), ms(500), ms(500));
+        assert_eq!((w.term_after, w.kill_after), (ms(1_500), ms(2_000)));
+    }
 }

@@ -171,16 +171,22 @@ async fn holder_becomes(ns: &str, name: &str, want: &str) {
     .unwrap_or_else(|_| panic!("the holder of {ns}/{name} never became {want:?}"));
 }
 
-/// As an administrator would: overwrite the holder (a proper update on the version read).
-async fn steal(ns: &str, name: &str, thief: &str) {
+/// As an administrator would: overwrite the holder (a proper update on the version read,
+/// read again if the holder renewed meanwhile). Returns the replaced record's renewTime.
+async fn steal(ns: &str, name: &str, thief: &str) -> Timestamp {
     let api = leases(ns).await;
-    let mut lease = api.get(name).await.unwrap();
-    let spec = lease.spec.get_or_insert_with(LeaseSpec::default);
-    spec.holder_identity = Some(thief.into());
-    spec.renew_time = Some(MicroTime(Timestamp::now()));
-    api.replace(name, &PostParams::default(), &lease)
-        .await
-        .unwrap();
+    loop {
+        let mut lease = api.get(name).await.unwrap();
+        let spec = lease.spec.get_or_insert_with(LeaseSpec::default);
+        let renewed = spec.renew_time.as_ref().map(|t| t.0);
+        spec.holder_identity = Some(thief.into());
+        spec.renew_time = Some(MicroTime(Timestamp::now()));
+        match api.replace(name, &PostParams::default(), &lease).await {
+            Ok(_) => return renewed.unwrap_or_default(),
+            Err(kube::Error::Api(s)) if s.code == 409 => continue,
+            Err(e) => panic!("cannot update lease {ns}/{name}: {e}"),
+        }
+    }
 }
 
 /// A plain HTTP/1.1 GET: status code, headers and body.
@@ -539,6 +545,18 @@ async fn bad_input_fails_with_one_line_and_writes_nothing() {
         ),
         (
             &admin,
+            vec!["--identity", "a\nb"],
+            2,
+            "error: invalid identity `a\\nb` (from --identity): it contains the control character \\u{a}",
+        ),
+        (
+            &admin,
+            vec!["--identity", "\u{1b}[31mred"],
+            2,
+            "error: invalid identity `\\u{1b}[31mred` (from --identity)",
+        ),
+        (
+            &admin,
             vec!["--lease-duration", "soon"],
             2,
             "error: invalid value 'soon'",
@@ -590,4 +608,519 @@ async fn bad_input_fails_with_one_line_and_writes_nothing() {
         .await
         .unwrap();
     assert!(written.items.is_empty(), "{:?}", written.items);
+}
+
+/// Pids of the processes in group `pgid` that have not exited (zombies excluded), from
+/// /proc.
+fn live_group_members(pgid: i32) -> Vec<i32> {
+    let mut out = Vec::new();
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    for entry in dir.flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        // pid (comm) state ppid pgrp ...; comm may contain spaces and parentheses.
+        let Some((_, rest)) = stat.rsplit_once(')') else {
+            continue;
+        };
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        let pgrp = fields.get(2).and_then(|g| g.parse::<i32>().ok());
+        if pgrp == Some(pgid) && !matches!(fields.first(), Some(&"Z" | &"X")) {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+/// Waits until group `pgid` has no live member; returns how long that took. If it
+/// does not happen `within`, kills the group (not to leave it running) and fails.
+async fn group_gone(pgid: i32, within: Duration) -> Duration {
+    let start = Instant::now();
+    while !live_group_members(pgid).is_empty() {
+        if start.elapsed() > within {
+            let members = live_group_members(pgid);
+            let _ = nix::sys::signal::killpg(Pid::from_raw(pgid), Signal::SIGKILL);
+            panic!("process group {pgid} still has {members:?} after {within:?}");
+        }
+        sleep(Duration::from_millis(1)).await;
+    }
+    start.elapsed()
+}
+
+/// SIGKILLs a process group when dropped, so that a failing test leaves nothing running.
+struct KillGroupOnDrop(i32);
+
+impl KillGroupOnDrop {
+    /// The group is gone: its id may be reused, so do not signal it.
+    fn disarm(self) {
+        std::mem::forget(self);
+    }
+}
+
+impl Drop for KillGroupOnDrop {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::killpg(Pid::from_raw(self.0), Signal::SIGKILL);
+    }
+}
+
+/// The pid logged with "leading: started the command" (the command's process group).
+async fn command_group(leaderz: &Running) -> i32 {
+    let line = leaderz
+        .line_with("started the command", Duration::from_secs(20))
+        .await;
+    let pid = line.split("pid=").nth(1).unwrap();
+    pid.split(|c: char| !c.is_ascii_digit())
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+/// Asserts that `file` stops growing (whoever wrote it is gone).
+async fn stops_growing(file: &Path) {
+    let len = || std::fs::metadata(file).map(|m| m.len()).unwrap_or(0);
+    let before = len();
+    sleep(Duration::from_millis(200)).await;
+    assert_eq!(len(), before, "{} is still being written", file.display());
+}
+
+/// How many of the timestamps (`date +%s.%N` lines) in `files` are later than `after`,
+/// and how much later the last one is.
+fn writes_after(files: &[&Path], after: Timestamp) -> (usize, Duration) {
+    let after = after.as_nanosecond();
+    let mut count = 0;
+    let mut last = 0;
+    for file in files {
+        for line in std::fs::read_to_string(file).unwrap().lines() {
+            let Some((secs, nanos)) = line.split_once('.') else {
+                continue;
+            };
+            let (Ok(secs), Ok(nanos)) = (secs.parse::<i128>(), nanos.parse::<i128>()) else {
+                continue;
+            };
+            let at = secs * 1_000_000_000 + nanos;
+            if at > after {
+                count += 1;
+                last = last.max(at - after);
+            }
+        }
+    }
+    (count, Duration::from_nanos(u64::try_from(last).unwrap()))
+}
+
+/// A shell script for a command that keeps working: it and a background job it starts
+/// (same process group) append timestamps to `out` and `out.bg`.
+fn busy_script(out: &Path) -> String {
+    format!(
+        "(while :; do date +%s.%N >> {o}.bg; sleep 0.01; done) & while :; do date +%s.%N >> {o}; sleep 0.01; done",
+        o = out.display()
+    )
+}
+
+/// Defect 9 (issue 12): the OOM killer SIGKILLs just `leaderz`; its command, and
+/// everything the command started, must die with it instead of working on unsupervised.
+#[tokio::test]
+async fn run_command_dies_with_a_sigkilled_leaderz() {
+    const TRIALS: usize = 5;
+    const BOUND: Duration = Duration::from_secs(1);
+    let ns = cp().new_namespace("run-sigkill").await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut took = Vec::new();
+    for trial in 0..TRIALS {
+        let lease = format!("k{trial}");
+        let out = dir.path().join(format!("work{trial}"));
+        let script = busy_script(&out);
+        let mut args = vec!["run", "--lease", &lease, "-n", &ns, "--identity", "a"];
+        args.extend(TIMINGS);
+        args.extend(["--", "sh", "-c", &script]);
+        let mut leaderz = Running::start(leaderz(&admin_kubeconfig(), &args));
+        let group = command_group(&leaderz).await;
+        let guard = KillGroupOnDrop(group);
+        file_contains(&out, ".", Duration::from_secs(10)).await;
+        file_contains(&out.with_extension("bg"), ".", Duration::from_secs(10)).await;
+        // The supervisor, the shell and its background job at least.
+        let members = live_group_members(group);
+        assert!(members.len() >= 3, "{members:?}");
+
+        let killed_at = Timestamp::now();
+        leaderz.signal(Signal::SIGKILL);
+        let gone = group_gone(group, Duration::from_secs(10)).await;
+        guard.disarm();
+        let status = leaderz.wait(Duration::from_secs(5)).await;
+        assert_eq!(
+            std::os::unix::process::ExitStatusExt::signal(&status),
+            Some(9)
+        );
+        stops_growing(&out).await;
+        stops_growing(&out.with_extension("bg")).await;
+        // No release after a SIGKILL: the lease is left to expire.
+        assert_eq!(holder(&ns, &lease).await.as_deref(), Some("a"));
+        let (late, last) = writes_after(&[&out, &out.with_extension("bg")], killed_at);
+        eprintln!(
+            "trial {trial}: the command's group of {} was gone {gone:?} after SIGKILL; {late} writes after it, the last {last:?} after it",
+            members.len()
+        );
+        assert!(last < BOUND, "{last:?}");
+        took.push(gone);
+    }
+    took.sort();
+    eprintln!(
+        "command group gone after leaderz was SIGKILLed, {TRIALS} trials: min {:?}, median {:?}, max {:?}",
+        took[0],
+        took[TRIALS / 2],
+        took[TRIALS - 1]
+    );
+    assert!(took[TRIALS - 1] < BOUND, "{took:?}");
+}
+
+/// A stopped leaderz (SIGSTOP, Ctrl-Z, a debugger) can neither renew nor stop its
+/// command; the supervisor stops the command before another candidate may take over.
+#[tokio::test]
+async fn run_command_is_stopped_while_leaderz_is_stopped() {
+    let ns = cp().new_namespace("run-sigstop").await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("work");
+    let script = busy_script(&out);
+    let mut args = vec!["run", "--lease", "stop", "-n", &ns, "--identity", "a"];
+    args.extend(TIMINGS);
+    args.extend(["--", "sh", "-c", &script]);
+    let mut leaderz = Running::start(leaderz(&admin_kubeconfig(), &args));
+    let group = command_group(&leaderz).await;
+    let guard = KillGroupOnDrop(group);
+    file_contains(&out, ".", Duration::from_secs(10)).await;
+    sleep(Duration::from_secs(1)).await;
+
+    leaderz.signal(Signal::SIGSTOP);
+    let gone = group_gone(group, Duration::from_secs(10)).await;
+    guard.disarm();
+    let at = Timestamp::now();
+    stops_growing(&out).await;
+    let spec = leases(&ns).await.get("stop").await.unwrap().spec.unwrap();
+    assert_eq!(spec.holder_identity.as_deref(), Some("a"));
+    let last_renewal = spec.renew_time.unwrap().0;
+    let since_renewal = at.duration_since(last_renewal).unsigned_abs();
+    eprintln!(
+        "the command was gone {gone:?} after leaderz was stopped, {since_renewal:?} after its last renewal"
+    );
+    // Lease duration 3 s: a follower that saw the last renewal may take over 3 s after it.
+    assert!(since_renewal < Duration::from_secs(3), "{since_renewal:?}");
+
+    // Continued, leaderz finds the command ended by SIGTERM, and exits as it did.
+    leaderz.signal(Signal::SIGCONT);
+    let status = leaderz.wait(Duration::from_secs(10)).await;
+    assert_eq!(status.code(), Some(143));
+    let stderr = leaderz.stderr.lock().unwrap().clone();
+    assert!(
+        stderr
+            .iter()
+            .any(|l| l.starts_with("leaderz has been stopped for")),
+        "{stderr:#?}"
+    );
+}
+
+/// The kernel sends the parent-death signal when the *thread* that started the
+/// supervisor exits. The supervisor must tell that from the death of leaderz and let
+/// the command run on.
+#[tokio::test]
+async fn the_command_outlives_the_thread_that_started_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("work");
+    let script = busy_script(&out);
+    let work = out.clone();
+    let thread = std::thread::spawn(move || {
+        use std::os::unix::process::CommandExt;
+        let supervisor = std::process::Command::new(env!("CARGO_BIN_EXE_leaderz"))
+            .args(["__leaderz-supervise", &std::process::id().to_string()])
+            .args(["60000", "60000"])
+            .args(["--", "sh", "-c", &script])
+            .process_group(0)
+            .spawn()
+            .unwrap();
+        // The supervisor asks for the signal before it starts the command: once the
+        // command works, this thread's exit is signalled.
+        while std::fs::metadata(&work).map_or(0, |m| m.len()) == 0 {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        supervisor
+    });
+    let mut supervisor = thread.join().unwrap();
+    let group = i32::try_from(supervisor.id()).unwrap();
+    let guard = KillGroupOnDrop(group);
+    // The thread has exited (and with it the supervisor got its SIGTERM): still working.
+    sleep(Duration::from_millis(500)).await;
+    assert!(
+        supervisor.try_wait().unwrap().is_none(),
+        "the supervisor exited"
+    );
+    assert!(live_group_members(group).len() >= 3);
+    let len = std::fs::metadata(&out).unwrap().len();
+    sleep(Duration::from_millis(200)).await;
+    assert!(
+        std::fs::metadata(&out).unwrap().len() > len,
+        "the command stopped"
+    );
+
+    drop(guard);
+    supervisor.wait().unwrap();
+}
+
+/// Defect 11 (issue 12): a command that cannot be executed fails as a shell would
+/// (127 not found, 126 not executable), with one line, before anything is written.
+#[tokio::test]
+async fn run_refuses_a_command_it_cannot_execute_before_writing() {
+    use std::os::unix::fs::PermissionsExt;
+    let ns = cp().new_namespace("run-noexec").await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let plain = dir.path().join("plain");
+    std::fs::write(&plain, "#!/bin/sh\necho ran\n").unwrap();
+    std::fs::set_permissions(&plain, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let (plain, here) = (
+        plain.display().to_string(),
+        dir.path().display().to_string(),
+    );
+    let cases = [
+        (
+            "/no/such/binary",
+            127,
+            "cannot run `/no/such/binary`: no such file".to_owned(),
+        ),
+        (
+            "leaderz-no-such-command",
+            127,
+            "cannot run `leaderz-no-such-command`: command not found in PATH".to_owned(),
+        ),
+        (
+            plain.as_str(),
+            126,
+            format!("cannot run `{plain}`: permission denied (the file is not executable)"),
+        ),
+        (
+            here.as_str(),
+            126,
+            format!("cannot run `{here}`: it is a directory"),
+        ),
+    ];
+    for (program, code, message) in cases {
+        let mut args = vec!["run", "--lease", "never", "-n", &ns, "--identity", "a"];
+        args.extend(TIMINGS);
+        args.extend(["--", program, "arg"]);
+        let out = leaderz(&admin_kubeconfig(), &args).output().await.unwrap();
+        let stderr = String::from_utf8(out.stderr).unwrap();
+        assert_eq!(out.status.code(), Some(code), "{program}: {stderr}");
+        assert_eq!(stderr, format!("error: {message}\n"), "{program}");
+    }
+    let written = leases(&ns)
+        .await
+        .list(&ListParams::default())
+        .await
+        .unwrap();
+    assert!(written.items.is_empty(), "{:?}", written.items);
+}
+
+/// A command that was fine when leaderz started but is gone (or no longer executable)
+/// when it comes to lead: the supervisor says so with a shell's code, and leaderz exits
+/// with it after releasing the lease.
+#[tokio::test]
+async fn run_reports_a_command_that_changed_while_waiting_to_lead() {
+    use std::os::unix::fs::PermissionsExt;
+    let ns = cp().new_namespace("run-vanish").await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    for (case, code) in [("removed", 127), ("chmod -x", 126)] {
+        let lease = if code == 127 { "gone" } else { "noexec" };
+        let script = dir.path().join(lease);
+        std::fs::write(&script, "#!/bin/sh\nexit 0\n").unwrap();
+        std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+        // Someone else holds the lease.
+        let held = Lease {
+            metadata: ObjectMeta {
+                name: Some(lease.into()),
+                ..Default::default()
+            },
+            spec: Some(LeaseSpec {
+                holder_identity: Some("other".into()),
+                lease_duration_seconds: Some(30),
+                renew_time: Some(MicroTime(Timestamp::now())),
+                lease_transitions: Some(0),
+                ..Default::default()
+            }),
+        };
+        leases(&ns)
+            .await
+            .create(&PostParams::default(), &held)
+            .await
+            .unwrap();
+        let path = script.display().to_string();
+        let mut args = vec!["run", "--lease", lease, "-n", &ns, "--identity", "a"];
+        args.extend(TIMINGS);
+        args.extend(["--", &path]);
+        let mut leaderz = Running::start(leaderz(&admin_kubeconfig(), &args));
+        leaderz
+            .line_with("new leader leader=\"other\"", Duration::from_secs(20))
+            .await;
+        if code == 127 {
+            std::fs::remove_file(&script).unwrap();
+        } else {
+            std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o644)).unwrap();
+        }
+        steal(&ns, lease, "").await;
+        let status = leaderz.wait(Duration::from_secs(20)).await;
+        assert_eq!(status.code(), Some(code), "{case}");
+        let stderr = leaderz.stderr.lock().unwrap().clone();
+        let reason = if code == 127 {
+            "no such file"
+        } else {
+            "permission denied (the file is not executable)"
+        };
+        let line = format!("error: cannot run `{path}`: {reason}");
+        assert!(stderr.contains(&line), "{case}: {stderr:#?}");
+        // It led (the supervisor was started), and released on the way out.
+        assert!(stderr.iter().any(|l| l.contains("became leader")), "{case}");
+        assert_eq!(holder(&ns, lease).await.as_deref(), Some(""), "{case}");
+    }
+}
+
+/// What an administrator (or anyone allowed to write Leases) may put in holderIdentity.
+const EVIL_HOLDER: &str = "evil\nholder \u{1b}[31mred\u{1b}[0m";
+/// How leaderz prints it outside JSON.
+const EVIL_HOLDER_SHOWN: &str = "evil\\nholder \\u{1b}[31mred\\u{1b}[0m";
+
+/// Defect 14 (issue 12), the binary's side: a holder written by someone else is printed
+/// on one line, without raw control characters, by `status` (table), `watch` (lines)
+/// and the logs; JSON carries the exact value.
+#[tokio::test]
+async fn status_watch_and_logs_escape_a_hostile_holder() {
+    let ns = cp().new_namespace("evil").await.unwrap();
+    let lease = Lease {
+        metadata: ObjectMeta {
+            name: Some("evil".into()),
+            ..Default::default()
+        },
+        spec: Some(LeaseSpec {
+            holder_identity: Some(EVIL_HOLDER.into()),
+            lease_duration_seconds: Some(30),
+            renew_time: Some(MicroTime(Timestamp::now())),
+            lease_transitions: Some(0),
+            ..Default::default()
+        }),
+    };
+    leases(&ns)
+        .await
+        .create(&PostParams::default(), &lease)
+        .await
+        .unwrap();
+    let clean = |text: &str, lines: usize| {
+        assert_eq!(text.lines().count(), lines, "{text:?}");
+        assert!(!text.contains('\u{1b}'), "{text:?}");
+        assert!(text.contains(EVIL_HOLDER_SHOWN), "{text:?}");
+    };
+
+    for args in [vec!["status", "evil", "-n", &ns], vec!["status", "-n", &ns]] {
+        let out = leaderz(&admin_kubeconfig(), &args).output().await.unwrap();
+        assert!(out.status.success(), "{args:?}");
+        clean(&String::from_utf8(out.stdout).unwrap(), 2);
+    }
+    let out = leaderz(
+        &admin_kubeconfig(),
+        &["status", "evil", "-n", &ns, "-o", "json"],
+    )
+    .output()
+    .await
+    .unwrap();
+    let json: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(json["holderIdentity"], EVIL_HOLDER);
+
+    for format in ["table", "json"] {
+        let mut watch = leaderz(
+            &admin_kubeconfig(),
+            &["watch", "evil", "-n", &ns, "-o", format],
+        )
+        .spawn()
+        .unwrap();
+        let mut lines = BufReader::new(watch.stdout.take().unwrap()).lines();
+        let mut next = async || {
+            timeout(Duration::from_secs(10), lines.next_line())
+                .await
+                .expect("no line from leaderz watch")
+                .unwrap()
+                .unwrap()
+        };
+        if format == "table" {
+            assert!(next().await.starts_with("TIME"));
+            clean(&next().await, 1);
+        } else {
+            let line: Value = serde_json::from_str(&next().await).unwrap();
+            assert_eq!(line["holderIdentity"], EVIL_HOLDER);
+        }
+        watch.start_kill().unwrap();
+        watch.wait().await.unwrap();
+    }
+
+    // A candidate logs who leads: on one line.
+    let mut args = vec!["serve", "--lease", "evil", "-n", &ns, "--identity", "a"];
+    args.extend(["--http", "127.0.0.1:0"]);
+    args.extend(TIMINGS);
+    let mut serve = Running::start(leaderz(&admin_kubeconfig(), &args));
+    let line = serve.line_with("new leader", Duration::from_secs(20)).await;
+    clean(&line, 1);
+    serve.signal(Signal::SIGTERM);
+    serve.wait(Duration::from_secs(10)).await;
+    let stderr = serve.stderr.lock().unwrap().clone();
+    assert!(
+        !stderr.iter().any(|l| l.starts_with("holder")),
+        "{stderr:#?}"
+    );
+}
+
+/// A lost term's command that ignores SIGTERM gets SIGKILL before another candidate may
+/// take over (its last renewal + the lease duration), however long `--grace` is.
+#[tokio::test]
+async fn run_kills_a_stubborn_command_before_another_candidate_may_lead() {
+    let ns = cp().new_namespace("run-cap").await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("work");
+    let script = format!(
+        "trap '' TERM; while :; do date +%s.%N >> {}; sleep 0.01; done",
+        out.display()
+    );
+    let mut args = vec!["run", "--lease", "cap", "-n", &ns, "--identity", "a"];
+    args.extend(TIMINGS);
+    args.extend([
+        "--grace",
+        "60s",
+        "--exit-on-loss",
+        "--",
+        "sh",
+        "-c",
+        &script,
+    ]);
+    let mut leaderz = Running::start(leaderz(&admin_kubeconfig(), &args));
+    let group = command_group(&leaderz).await;
+    let guard = KillGroupOnDrop(group);
+    file_contains(&out, ".", Duration::from_secs(10)).await;
+    // Let a few renewals happen, then take the lease away.
+    sleep(Duration::from_secs(1)).await;
+    let last_renewal = steal(&ns, "cap", "intruder").await;
+    let gone = group_gone(group, Duration::from_secs(10)).await;
+    guard.disarm();
+    let at = Timestamp::now();
+    stops_growing(&out).await;
+    let since_renewal = at.duration_since(last_renewal).unsigned_abs();
+    eprintln!(
+        "the command was gone {gone:?} after the steal, {since_renewal:?} after the last renewal"
+    );
+    // Lease duration 3 s: a follower that saw the last renewal may take over 3 s after it.
+    assert!(since_renewal < Duration::from_secs(3), "{since_renewal:?}");
+    assert_eq!(leaderz.wait(Duration::from_secs(10)).await.code(), Some(1));
+    let stderr = leaderz.stderr.lock().unwrap().clone();
+    assert!(
+        stderr
+            .iter()
+            .any(|l| l.contains("sending SIGKILL before the grace period ends")),
+        "{stderr:#?}"
+    );
 }
