@@ -376,7 +376,7 @@ mod tests {
         assert_eq!(code, StatusCode::OK);
         assert_eq!(content_type, OPENMETRICS);
         assert!(
-            text.contains("leader_election_master_status{name=\"memory/l\"} 1"),
+            text.contains("leader_election_master_status{name=\"l\"} 1"),
             "{text}"
         );
     }

@@ -323,8 +323,8 @@ async fn serve_answers_who_leads() {
     let (code, head, body) = http_get(&addr, "/metrics").await;
     assert_eq!(code, 200);
     assert!(head.contains("application/openmetrics-text"), "{head}");
-    let series = format!("leader_election_master_status{{name=\"{ns}/side\"}} 1");
-    assert!(body.contains(&series), "{body}");
+    let series = "leader_election_master_status{name=\"side\"} 1";
+    assert!(body.contains(series), "{body}");
     assert_eq!(http_get(&addr, "/healthz").await.0, 200);
     assert_eq!(http_get(&addr, "/readyz").await.0, 200);
 

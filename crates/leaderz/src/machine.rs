@@ -1361,7 +1361,8 @@ impl Machine {
                 if let Some(m) = &self.metrics {
                     m.set_watching(&self.metric_name(), true);
                 }
-                self.api_ok(true, now);
+                // (A watch proves nothing about reading or writing the Lease itself.)
+                self.api_ok(false, now);
             }
             Err(e) => self.watch_failed(e, now),
         }

@@ -111,6 +111,24 @@ async fn access_refused_at_start_is_fatal() {
     );
 }
 
+/// Defect 3, found by the binary's tests: a refused create after a 404 is a start-up
+/// refusal even when the watch (which proves nothing about writing) opened first.
+#[tokio::test(start_paused = true)]
+async fn a_refused_first_create_is_fatal_even_after_a_watch_opened() {
+    let faulty = FaultyLock::new(MemoryLock::new("l"), 10);
+    faulty.set(Faults {
+        refuse_writes: true,
+        max_latency: ms(5),
+        ..Faults::default()
+    });
+    let mut a = Elector::new(faulty, config("a")).unwrap().spawn();
+    let err = timeout(secs(1), a.join()).await.unwrap().unwrap_err();
+    assert!(
+        err.to_string().starts_with("forbidden: grant `create`"),
+        "{err}"
+    );
+}
+
 /// Defect 4: a take whose answer is lost must be recognised as ours when it lands,
 /// even after reads in between showed the record it was based on (and a second take
 /// lost the race to it) — not waited out like someone else's lease.

@@ -36,6 +36,8 @@ pub struct Faults {
     /// Every call (watches too) is refused with this HTTP status (401 or 403): RBAC
     /// revoked, or credentials refused.
     pub refuse: Option<u16>,
+    /// Writes (create, update) are refused with 403, as RBAC without `create`/`update`.
+    pub refuse_writes: bool,
     /// Writes take exactly this long before they are applied, and this long after.
     pub write_delay: Option<(Duration, Duration)>,
     /// Opening a watch hangs (other calls work).
@@ -164,6 +166,16 @@ impl FaultyLock {
         &self,
         op: impl FnOnce(MemoryLock) -> Result<Versioned, LockError> + Send + 'static,
     ) -> Result<Versioned, LockError> {
+        if self.faults().refuse_writes {
+            // Refused after a moment (everything else answers sooner).
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            return Err(LockError::Forbidden {
+                verb: "create",
+                namespace: "test".into(),
+                name: "lock".into(),
+                message: "injected".into(),
+            });
+        }
         match self.faults().write_delay {
             None => self.call(op).await,
             Some(delay) => self.call_delayed(delay, op).await,
