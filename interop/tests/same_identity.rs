@@ -91,13 +91,15 @@ fn build_go_candidate() -> String {
         .stderr(Stdio::inherit())
         .output()
         .unwrap();
-    assert!(out.status.success(), "building the client-go candidate failed");
+    assert!(
+        out.status.success(),
+        "building the client-go candidate failed"
+    );
     String::from_utf8(out.stdout).unwrap().trim().to_owned()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_client_go_candidate_with_a_leaderz_leaders_identity_leads_alone_within_a_retry_period()
-{
+async fn a_client_go_candidate_with_a_leaderz_leaders_identity_leads_alone_within_a_retry_period() {
     let go = build_go_candidate();
     let cp = ControlPlane::shared().unwrap();
     let ns = cp.new_namespace("dup").await.unwrap();
@@ -127,6 +129,9 @@ async fn a_client_go_candidate_with_a_leaderz_leaders_identity_leads_alone_withi
         .iter()
         .filter(|(_, e)| e == "started_leading")
         .count();
-    assert_eq!(again, 1, "leaderz led again next to the client-go candidate");
+    assert_eq!(
+        again, 1,
+        "leaderz led again next to the client-go candidate"
+    );
     assert_eq!(first(&cg_events, "stopped_leading"), None);
 }

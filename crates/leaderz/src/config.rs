@@ -38,8 +38,17 @@ pub struct ElectionConfig {
     /// How long the leader keeps leading without a successful renewal. Measured from
     /// the send time of its last successful renewal; when it passes, the term ends.
     pub renew_deadline: Duration,
-    /// How often the leader renews, and how often followers poll when they cannot watch.
+    /// How often the leader renews (unless [`renew_interval`](Self::renew_interval) is
+    /// set), how soon it retries a failed renewal, and how often followers poll when they
+    /// cannot watch.
     pub retry_period: Duration,
+    /// How often the leader renews while renewals succeed; a failed renewal is retried
+    /// every `retry_period` until the renew deadline. `None` (the default): every
+    /// `retry_period`, as client-go does. A longer interval cuts the leader's API load
+    /// (one write per interval; client-go #125861) without touching safety, which rests
+    /// on `renew_deadline` and `lease_duration` alone; it must leave room for a retry:
+    /// `renew_interval + 1.2 × retry_period < renew_deadline`.
+    pub renew_interval: Option<Duration>,
     /// The longest any single API call may take before it is abandoned.
     pub request_timeout: Duration,
     /// Release the lease on shutdown (after the work stopped) so a follower takes over
@@ -66,6 +75,7 @@ impl ElectionConfig {
             lease_duration: Duration::from_secs(15),
             renew_deadline: Duration::from_secs(10),
             retry_period: Duration::from_secs(2),
+            renew_interval: None,
             request_timeout: Duration::from_secs(5),
             release_on_cancel: true,
             shutdown_grace: Duration::from_secs(10),
@@ -93,6 +103,18 @@ impl ElectionConfig {
     pub fn retry_period(mut self, d: Duration) -> Self {
         self.retry_period = d;
         self
+    }
+
+    /// Sets [`ElectionConfig::renew_interval`].
+    #[must_use]
+    pub fn renew_interval(mut self, d: Duration) -> Self {
+        self.renew_interval = Some(d);
+        self
+    }
+
+    /// How often the leader renews while renewals succeed.
+    pub fn renew_every(&self) -> Duration {
+        self.renew_interval.unwrap_or(self.retry_period)
     }
 
     /// Sets [`ElectionConfig::request_timeout`].
@@ -169,6 +191,16 @@ impl ElectionConfig {
         if self.max_record_duration < self.lease_duration {
             return Err(MaxRecordDurationTooShort(self.max_record_duration));
         }
+        if let Some(interval) = self.renew_interval {
+            let room = interval.as_secs_f64() + JITTER_FACTOR * self.retry_period.as_secs_f64();
+            if interval.is_zero() || room >= self.renew_deadline.as_secs_f64() {
+                return Err(RenewIntervalTooLong {
+                    renew_interval: interval,
+                    renew_deadline: self.renew_deadline,
+                    retry_period: self.retry_period,
+                });
+            }
+        }
         Ok(())
     }
 
@@ -216,6 +248,18 @@ pub enum ConfigError {
         "renew deadline ({renew_deadline:?}) must be greater than 1.2 x retry period ({retry_period:?})"
     )]
     RetryPeriodTooLong {
+        /// The configured renew deadline.
+        renew_deadline: Duration,
+        /// The configured retry period.
+        retry_period: Duration,
+    },
+    /// The renew interval leaves no room to retry a failed renewal before the deadline.
+    #[error(
+        "renew interval ({renew_interval:?}) plus 1.2 x retry period ({retry_period:?}) must be less than renew deadline ({renew_deadline:?}), and above zero"
+    )]
+    RenewIntervalTooLong {
+        /// The configured renew interval.
+        renew_interval: Duration,
         /// The configured renew deadline.
         renew_deadline: Duration,
         /// The configured retry period.
@@ -359,6 +403,28 @@ mod tests {
             );
         }
         assert_eq!(ElectionConfig::new("pod-a.example_1").validate(), Ok(()));
+    }
+
+    #[test]
+    fn renew_interval_must_leave_room_for_a_retry() {
+        let c = ElectionConfig::new("a").renew_interval(secs(5.0));
+        assert_eq!(c.validate(), Ok(()));
+        assert_eq!(c.renew_every(), secs(5.0));
+        assert_eq!(ElectionConfig::new("a").renew_every(), secs(2.0));
+        // 7.6 s + 1.2 x 2 s = 10 s is not below the 10 s deadline.
+        for bad in [secs(7.6), secs(9.0), secs(0.0)] {
+            let e = ElectionConfig::new("a").renew_interval(bad).validate();
+            assert!(
+                matches!(e, Err(ConfigError::RenewIntervalTooLong { .. })),
+                "{bad:?}: {e:?}"
+            );
+        }
+        assert_eq!(
+            ElectionConfig::new("a")
+                .renew_interval(secs(7.5))
+                .validate(),
+            Ok(())
+        );
     }
 
     #[test]

@@ -872,7 +872,7 @@ impl Machine {
                 }
                 l.current = v;
                 l.last_ok = sent_at;
-                l.next_renew = sent_at + self.config.retry_period;
+                l.next_renew = sent_at + self.config.renew_every();
                 let deadline = sent_at + self.config.renew_deadline;
                 self.actions.push_back(Action::ExtendTerm(deadline));
                 if let Some(m) = &self.metrics {
@@ -975,7 +975,7 @@ impl Machine {
             token,
             current,
             last_ok: sent_at,
-            next_renew: sent_at + self.config.retry_period,
+            next_renew: sent_at + self.config.renew_every(),
         });
         self.actions.push_back(Action::StartTerm {
             token,

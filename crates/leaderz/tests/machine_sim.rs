@@ -3,7 +3,8 @@
 //! clock of its own for every candidate, running at its own rate.
 //!
 //! The world: one Lease (a compare-and-swap register with versions and watches), five
-//! candidates with different lease durations, and every fault the model has — latency,
+//! candidates with different lease durations (half of them with a renew interval longer
+//! than their retry period), and every fault the model has — latency,
 //! requests failing before or after they apply (lost answers), hangs, writes landing long
 //! after their caller gave up, refused requests (401/403 episodes), refused, ending and
 //! stalling watches, crashes and restarts, graceful stops with slow work, electors
@@ -1024,12 +1025,18 @@ fn config(i: usize, rng: &mut SmallRng) -> ElectionConfig {
     // a fifth of the deadline.
     let ld = rng.random_range(3..=15u64);
     let rd = Duration::from_millis(ld * 2000 / 3);
-    ElectionConfig::new(format!("c{i}"))
+    let c = ElectionConfig::new(format!("c{i}"))
         .lease_duration(Duration::from_secs(ld))
         .renew_deadline(rd)
         .retry_period(rd / 5)
         .request_timeout(Duration::from_secs(2))
-        .shutdown_grace(Duration::from_secs(10))
+        .shutdown_grace(Duration::from_secs(10));
+    // Half the candidates renew less often than they retry (up to the limit).
+    if rng.random_bool(0.5) {
+        c.renew_interval(rd.mul_f64(rng.random_range(0.2..0.75)))
+    } else {
+        c
+    }
 }
 
 fn random_faults(rng: &mut SmallRng) -> Faults {
@@ -1191,13 +1198,23 @@ fn simulate(seed: u64, max_rate: f64) -> Result<(usize, Ns), String> {
         // The longest any candidate may wait after healing: the longest lease duration
         // (a holder that just renewed, then died) on the slowest clock, plus a backoff
         // (4 retry periods, jittered), plus the slowest request.
+        // (Garbage may name longer durations than anyone's own: those count too.)
+        let longest_record = sim
+            .store
+            .writes
+            .iter()
+            .filter_map(|w| w.record.as_ref()?.lease_duration_seconds)
+            .filter_map(|d| u64::try_from(d).ok())
+            .max()
+            .unwrap_or(0)
+            * SEC;
         let bound = sim
             .nodes
             .iter()
             .map(|n| {
                 let c = &n.config;
-                (ns(c.lease_duration) + ns(c.retry_period) * 5 + ns(c.request_timeout)) as f64
-                    / n.clock.rate.min(1.0)
+                let ld = ns(c.lease_duration).max(longest_record);
+                (ld + ns(c.retry_period) * 5 + ns(c.request_timeout)) as f64 / n.clock.rate.min(1.0)
             })
             .fold(0.0, f64::max) as Ns
             + 2 * SEC;
