@@ -63,6 +63,60 @@ pub struct ElectionConfig {
     /// Longest `leaseDurationSeconds` from a Lease record that is honoured as written;
     /// longer ones (garbage, or a typo) are treated as this long. See [`crate::record`].
     pub max_record_duration: Duration,
+    /// Coordinated leader election (KEP-4355): this candidate publishes a
+    /// `LeaseCandidate` and never takes the Lease on its own; a controller in
+    /// kube-apiserver names the holder. `None` (the default): an ordinary election.
+    pub coordinated: Option<Coordinated>,
+}
+
+/// How a candidate takes part in coordinated leader election (KEP-4355): what it
+/// publishes in its `coordination.k8s.io/v1beta1` `LeaseCandidate`, named after its
+/// identity. Needs kube-apiserver with `--feature-gates=CoordinatedLeaderElection=true
+/// --runtime-config=coordination.k8s.io/v1beta1=true`.
+///
+/// ```
+/// let c = leaderz::config::Coordinated::new("1.34.0").emulation_version("1.33.0");
+/// let config = leaderz::ElectionConfig::new("pod-a").coordinated(c);
+/// assert!(config.validate().is_ok());
+/// ```
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Coordinated {
+    /// The candidate's binary version (`binaryVersion`), e.g. `1.34.0`.
+    pub binary_version: String,
+    /// The version it emulates (`emulationVersion`), at most the binary version. The
+    /// built-in strategy elects the candidate with the lowest.
+    pub emulation_version: String,
+    /// The strategy it asks for: `OldestEmulationVersion` (built in), or a third-party
+    /// strategy (a name with a `/`) that another controller carries out.
+    pub strategy: String,
+}
+
+impl Coordinated {
+    /// A candidate of `binary_version` that emulates it, with the built-in strategy.
+    #[must_use]
+    pub fn new(binary_version: impl Into<String>) -> Self {
+        let binary_version = binary_version.into();
+        Self {
+            emulation_version: binary_version.clone(),
+            binary_version,
+            strategy: "OldestEmulationVersion".into(),
+        }
+    }
+
+    /// Sets [`Coordinated::emulation_version`].
+    #[must_use]
+    pub fn emulation_version(mut self, v: impl Into<String>) -> Self {
+        self.emulation_version = v.into();
+        self
+    }
+
+    /// Sets [`Coordinated::strategy`].
+    #[must_use]
+    pub fn strategy(mut self, s: impl Into<String>) -> Self {
+        self.strategy = s.into();
+        self
+    }
 }
 
 impl ElectionConfig {
@@ -81,6 +135,7 @@ impl ElectionConfig {
             shutdown_grace: Duration::from_secs(10),
             watch: true,
             max_record_duration: Duration::from_secs(3600),
+            coordinated: None,
         }
     }
 
@@ -145,6 +200,13 @@ impl ElectionConfig {
         self
     }
 
+    /// Takes part in coordinated leader election (see [`Coordinated`]).
+    #[must_use]
+    pub fn coordinated(mut self, c: Coordinated) -> Self {
+        self.coordinated = Some(c);
+        self
+    }
+
     /// Sets [`ElectionConfig::max_record_duration`].
     #[must_use]
     pub fn max_record_duration(mut self, d: Duration) -> Self {
@@ -191,6 +253,14 @@ impl ElectionConfig {
         if self.max_record_duration < self.lease_duration {
             return Err(MaxRecordDurationTooShort(self.max_record_duration));
         }
+        if let Some(c) = &self.coordinated {
+            if !is_object_name(&self.identity) {
+                return Err(IdentityNotAnObjectName(self.identity.clone()));
+            }
+            if c.binary_version.trim().is_empty() || c.strategy.trim().is_empty() {
+                return Err(CoordinatedFieldsEmpty);
+            }
+        }
         if let Some(interval) = self.renew_interval {
             let room = interval.as_secs_f64() + JITTER_FACTOR * self.retry_period.as_secs_f64();
             if interval.is_zero() || room >= self.renew_deadline.as_secs_f64() {
@@ -209,6 +279,19 @@ impl ElectionConfig {
         // validate() bounds it to i32::MAX.
         i32::try_from(self.lease_duration.as_secs()).unwrap_or(i32::MAX)
     }
+}
+
+/// Whether `s` can name a Kubernetes object: a DNS subdomain (RFC 1123), at most 253
+/// characters of lowercase letters, digits, `-` and `.`, starting and ending with a
+/// letter or digit.
+pub(crate) fn is_object_name(s: &str) -> bool {
+    let ok_char = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '.';
+    let alnum = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit();
+    !s.is_empty()
+        && s.len() <= 253
+        && s.chars().all(ok_char)
+        && s.starts_with(alnum)
+        && s.ends_with(alnum)
 }
 
 /// Why an [`ElectionConfig`] was refused.
@@ -253,6 +336,14 @@ pub enum ConfigError {
         /// The configured retry period.
         retry_period: Duration,
     },
+    /// In coordinated mode the identity names the `LeaseCandidate` object.
+    #[error(
+        "in coordinated mode the identity names a LeaseCandidate, so it must be a DNS subdomain (at most 253 of a-z, 0-9, '-', '.'): {0:?}"
+    )]
+    IdentityNotAnObjectName(String),
+    /// Coordinated mode needs a binary version and a strategy.
+    #[error("coordinated mode needs a binary version and a strategy")]
+    CoordinatedFieldsEmpty,
     /// The renew interval leaves no room to retry a failed renewal before the deadline.
     #[error(
         "renew interval ({renew_interval:?}) plus 1.2 x retry period ({retry_period:?}) must be less than renew deadline ({renew_deadline:?}), and above zero"
@@ -425,6 +516,28 @@ mod tests {
                 .validate(),
             Ok(())
         );
+    }
+
+    #[test]
+    fn coordinated_identities_name_objects() {
+        let c = Coordinated::new("1.34.0");
+        assert_eq!(
+            ElectionConfig::new("pod-a.b")
+                .coordinated(c.clone())
+                .validate(),
+            Ok(())
+        );
+        for bad in ["Pod-A", "pod_a", "-a", "a-", &"a".repeat(254)] {
+            let e = ElectionConfig::new(bad).coordinated(c.clone()).validate();
+            assert!(
+                matches!(e, Err(ConfigError::IdentityNotAnObjectName(_))),
+                "{bad}: {e:?}"
+            );
+        }
+        let e = ElectionConfig::new("a")
+            .coordinated(Coordinated::new(" "))
+            .validate();
+        assert_eq!(e, Err(ConfigError::CoordinatedFieldsEmpty));
     }
 
     #[test]
