@@ -176,6 +176,7 @@ pub struct Request {
 /// A lock operation (see [`Lock`](crate::Lock)).
 #[derive(Debug)]
 #[non_exhaustive]
+#[allow(clippy::large_enum_variant)] // handed on at once, never stored in bulk
 pub enum Op {
     /// [`Lock::get`](crate::Lock::get).
     Get,

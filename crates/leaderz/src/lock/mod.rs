@@ -36,6 +36,7 @@ pub struct Versioned {
 
 /// A change seen by [`Lock::watch`].
 #[derive(Clone, Debug, PartialEq)]
+#[allow(clippy::large_enum_variant)] // handed on at once, never stored in bulk
 pub enum LockEvent {
     /// The record was created or changed.
     Changed(Versioned),
