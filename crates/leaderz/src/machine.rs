@@ -340,6 +340,10 @@ pub struct Machine {
     /// While the Lease was absent, a read or the watch failed: we do not know whether it
     /// came back in between.
     absence_unsure: bool,
+    /// When the last read that found the Lease absent was sent.
+    absent_read_sent: Option<Instant>,
+    /// The longest lease duration any record on this Lease has had (as read).
+    longest_duration: Duration,
     /// The highest `leaseTransitions` seen on this Lease.
     highest_token: Option<i32>,
     /// Records this process wrote recently, answered or not.
@@ -419,6 +423,8 @@ impl Machine {
             tombstone: None,
             absent_since: None,
             absence_unsure: false,
+            absent_read_sent: None,
+            longest_duration: Duration::ZERO,
             highest_token: None,
             own_writes: VecDeque::new(),
             pending_take: None,
@@ -628,6 +634,15 @@ impl Machine {
             // In coordinated mode the controller creates it.
             if self.config.coordinated.is_some() || self.tombstone_expiry().is_some_and(|t| now < t)
             {
+                return;
+            }
+            // Create only on a fresh look: a Lease re-created and deleted again since an
+            // old one (a slow answer, a paused process) could still have a leader.
+            if self
+                .absent_read_sent
+                .is_none_or(|t| now > t + self.config.retry_period)
+            {
+                self.send(Purpose::Read, Op::Get, now);
                 return;
             }
             let token = self.create_token();
@@ -860,7 +875,7 @@ impl Machine {
             return;
         }
         match inflight.purpose {
-            Purpose::Read => self.on_read(reply, now),
+            Purpose::Read => self.on_read(reply, inflight.sent_at, now),
             Purpose::Take if matches!(self.role, Role::ShuttingDown(Closing::Resolving { .. })) => {
                 self.on_take_resolved(reply, now);
             }
@@ -875,7 +890,7 @@ impl Machine {
         }
     }
 
-    fn on_read(&mut self, reply: Result<Answer, LockError>, now: Instant) {
+    fn on_read(&mut self, reply: Result<Answer, LockError>, sent_at: Instant, now: Instant) {
         match reply {
             Ok(Answer::Read(Some(v))) => {
                 self.stale = false;
@@ -899,6 +914,7 @@ impl Machine {
                 self.failures = 0;
                 self.read_due = Some(now + self.jitter(self.config.retry_period));
                 self.observe_absent(false, now);
+                self.absent_read_sent = Some(sent_at);
             }
             Ok(Answer::Wrote(_)) => debug!("a write answer to a read; ignored"),
             Err(e) => {
@@ -1733,11 +1749,22 @@ impl Machine {
             }
             _ => (now, Duration::ZERO),
         };
+        // Back after a deletion: whoever led the deleted Lease may lead until the wait
+        // for re-creating it is over; this record (someone else's re-creation, or an
+        // admin's) is valid at least that long.
+        let carried = match self.tombstone_expiry() {
+            Some(t) => carried.max(t.saturating_duration_since(now)),
+            None => carried,
+        };
         self.absent = false;
         self.tombstone = None;
         self.absent_since = None;
         let t = v.record.lease_transitions;
         self.highest_token = Some(self.highest_token.map_or(t, |h| h.max(t)));
+        if v.record.holder().is_some() {
+            let d = v.record.effective_duration(own, max);
+            self.longest_duration = self.longest_duration.max(d);
+        }
         if self.blocked_version.as_ref() != Some(&v.version) {
             self.blocked_version = None;
             if matches!(self.role, Role::Follower)
@@ -1786,10 +1813,11 @@ impl Machine {
     /// - Never seen before: at once (nothing is known; see the README's limits).
     /// - Found deleted by its leader (us): at once; nobody else wrote it after us.
     /// - Otherwise: once the last record we saw has expired, and a whole lease duration
-    ///   after we learned of the deletion — someone may have taken the Lease after what
-    ///   we saw and lead until the deletion; their term ends within `renew_deadline` of
-    ///   their last renewal, which came before the deletion. (Waiting from the
-    ///   deletion costs at most a retry period more than waiting out the last record.)
+    ///   (the longest seen on this Lease) after we learned of the deletion — someone may
+    ///   have taken the Lease after what we saw and lead until the deletion; their term
+    ///   ends within `renew_deadline` of their last renewal, which came before the
+    ///   deletion. (Waiting from the deletion costs at most a retry period more than
+    ///   waiting out the last record.)
     fn tombstone_expiry(&self) -> Option<Instant> {
         if !self.absent {
             return None;
@@ -1800,7 +1828,9 @@ impl Machine {
             return None;
         }
         let (own, max) = (self.config.lease_duration, self.config.max_record_duration);
-        let unknown = learned + t.duration(own, max);
+        // Whoever may have taken it unseen could have any candidate's duration: wait the
+        // longest one seen on this Lease.
+        let unknown = learned + t.duration(own, max).max(self.longest_duration);
         let held = t.record.holder().is_some() && !self.is_own(&t.record);
         let expiry = held.then(|| t.expires_at(own, max));
         Some(expiry.map_or(unknown, |e| e.max(unknown)))

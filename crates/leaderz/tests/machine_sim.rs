@@ -9,7 +9,8 @@
 //! after their caller gave up, refused requests (401/403 episodes), refused, ending and
 //! stalling watches, crashes and restarts, graceful stops with slow work, electors
 //! paused while their work keeps running, Lease deletion, garbage written by an admin,
-//! and resourceVersions going backwards (an etcd restore).
+//! resourceVersions going backwards (an etcd restore), planned handovers requested to a
+//! random candidate or to any, and a controller preferring another holder.
 //!
 //! Checked on every run:
 //! - **no overlap**: the intervals in which each term's work may act (from the term's
@@ -37,6 +38,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use leaderz::machine::{Action, Answer, Input, Machine, Op, Request};
+use leaderz::record::Handoff;
 use leaderz::{ElectionConfig, LeaderRecord, LockError, LockEvent, Versioned};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
@@ -198,6 +200,7 @@ impl Store {
     }
 }
 
+#[allow(clippy::large_enum_variant)]
 enum Ev {
     Tick {
         node: usize,
@@ -523,6 +526,10 @@ impl Sim {
 
     fn feed(&mut self, i: usize, input: Input) {
         self.trace(|| format!("node {i} <- {input:?}"));
+        if self.nodes[i].paused_until.is_some() {
+            self.nodes[i].backlog.push(input);
+            return;
+        }
         if let Input::Reply(Ok(Answer::Read(Some(v)) | Answer::Wrote(v)))
         | Input::WatchEvent(LockEvent::Changed(v)) = &input
         {
@@ -530,10 +537,6 @@ impl Sim {
             node.seen_lease = true;
             let t = v.record.lease_transitions;
             node.max_seen = Some(node.max_seen.map_or(t, |m| m.max(t)));
-        }
-        if self.nodes[i].paused_until.is_some() {
-            self.nodes[i].backlog.push(input);
-            return;
         }
         let now = self.local_instant(i);
         let Some(m) = self.nodes[i].machine.as_mut() else {
@@ -1106,15 +1109,21 @@ fn simulate(seed: u64, max_rate: f64) -> Result<(usize, Ns), String> {
         let t = sim.now + rng.random_range(0..8000) * MS;
         sim.run_until(t);
         let i = rng.random_range(0..NODES);
-        match rng.random_range(0..20) {
+        match rng.random_range(0..23) {
             0..=2 if sim.running(i) => sim.crash(i),
             3..=5 if sim.running(i) => {
                 let lag = rng.random_range(0..15_000) * MS;
                 sim.shutdown(i, lag);
             }
-            // A new process (same identity) starts; not while the Lease is deleted: one
-            // that never saw the Lease re-creates it at once (a documented limit).
-            _ if !sim.running(i) && sim.store.current.is_some() => sim.start(i, rng.random()),
+            // A new process (same identity) starts; not while the Lease is deleted or
+            // holds an admin's garbage: one that never saw the real holder re-creates it
+            // at once, or trusts the garbage (documented limits).
+            _ if !sim.running(i)
+                && sim.store.current.is_some()
+                && sim.store.writes.last().is_some_and(|w| w.by.is_some()) =>
+            {
+                sim.start(i, rng.random());
+            }
             6 => sim.pause(i, rng.random_range(1000..40_000) * MS),
             // An admin deletes the Lease, now and then (not again within twice the
             // longest lease duration: deleting a re-created Lease again while a
@@ -1126,7 +1135,10 @@ fn simulate(seed: u64, max_rate: f64) -> Result<(usize, Ns), String> {
                 last_delete = sim.now;
                 sim.write(None, None);
             }
-            8 => {
+            // An admin writes garbage — only while every running candidate has seen the
+            // Lease: one that never saw it trusts whatever the garbage says (a holder or
+            // a duration shorter than the real holder's), a documented limit.
+            8 if (0..NODES).all(|n| !sim.running(n) || sim.nodes[n].seen_lease) => {
                 // An admin writes garbage (never lowering the count below what the
                 // Lease ever had: tokens must rise).
                 let t = sim
@@ -1144,12 +1156,16 @@ fn simulate(seed: u64, max_rate: f64) -> Result<(usize, Ns), String> {
                         lease_transitions: t + 1,
                         ..Default::default()
                     },
-                    // The current record with its duration edited. (Not a record
-                    // without holder: an admin who clears holderIdentity releases the
-                    // lease by force while its holder leads — a documented limit.)
+                    // The current record with its duration edited, longer. (Shortening
+                    // it by hand can fool a follower that missed the holder's last
+                    // renewal before the edit, and clearing holderIdentity releases the
+                    // lease by force while its holder leads: documented limits.)
                     1 => match sim.store.current.clone() {
                         Some(v) => LeaderRecord {
-                            lease_duration_seconds: Some(rng.random_range(-5..30)),
+                            lease_duration_seconds: Some(
+                                v.record.lease_duration_seconds.unwrap_or(0).max(1)
+                                    + rng.random_range(0..15),
+                            ),
                             ..v.record
                         },
                         None => LeaderRecord {
@@ -1165,6 +1181,35 @@ fn simulate(seed: u64, max_rate: f64) -> Result<(usize, Ns), String> {
                     },
                 };
                 sim.write(None, Some(record));
+            }
+            10 | 11 => {
+                // Someone asks for a planned handover, to a random candidate or to any.
+                if let Some(v) = sim.store.current.clone()
+                    && v.record.holder().is_some()
+                {
+                    let to = rng
+                        .random_bool(0.7)
+                        .then(|| format!("c{}", rng.random_range(0..NODES)));
+                    let id = format!("h{}", rng.random::<u32>());
+                    let record = LeaderRecord {
+                        handoff: Some(Handoff::request(to, id)),
+                        ..v.record
+                    };
+                    sim.write(None, Some(record));
+                }
+            }
+            12 => {
+                // A controller prefers another holder (a strategy with a preferred holder).
+                if let Some(v) = sim.store.current.clone()
+                    && v.record.holder().is_some()
+                {
+                    let record = LeaderRecord {
+                        strategy: Some("example.com/strategy".into()),
+                        preferred_holder: Some(format!("c{}", rng.random_range(0..NODES))),
+                        ..v.record
+                    };
+                    sim.write(None, Some(record));
+                }
             }
             9 => {
                 // An etcd restore: the same record, at an older version.
