@@ -1,14 +1,17 @@
 //! Server processes that cannot outlive the test process, their data directory, and its sweep.
 //!
+//! Public so that harnesses built on this crate (the one-node cluster in `leaderz-cluster`)
+//! supervise their processes the same way.
+//!
 //! Three mechanisms, each covering what the others cannot:
 //! - Every server is started as `setpriv --pdeathsig SIGKILL -- <binary>`, so the kernel
 //!   kills it when its parent dies, however the parent dies (panic, abort, SIGKILL). The
 //!   parent-death signal fires when the *thread* that forked the child exits, so all servers
 //!   are forked by one spawner thread that lives as long as the process.
-//! - A small `sh` "cleaner" per data directory reads a pipe whose write end only this
-//!   process holds; when the process is gone the read sees end-of-file and the cleaner
-//!   removes the directory. That covers the shared control plane, which lives in a `static`
-//!   and is never dropped.
+//! - A small `sh` [`Cleaner`] reads a pipe whose write end only this process holds; when the
+//!   process is gone the read sees end-of-file and the cleaner removes what it was given
+//!   (the data directory; the cluster's cgroups). That covers the shared control plane,
+//!   which lives in a `static` and is never dropped.
 //! - At startup, directories of earlier runs whose owner is dead are swept, in case a
 //!   cleaner was killed too.
 
@@ -76,9 +79,10 @@ async fn spawn_from_spawner_thread(command: Command) -> io::Result<Child> {
     answer.await.map_err(|_| gone())?
 }
 
-/// A running etcd or kube-apiserver, with its output in a log file.
+/// A running server process (etcd, kube-apiserver, a node component), with its output in a
+/// log file, killed when this process dies (see the module docs) or when dropped.
 #[derive(Debug)]
-pub(crate) struct Server {
+pub struct Server {
     name: &'static str,
     child: Child,
     log: PathBuf,
@@ -87,8 +91,23 @@ pub(crate) struct Server {
 
 impl Server {
     /// Starts `binary args` with stdout and stderr in `log`, killed when this process dies.
-    pub(crate) async fn spawn(
+    pub async fn spawn(
         name: &'static str,
+        binary: &Path,
+        args: Vec<OsString>,
+        log: PathBuf,
+    ) -> Result<Self> {
+        Self::spawn_with_prefix(name, &[], binary, args, log).await
+    }
+
+    /// Like [`spawn`](Self::spawn), with `prefix` run first: `setpriv --pdeathsig SIGKILL --
+    /// <prefix...> <binary> <args...>`. The prefix must exec or supervise the rest so that
+    /// killing it kills the server, e.g. `nsenter --target <pid> --net --mount --pid --
+    /// setpriv --pdeathsig SIGKILL --` to start the server inside another process's
+    /// namespaces.
+    pub async fn spawn_with_prefix(
+        name: &'static str,
+        prefix: &[OsString],
         binary: &Path,
         args: Vec<OsString>,
         log: PathBuf,
@@ -100,6 +119,7 @@ impl Server {
         let mut command = Command::new("setpriv");
         command
             .args(["--pdeathsig", "SIGKILL", "--"])
+            .args(prefix)
             .arg(binary)
             .args(args)
             .stdin(Stdio::null())
@@ -125,13 +145,13 @@ impl Server {
         })
     }
 
-    /// The process id.
-    pub(crate) fn pid(&self) -> u32 {
+    /// The process id of the process started (the prefix's, if there is one).
+    pub fn pid(&self) -> u32 {
         self.child.id()
     }
 
     /// Fails with [`Error::Exited`] if the process has exited.
-    pub(crate) fn check_running(&mut self) -> Result<()> {
+    pub fn check_running(&mut self) -> Result<()> {
         let status = match self.child.try_wait() {
             Ok(None) => return Ok(()),
             Ok(Some(status)) => status.to_string(),
@@ -146,22 +166,22 @@ impl Server {
     }
 
     /// The last lines of the log.
-    pub(crate) fn log_tail(&self) -> String {
+    pub fn log_tail(&self) -> String {
         log_tail(&self.log, 40)
     }
 
     /// The log file.
-    pub(crate) fn log_path(&self) -> &Path {
+    pub fn log_path(&self) -> &Path {
         &self.log
     }
 
-    /// `etcd` or `kube-apiserver`.
-    pub(crate) fn name(&self) -> &'static str {
+    /// The name it was started with, e.g. `etcd`.
+    pub fn name(&self) -> &'static str {
         self.name
     }
 
     /// Kills the process and reaps it. Idempotent.
-    pub(crate) fn stop(&mut self) {
+    pub fn stop(&mut self) {
         if std::mem::replace(&mut self.stopped, true) {
             return;
         }
@@ -184,7 +204,7 @@ impl Drop for Server {
 #[derive(Debug)]
 pub(crate) struct DataDir {
     path: PathBuf,
-    cleaner: Option<Child>,
+    cleaner: Option<Cleaner>,
 }
 
 impl DataDir {
@@ -226,22 +246,15 @@ impl DataDir {
         Ok(path)
     }
 
-    /// Starts `sh`, reading a pipe only this process writes to; at end-of-file (this
-    /// process is gone) it waits a moment for the servers' parent-death signal, then removes
+    /// A [`Cleaner`] that waits a moment for the servers' parent-death signal, then removes
     /// the directory.
-    fn spawn_cleaner(&self) -> Result<Child> {
-        const SCRIPT: &str = r#"while read -r _; do :; done
-sleep 1
-rm -rf -- "$1" 2>/dev/null || { sleep 2; rm -rf -- "$1"; }"#;
-        Command::new("sh")
-            .args(["-c", SCRIPT, "leaderz-testenv-cleaner"])
-            .arg(&self.path)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .process_group(0)
-            .spawn()
-            .map_err(Error::io("starting the data directory's cleaner (`sh`)"))
+    fn spawn_cleaner(&self) -> Result<Cleaner> {
+        Cleaner::spawn(
+            "leaderz-testenv-cleaner",
+            r#"sleep 1
+rm -rf -- "$1" 2>/dev/null || { sleep 2; rm -rf -- "$1"; }"#,
+            &[self.path.as_os_str().to_owned()],
+        )
     }
 }
 
@@ -250,15 +263,50 @@ impl Drop for DataDir {
         if let Err(err) = fs::remove_dir_all(&self.path) {
             tracing::warn!(dir = %self.path.display(), %err, "could not remove the data directory");
         }
-        if let Some(mut cleaner) = self.cleaner.take() {
-            let _ = cleaner.kill();
-            let _ = cleaner.wait();
+        if let Some(cleaner) = self.cleaner.take() {
+            cleaner.disarm();
         }
     }
 }
 
+/// An `sh` script that runs once this process is gone, however it ends: it first reads a
+/// pipe whose write end only this process holds, and end-of-file means the process died.
+///
+/// For what must not outlive a test process but is not a process: directories, cgroups.
+/// [`disarm`](Self::disarm) it once the normal teardown has done the work.
+#[derive(Debug)]
+pub struct Cleaner {
+    child: Child,
+}
+
+impl Cleaner {
+    /// Starts `sh -c '<wait for end-of-file>; <script>' <name> <args...>`: in `script`,
+    /// `$1`... are `args`. `name` is what `ps` shows for it.
+    pub fn spawn(name: &str, script: &str, args: &[OsString]) -> Result<Self> {
+        let script = format!("while read -r _; do :; done\n{script}");
+        let child = Command::new("sh")
+            .arg("-c")
+            .arg(script)
+            .arg(name)
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .process_group(0)
+            .spawn()
+            .map_err(Error::io(format!("starting the cleaner `{name}` (`sh`)")))?;
+        Ok(Self { child })
+    }
+
+    /// Stops the cleaner without running its script.
+    pub fn disarm(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// Writes a file readable by its owner only (it may hold private keys).
-pub(crate) fn write_private(path: &Path, contents: &[u8]) -> Result<()> {
+pub fn write_private(path: &Path, contents: &[u8]) -> Result<()> {
     use std::{io::Write as _, os::unix::fs::OpenOptionsExt as _};
     let context = || format!("writing {}", path.display());
     fs::OpenOptions::new()
@@ -323,30 +371,39 @@ fn owner_is_alive(dir: &Path, pid: u32) -> bool {
 
 /// The fields of `/proc/<pid>/stat` this crate needs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct ProcStat {
+#[non_exhaustive]
+pub struct ProcStat {
     /// `R`, `S`, `D`, `Z`, ...
-    pub(crate) state: char,
+    pub state: char,
+    /// The parent's process id.
+    pub ppid: u32,
     /// Start time in clock ticks after boot: with the pid, identifies a process.
-    pub(crate) start_time: u64,
+    pub start_time: u64,
 }
 
 /// Reads `/proc/<pid>/stat`; `None` if there is no such process.
-pub(crate) fn proc_stat(pid: u32) -> Option<ProcStat> {
+pub fn proc_stat(pid: u32) -> Option<ProcStat> {
     parse_proc_stat(&fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
 }
 
 fn parse_proc_stat(stat: &str) -> Option<ProcStat> {
     // `pid (comm) state ppid ...`; comm may hold spaces and parentheses, so split at the
-    // last `)`. After it, field 3 (state) is first and field 22 (starttime) is 20th.
+    // last `)`. After it, field 3 (state) is first, field 4 (ppid) second and field 22
+    // (starttime) 20th.
     let (_, rest) = stat.rsplit_once(')')?;
     let mut fields = rest.split_whitespace();
     let state = fields.next()?.chars().next()?;
-    let start_time = fields.nth(18)?.parse().ok()?;
-    Some(ProcStat { state, start_time })
+    let ppid = fields.next()?.parse().ok()?;
+    let start_time = fields.nth(17)?.parse().ok()?;
+    Some(ProcStat {
+        state,
+        ppid,
+        start_time,
+    })
 }
 
 /// Resident set size of `pid` in bytes, from `/proc/<pid>/status`.
-pub(crate) fn rss_bytes(pid: u32) -> Option<u64> {
+pub fn rss_bytes(pid: u32) -> Option<u64> {
     let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let kib: u64 = status
         .lines()
@@ -374,7 +431,7 @@ pub(crate) fn free_ports(n: usize) -> Result<Vec<u16>> {
 }
 
 /// The last `lines` lines of a log file (or why it cannot be read).
-pub(crate) fn log_tail(path: &Path, lines: usize) -> String {
+pub fn log_tail(path: &Path, lines: usize) -> String {
     match fs::read(path) {
         Ok(bytes) => {
             let text = String::from_utf8_lossy(&bytes);
@@ -397,6 +454,7 @@ mod tests {
             parse_proc_stat(line),
             Some(ProcStat {
                 state: 'S',
+                ppid: 1,
                 start_time: 98765
             })
         );
