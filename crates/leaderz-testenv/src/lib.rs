@@ -325,7 +325,7 @@ impl ControlPlane {
 
     async fn start_once(binaries: &Path, options: &StartOptions, started: Instant) -> Result<Self> {
         // Locals drop in reverse order: on failure the servers stop before `dir` goes.
-        let dir = DataDir::create()?;
+        let dir = DataDir::create(process::DIR_PREFIX)?;
         let pki = Pki::generate(&options.serving_sans)?;
         dir.write("serving-ca.crt", &pki.serving_ca_pem)?;
         let tls_cert = dir.write("apiserver.crt", &pki.serving_cert_pem)?;

@@ -30,8 +30,8 @@ use tokio::sync::oneshot;
 
 use crate::error::{Error, Result};
 
-/// Data directories are `$TMPDIR/leaderz-testenv-<pid>-<random>`.
-const DIR_PREFIX: &str = "leaderz-testenv-";
+/// Data directories are `$TMPDIR/<prefix><pid>-<random>`; the control plane's prefix.
+pub(crate) const DIR_PREFIX: &str = "leaderz-testenv-";
 /// Holds `<pid> <start time>` of the owning process, to tell a reused pid from the owner.
 const OWNER_FILE: &str = "owner";
 
@@ -198,24 +198,27 @@ impl Drop for Server {
     }
 }
 
-/// The temporary directory holding certificates, etcd's data, kubeconfigs and logs.
+/// A temporary directory (certificates, etcd's data, kubeconfigs, logs) that does not
+/// outlive this process.
 ///
-/// Removed on drop, and by a cleaner process when this process dies without dropping it.
+/// Removed on drop, and by a [`Cleaner`] when this process dies without dropping it, and
+/// failing that by the next run's sweep.
 #[derive(Debug)]
-pub(crate) struct DataDir {
+pub struct DataDir {
     path: PathBuf,
     cleaner: Option<Cleaner>,
 }
 
 impl DataDir {
-    /// Creates `$TMPDIR/leaderz-testenv-<pid>-<random>`, first sweeping the directories of
-    /// dead earlier runs.
-    pub(crate) fn create() -> Result<Self> {
-        sweep_stale_dirs(&std::env::temp_dir());
+    /// Creates `$TMPDIR/<prefix><pid>-<random>`, first sweeping the directories with the
+    /// same prefix of dead earlier runs. `prefix` ends with `-` by convention, e.g.
+    /// `leaderz-testenv-`.
+    pub fn create(prefix: &str) -> Result<Self> {
+        sweep_stale_dirs(&std::env::temp_dir(), prefix);
         let pid = std::process::id();
         let path = loop {
             let path = std::env::temp_dir()
-                .join(format!("{DIR_PREFIX}{pid}-{:08x}", rand::random::<u32>()));
+                .join(format!("{prefix}{pid}-{:08x}", rand::random::<u32>()));
             match fs::create_dir(&path) {
                 Ok(()) => break path,
                 Err(err) if err.kind() == io::ErrorKind::AlreadyExists => continue,
@@ -235,12 +238,12 @@ impl DataDir {
     }
 
     /// The directory.
-    pub(crate) fn path(&self) -> &Path {
+    pub fn path(&self) -> &Path {
         &self.path
     }
 
     /// Writes `contents` to `name` inside the directory, readable by the owner only.
-    pub(crate) fn write(&self, name: &str, contents: impl AsRef<[u8]>) -> Result<PathBuf> {
+    pub fn write(&self, name: &str, contents: impl AsRef<[u8]>) -> Result<PathBuf> {
         let path = self.path.join(name);
         write_private(&path, contents.as_ref())?;
         Ok(path)
@@ -322,8 +325,8 @@ pub fn write_private(path: &Path, contents: &[u8]) -> Result<()> {
         })
 }
 
-/// Removes data directories under `tmp` whose owning process is gone.
-fn sweep_stale_dirs(tmp: &Path) {
+/// Removes data directories `<prefix><pid>-...` under `tmp` whose owning process is gone.
+fn sweep_stale_dirs(tmp: &Path, prefix: &str) {
     let Ok(entries) = fs::read_dir(tmp) else {
         return;
     };
@@ -331,7 +334,7 @@ fn sweep_stale_dirs(tmp: &Path) {
         let name = entry.file_name();
         let Some(pid) = name
             .to_str()
-            .and_then(|name| name.strip_prefix(DIR_PREFIX))
+            .and_then(|name| name.strip_prefix(prefix))
             .and_then(|rest| rest.split('-').next())
             .and_then(|pid| pid.parse::<u32>().ok())
         else {
@@ -485,7 +488,7 @@ mod tests {
         fs::write(reused.join(OWNER_FILE), format!("{me} {}\n", my_start + 1)).unwrap();
         fs::write(alive.join(OWNER_FILE), format!("{me} {my_start}\n")).unwrap();
 
-        sweep_stale_dirs(&tmp);
+        sweep_stale_dirs(&tmp, DIR_PREFIX);
 
         assert!(!dead.exists());
         assert!(!reused.exists());
