@@ -98,6 +98,9 @@ async fn main() -> anyhow::Result<()> {
     };
     let work = handle.run_while_leading(|term| async move {
         info!(token = term.fencing_token(), "started leading");
+        // Logs when this future is dropped: the term ended and the work stops here,
+        // before the lease is released.
+        let _stopped = LogOnDrop("stopped working");
         loop {
             info!("working...");
             tokio::time::sleep(Duration::from_secs(1)).await;
@@ -111,6 +114,15 @@ async fn main() -> anyhow::Result<()> {
     result?;
     info!("stopped");
     Ok(())
+}
+
+/// Logs its message when dropped.
+struct LogOnDrop(&'static str);
+
+impl Drop for LogOnDrop {
+    fn drop(&mut self) {
+        info!("{}", self.0);
+    }
 }
 
 /// `/healthz`: client-go's HealthzAdaptor meaning (unhealthy only if this replica

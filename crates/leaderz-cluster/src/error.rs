@@ -85,11 +85,6 @@ impl Error {
         move |source| Self::Io { context, source }
     }
 
-    pub(crate) fn kube(context: impl Into<String>) -> impl FnOnce(kube::Error) -> Self {
-        let context = context.into();
-        move |source| Self::Kube { context, source }
-    }
-
     /// The reason, if this (or the shared start it wraps) says the machine cannot run a
     /// cluster at all, as opposed to a cluster that failed.
     pub fn unavailable_reason(&self) -> Option<&str> {

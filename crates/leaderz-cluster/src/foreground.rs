@@ -50,6 +50,12 @@ pub async fn run_foreground() -> Result<()> {
     );
     println!("rss: {}", rss_line(&cluster));
     println!("logs: {}", cluster.data_dir().display());
+    let cgroups: Vec<String> = cluster
+        .cgroup_dirs()
+        .iter()
+        .map(|d| d.display().to_string())
+        .collect();
+    println!("cgroups: {}", cgroups.join(" "));
     println!("export KUBECONFIG={}", cluster.kubeconfig_path().display());
     eprintln!(
         "Try: kubectl apply -f kube/ && kubectl logs -f -l app.kubernetes.io/name=leaderz-example --prefix\n\

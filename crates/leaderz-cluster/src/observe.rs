@@ -236,6 +236,19 @@ impl PodLogs {
     }
 }
 
+impl LogLine {
+    /// When the app says the line happened: the timestamp `tracing`'s formatter writes
+    /// first on the line (the app's own clock, at the event), else the runtime's (when
+    /// containerd read the line, later under load).
+    pub fn app_time(&self) -> jiff::Timestamp {
+        self.text
+            .split_whitespace()
+            .next()
+            .and_then(|first| first.parse().ok())
+            .unwrap_or(self.at)
+    }
+}
+
 impl Drop for PodLogs {
     fn drop(&mut self) {
         self.task.abort();
@@ -291,6 +304,22 @@ pub fn strip_ansi(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_apps_own_timestamp_is_preferred() {
+        let at: jiff::Timestamp = "2026-01-01T00:00:01Z".parse().unwrap();
+        let line = |text: &str| LogLine {
+            pod: "p".into(),
+            container: "c".into(),
+            at,
+            text: text.into(),
+        };
+        assert_eq!(
+            line("2026-01-01T00:00:00.5Z  INFO x: working...").app_time(),
+            "2026-01-01T00:00:00.5Z".parse::<jiff::Timestamp>().unwrap()
+        );
+        assert_eq!(line("no timestamp here").app_time(), at);
+    }
 
     #[test]
     fn ansi_colours_are_stripped() {
