@@ -24,6 +24,9 @@ enum Task {
     /// Start a one-node Kubernetes cluster (in namespaces of its own; needs root and
     /// containerd), load the images, print `export KUBECONFIG=...`; Ctrl-C stops it.
     Cluster,
+    /// Build the static binaries and write the OCI image archives (the app image and the
+    /// sandbox image) into target/leaderz-images/, for `ctr images import`.
+    Images,
     /// Start the local control plane in the foreground and print `export KUBECONFIG=...`;
     /// Ctrl-C stops it.
     Controlplane,
@@ -47,6 +50,18 @@ async fn main() -> anyhow::Result<()> {
             }
         }
         Task::Cluster => Ok(leaderz_cluster::run_foreground().await?),
+        Task::Images => {
+            let prepared = leaderz_cluster::prepare().await?;
+            for archive in &prepared.archives {
+                println!("{}", archive.display());
+            }
+            eprintln!(
+                "images written in {:.1}s (Go binaries {:.1}s)",
+                prepared.images.as_secs_f64(),
+                prepared.binaries.as_secs_f64()
+            );
+            Ok(())
+        }
         Task::Controlplane => {
             leaderz_testenv::run_foreground(leaderz_testenv::StartOptions::default()).await?;
             Ok(())

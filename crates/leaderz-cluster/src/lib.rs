@@ -187,6 +187,58 @@ pub fn error_chain(err: &dyn std::error::Error) -> String {
     text
 }
 
+/// What [`prepare`] made: the binaries' directories and the image archives.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct Prepared {
+    /// kube-apiserver and etcd.
+    pub controlplane_bin: PathBuf,
+    /// kubelet, kube-controller-manager, kube-scheduler, kube-proxy, pause.
+    pub node_bin: PathBuf,
+    /// The OCI archives: the app image, then the sandbox image.
+    pub archives: Vec<PathBuf>,
+    /// How long the Go binaries took (found in the cache: well under a second).
+    pub binaries: Duration,
+    /// How long the static Rust binaries and the archives took.
+    pub images: Duration,
+}
+
+/// Builds (or finds cached) everything the cluster needs, without starting it: the Go
+/// binaries (`controlplane/build.sh`, `controlplane/build-node.sh`), the static
+/// `leaderz` and `leaderz-example`, and the OCI archives in `target/leaderz-images/`.
+/// Progress goes to stderr.
+pub async fn prepare() -> Result<Prepared> {
+    let began = Instant::now();
+    eprintln!(
+        "cluster: [1/3] Go binaries: kube-apiserver, etcd, kubelet, kube-controller-manager, kube-scheduler, kube-proxy (built once, cached)"
+    );
+    let controlplane_bin = build_script("build.sh").await?;
+    let node_bin = build_script("build-node.sh").await?;
+    let binaries = began.elapsed();
+
+    let began = Instant::now();
+    eprintln!(
+        "cluster: [2/3] static release binaries leaderz + leaderz-example (cargo; minutes the first time), then the images"
+    );
+    let image_dir = image::target_dir().join("leaderz-images");
+    std::fs::create_dir_all(&image_dir)
+        .map_err(Error::io(format!("creating {}", image_dir.display())))?;
+    let [leaderz, example] = image::build_app_binaries().await?;
+    let read =
+        |path: &Path| std::fs::read(path).map_err(Error::io(format!("reading {}", path.display())));
+    let app_archive = image_dir.join("leaderz.oci.tar");
+    image::app_image(read(&leaderz)?, read(&example)?).write_archive(&app_archive)?;
+    let pause_archive = image_dir.join("pause.oci.tar");
+    image::pause_image(read(&node_bin.join("pause"))?).write_archive(&pause_archive)?;
+    Ok(Prepared {
+        controlplane_bin,
+        node_bin,
+        archives: vec![app_archive, pause_archive],
+        binaries,
+        images: began.elapsed(),
+    })
+}
+
 impl Cluster {
     /// The cluster shared by every test in this process, started on first use (on a thread
     /// of its own, so any runtime may call this). Never dropped: it dies with the process,
@@ -221,38 +273,16 @@ impl Cluster {
         if let Some(reason) = unavailable_reason() {
             return Err(Error::Unavailable(reason));
         }
-        let began = Instant::now();
-        eprintln!("cluster: [1/3] Go binaries (kube-apiserver, etcd, kubelet, controllers, kube-proxy; built once, cached)");
-        let controlplane_bin = build_script("build.sh").await?;
-        let node_bin = build_script("build-node.sh").await?;
-        let binaries = began.elapsed();
-
-        let began = Instant::now();
-        eprintln!(
-            "cluster: [2/3] static release binaries leaderz + leaderz-example (cargo; minutes the first time) and the images"
-        );
-        let image_dir = image::target_dir().join("leaderz-images");
-        std::fs::create_dir_all(&image_dir)
-            .map_err(Error::io(format!("creating {}", image_dir.display())))?;
-        let [leaderz, example] = image::build_app_binaries().await?;
-        let read = |path: &Path| {
-            std::fs::read(path).map_err(Error::io(format!("reading {}", path.display())))
-        };
-        let app_archive = image_dir.join("leaderz.oci.tar");
-        image::app_image(read(&leaderz)?, read(&example)?).write_archive(&app_archive)?;
-        let pause_archive = image_dir.join("pause.oci.tar");
-        image::pause_image(read(&node_bin.join("pause"))?).write_archive(&pause_archive)?;
-        let images = began.elapsed();
-
+        let prepared = prepare().await?;
         eprintln!("cluster: [3/3] starting the node");
         let began = Instant::now();
         let mut cluster = Self::boot(
-            &controlplane_bin,
-            &node_bin,
-            &[app_archive, pause_archive],
+            &prepared.controlplane_bin,
+            &prepared.node_bin,
+            &prepared.archives,
             Timings {
-                binaries,
-                images,
+                binaries: prepared.binaries,
+                images: prepared.images,
                 start_to_ready: Duration::ZERO,
             },
         )
@@ -324,7 +354,10 @@ impl Cluster {
             .serving_san("kubernetes.default.svc.cluster.local")
             .service_cluster_ip_range(SERVICE_RANGE)
             .service_account_admission(true)
-            .authorization_mode("Node,RBAC");
+            .authorization_mode("Node,RBAC")
+            // `kubectl logs/exec`: dial the kubelet at the node's address, never look its
+            // name up (the node's network has no DNS; the lookup would go nowhere).
+            .apiserver_arg("--kubelet-preferred-address-types=InternalIP");
         let containerd = Server::spawn_with_prefix(
             "containerd",
             &prefix,
