@@ -94,7 +94,7 @@ impl Proc {
     }
 }
 
-/// The foreground cluster, started and ready.
+/// The foreground cluster, started and ready; killed if the test fails half-way.
 struct Foreground {
     child: Child,
     init: u32,
@@ -102,6 +102,13 @@ struct Foreground {
     dirs: Vec<PathBuf>,
     cgroups: Vec<PathBuf>,
     kubeconfig: PathBuf,
+}
+
+impl Drop for Foreground {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 fn start_foreground() -> Result<Foreground> {
@@ -165,12 +172,11 @@ fn run_pods(fg: &Foreground) -> Result<()> {
     };
     let out = kubectl(&["apply", "-f", kube.to_str().unwrap()])?;
     ensure!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // `kubectl wait` fails at once if no pod exists yet: wait for the Deployment instead.
     let out = kubectl(&[
-        "wait",
-        "--for=condition=Ready",
-        "pod",
-        "-l",
-        "app.kubernetes.io/name=leaderz-example",
+        "rollout",
+        "status",
+        "deployment/leaderz-example",
         "--timeout=120s",
     ])?;
     ensure!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));

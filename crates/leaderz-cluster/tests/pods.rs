@@ -103,6 +103,13 @@ impl Story {
         Ok(story)
     }
 
+    /// Deletes the namespace (the controller-manager removes its pods), so the next test
+    /// has the node to itself.
+    async fn finish(self) -> Result<()> {
+        kubectl_ns_delete(&self.ns)?;
+        Ok(())
+    }
+
     fn pods(&self) -> Api<Pod> {
         Api::namespaced(self.client.clone(), &self.ns)
     }
@@ -201,6 +208,11 @@ impl Story {
     }
 }
 
+fn kubectl_ns_delete(ns: &str) -> Result<()> {
+    let cluster = Cluster::shared()?;
+    kubectl(cluster, &["delete", "namespace", ns, "--wait=false"]).map(drop)
+}
+
 fn is_ready(pod: &Pod) -> bool {
     let status = pod.status.as_ref();
     status.and_then(|s| s.phase.as_deref()) == Some("Running")
@@ -290,6 +302,18 @@ async fn kube_dir_runs_three_ready_non_root_pods_with_one_holder() -> Result<()>
         .collect();
     assert!(unhealthy.is_empty(), "probe failures: {unhealthy:?}");
 
+    let memory = cluster.memory_report();
+    let total: u64 = memory.iter().map(|m| m.2).sum();
+    println!(
+        "node memory with 3 pods: {} MiB in all: {}",
+        total >> 20,
+        memory
+            .iter()
+            .map(|(name, n, rss)| format!("{name} x{n} {} MiB", rss >> 20))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+
     // The containers' processes, seen from the host: non-root, read-only root filesystem,
     // and given the in-cluster path (the `kubernetes` Service, a mounted token).
     let apps: Vec<u32> = cluster
@@ -320,7 +344,7 @@ async fn kube_dir_runs_three_ready_non_root_pods_with_one_holder() -> Result<()>
             "not pointed at the kubernetes Service"
         );
     }
-    Ok(())
+    story.finish().await
 }
 
 #[tokio::test]
@@ -337,6 +361,7 @@ async fn deleting_the_leader_pod_hands_over_after_it_stopped_its_work() -> Resul
         story.wait_ready(3).await?;
         let old = story.holder().await?;
         let deleted = Instant::now();
+        let deleted_wall = jiff::Timestamp::now();
         story.pods().delete(&old, &DeleteParams::default()).await?;
         let new = story
             .lease
@@ -379,6 +404,14 @@ async fn deleting_the_leader_pod_hands_over_after_it_stopped_its_work() -> Resul
             stopped_at <= released_at,
             "released at {released_at} before the work stopped at {stopped_at}"
         );
+        let since_delete = |t: jiff::Timestamp| ms(t.duration_since(deleted_wall).unsigned_abs());
+        println!(
+            "  SIGTERM logged +{}, work stopped +{}, released +{}, taken +{}",
+            since_delete(lines[sigterm].app_time()),
+            since_delete(stopped_at),
+            since_delete(released_at),
+            new.acquire_time.map_or("?".to_owned(), since_delete)
+        );
     }
     handovers.sort();
     println!(
@@ -394,7 +427,7 @@ async fn deleting_the_leader_pod_hands_over_after_it_stopped_its_work() -> Resul
         "{handovers:?}"
     );
     story.assert_no_forbidden();
-    Ok(())
+    story.finish().await
 }
 
 #[tokio::test]
@@ -467,7 +500,7 @@ async fn a_crashed_leader_is_replaced_after_the_lease_duration_and_rejoins_as_fo
     );
     assert_eq!(story.lease.holder().as_deref(), Some(new.holder.as_str()));
     story.assert_no_forbidden();
-    Ok(())
+    story.finish().await
 }
 
 #[tokio::test]
@@ -527,6 +560,16 @@ async fn a_rolling_update_never_has_two_leaders() -> Result<()> {
         gaps.push(next.1.duration_since(prev_end).unsigned_abs());
     }
     assert!(terms.iter().filter(|t| t.2.is_none()).count() <= 1, "{terms:?}");
+    // And no pod works outside its own terms.
+    for (pod, lines) in story.logs.by_pod() {
+        for line in lines.iter().filter(|l| l.text.contains("working...")) {
+            let at = line.app_time();
+            let inside = terms
+                .iter()
+                .any(|(p, start, end)| *p == pod && *start <= at && end.is_none_or(|end| at <= end));
+            assert!(inside, "{pod} worked at {at} outside its terms {terms:?}");
+        }
+    }
     // The Lease history agrees: one holder at a time, the last one leads.
     let holders: Vec<String> = story
         .lease
@@ -548,7 +591,7 @@ async fn a_rolling_update_never_has_two_leaders() -> Result<()> {
         gaps.iter().map(|d| ms(*d)).collect::<Vec<_>>().join(", ")
     );
     story.assert_no_forbidden();
-    Ok(())
+    story.finish().await
 }
 
 #[tokio::test]
@@ -596,7 +639,7 @@ async fn scaling_to_zero_releases_the_lease_and_back_to_three_takes_it() -> Resu
         .collect();
     assert!(names.contains(&new) && new != old, "{new} among {names:?}");
     println!("scaled to 3: {new} took the lease");
-    Ok(())
+    story.finish().await
 }
 
 /// `GET /` on `addr`, from inside the pod network.
@@ -641,5 +684,5 @@ async fn the_sidecar_says_who_leads_to_its_app_and_to_the_pod_network() -> Resul
         assert_eq!(works, pod == holder, "{pod}: {app:#?}");
     }
     story.assert_no_forbidden();
-    Ok(())
+    story.finish().await
 }
