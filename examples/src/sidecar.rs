@@ -81,7 +81,8 @@ async fn leader(url: &Uri) -> anyhow::Result<String> {
     if !status.is_success() {
         bail!("{status}: {}", String::from_utf8_lossy(&body));
     }
-    let json: serde_json::Value = serde_json::from_slice(&body).context("the answer is not JSON")?;
+    let json: serde_json::Value =
+        serde_json::from_slice(&body).context("the answer is not JSON")?;
     json["name"]
         .as_str()
         .map(str::to_owned)

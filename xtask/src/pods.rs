@@ -61,7 +61,11 @@ async fn story(cluster: &Cluster, options: &Options) -> anyhow::Result<()> {
     let logs = PodLogs::start(client.clone(), NAMESPACE, SELECTOR);
 
     step("kubectl apply -f kube/");
-    kubectl(kubeconfig, &["apply", "-n", NAMESPACE, "-f"], Some(&workspace_root().join("kube")))?;
+    kubectl(
+        kubeconfig,
+        &["apply", "-n", NAMESPACE, "-f"],
+        Some(&workspace_root().join("kube")),
+    )?;
 
     step("waiting for the Deployment: 3/3 ready");
     let deployments: Api<Deployment> = Api::namespaced(client.clone(), NAMESPACE);
@@ -93,13 +97,21 @@ async fn story(cluster: &Cluster, options: &Options) -> anyhow::Result<()> {
     describe(kubeconfig)?;
 
     step("kubectl logs -f -l app.kubernetes.io/name=leaderz-example --prefix (a few seconds)");
-    tail_logs(kubeconfig, Duration::from_secs(if options.ci { 3 } else { 6 })).await?;
+    tail_logs(
+        kubeconfig,
+        Duration::from_secs(if options.ci { 3 } else { 6 }),
+    )
+    .await?;
 
     step(&format!(
         "kubectl delete pod {first} (the leader): the kubelet sends SIGTERM, it stops its work and releases"
     ));
     let deleted = Instant::now();
-    kubectl(kubeconfig, &["delete", "pod", "-n", NAMESPACE, "--wait=false", &first], None)?;
+    kubectl(
+        kubeconfig,
+        &["delete", "pod", "-n", NAMESPACE, "--wait=false", &first],
+        None,
+    )?;
     let second = lease
         .wait_for("a new holder", Duration::from_secs(60), |h| {
             h.is_some_and(|h| h != first)
@@ -176,7 +188,9 @@ async fn tail_logs(kubeconfig: &Path, how_long: Duration) -> anyhow::Result<()> 
     let mut child = tokio::process::Command::new("kubectl")
         .arg("--kubeconfig")
         .arg(kubeconfig)
-        .args(["logs", "-f", "-n", NAMESPACE, "-l", SELECTOR, "--prefix", "--tail=4"])
+        .args([
+            "logs", "-f", "-n", NAMESPACE, "-l", SELECTOR, "--prefix", "--tail=4",
+        ])
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .kill_on_drop(true)

@@ -54,7 +54,10 @@ impl CgroupRoot {
         let cleaner = Cleaner::spawn(
             "leaderz-cgroup-cleaner",
             CLEANER_SCRIPT,
-            &dirs.iter().map(|d| d.as_os_str().to_owned()).collect::<Vec<OsString>>(),
+            &dirs
+                .iter()
+                .map(|d| d.as_os_str().to_owned())
+                .collect::<Vec<OsString>>(),
         )?;
         let root = Self {
             name,
@@ -164,7 +167,9 @@ fn sweep(hierarchies: &[PathBuf]) {
             if !owner_alive(owner) {
                 match remove_tree(&entry.path()) {
                     Ok(()) => tracing::debug!(cgroup = %entry.path().display(), "swept"),
-                    Err(err) => tracing::debug!(cgroup = %entry.path().display(), %err, "not swept"),
+                    Err(err) => {
+                        tracing::debug!(cgroup = %entry.path().display(), %err, "not swept")
+                    }
                 }
             }
         }
@@ -198,7 +203,10 @@ mod tests {
 
     #[test]
     fn owner_is_parsed_from_the_name() {
-        assert_eq!(parse_owner("leaderz-node-42-9876-0badcafe"), Some((42, 9876)));
+        assert_eq!(
+            parse_owner("leaderz-node-42-9876-0badcafe"),
+            Some((42, 9876))
+        );
         assert_eq!(parse_owner("kubepods"), None);
         assert_eq!(parse_owner("leaderz-node-x-1-2"), None);
     }
@@ -208,7 +216,10 @@ mod tests {
         let me = std::process::id();
         let start = proc_stat(me).unwrap().start_time;
         assert!(owner_alive((me, start)));
-        assert!(!owner_alive((me, start + 1)), "a reused pid is not the owner");
+        assert!(
+            !owner_alive((me, start + 1)),
+            "a reused pid is not the owner"
+        );
         assert!(!owner_alive((u32::MAX, 0)));
     }
 }

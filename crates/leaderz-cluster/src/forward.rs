@@ -35,8 +35,7 @@ impl Forwarder {
     /// Forwards a fresh `127.0.0.1:<port>` here to each of `targets` in the network
     /// namespace `netns` (e.g. `/proc/<pid>/ns/net`).
     pub(crate) fn start(netns: &Path, targets: &[SocketAddr]) -> Result<Self> {
-        let netns = File::open(netns)
-            .map_err(Error::io(format!("opening {}", netns.display())))?;
+        let netns = File::open(netns).map_err(Error::io(format!("opening {}", netns.display())))?;
         let mut listeners = Vec::new();
         for _ in targets {
             let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))

@@ -172,7 +172,13 @@ impl OciImage {
                 }
                 EntryKind::File(contents) => {
                     let size = contents.len() as u64;
-                    let h = header(&entry.path, tar::EntryType::Regular, entry.mode, size, entry.owner)?;
+                    let h = header(
+                        &entry.path,
+                        tar::EntryType::Regular,
+                        entry.mode,
+                        size,
+                        entry.owner,
+                    )?;
                     layer
                         .append(&h, contents.as_slice())
                         .map_err(tar_error("the image layer"))?;
@@ -243,7 +249,10 @@ impl OciImage {
 
         let blob = |digest: &str| format!("blobs/sha256/{}", digest.trim_start_matches("sha256:"));
         let files: [(String, &[u8]); 5] = [
-            ("oci-layout".to_owned(), br#"{"imageLayoutVersion":"1.0.0"}"#),
+            (
+                "oci-layout".to_owned(),
+                br#"{"imageLayoutVersion":"1.0.0"}"#,
+            ),
             ("index.json".to_owned(), &index),
             (blob(&manifest_digest), &manifest),
             (blob(&config_digest), &config),
@@ -257,12 +266,20 @@ impl OciImage {
                 .map_err(tar_error("the image archive"))?;
         }
         for (path, contents) in files {
-            let h = header(&path, tar::EntryType::Regular, 0o644, contents.len() as u64, 0)?;
+            let h = header(
+                &path,
+                tar::EntryType::Regular,
+                0o644,
+                contents.len() as u64,
+                0,
+            )?;
             archive
                 .append(&h, contents)
                 .map_err(tar_error("the image archive"))?;
         }
-        let bytes = archive.into_inner().map_err(tar_error("the image archive"))?;
+        let bytes = archive
+            .into_inner()
+            .map_err(tar_error("the image archive"))?;
         let tmp = out.with_extension("tmp");
         fs::write(&tmp, bytes).map_err(Error::io(format!("writing {}", tmp.display())))?;
         fs::rename(&tmp, out).map_err(Error::io(format!("renaming to {}", out.display())))?;
@@ -342,7 +359,31 @@ pub fn target_dir() -> PathBuf {
 /// when up to date) and returns their paths, checked to be static.
 pub async fn build_app_binaries() -> Result<[PathBuf; 2]> {
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let status = tokio::process::Command::new(&cargo)
+    let mut command = tokio::process::Command::new(&cargo);
+    // Variables cargo sets for the running crate (`cargo test`, `cargo run`) would reach
+    // the build scripts' `rerun-if-env-changed` checks (ring's does) and make every caller
+    // rebuild what the previous one built; the nested build gets none of them.
+    for (name, _) in std::env::vars_os() {
+        let name = name.to_string_lossy();
+        if name.starts_with("CARGO_PKG_")
+            || name.starts_with("CARGO_BIN_EXE_")
+            || matches!(
+                &*name,
+                "CARGO_MANIFEST_DIR"
+                    | "CARGO_MANIFEST_PATH"
+                    | "CARGO_MANIFEST_LINKS"
+                    | "CARGO_CRATE_NAME"
+                    | "CARGO_BIN_NAME"
+                    | "CARGO_PRIMARY_PACKAGE"
+                    | "CARGO_TARGET_TMPDIR"
+                    | "CARGO_RUSTC_CURRENT_DIR"
+                    | "OUT_DIR"
+            )
+        {
+            command.env_remove(&*name);
+        }
+    }
+    let status = command
         .current_dir(workspace_root())
         .args(["build", "--release", "--locked", "--target", TARGET])
         .args(["-p", "leaderz-cli", "--bin", "leaderz"])
@@ -430,7 +471,10 @@ mod tests {
             ]
         );
         let files = files_of(&layer);
-        let bin = files.iter().find(|f| f.0 == "usr/local/bin/leaderz").unwrap();
+        let bin = files
+            .iter()
+            .find(|f| f.0 == "usr/local/bin/leaderz")
+            .unwrap();
         assert_eq!((bin.1, bin.3.as_slice()), (0o755, &b"L"[..]));
         let home = files.iter().find(|f| f.0 == "home/nonroot/").unwrap();
         assert_eq!(home.2, 65532, "nonroot owns its home");
@@ -443,7 +487,9 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("leaderz-oci-test-{}", std::process::id()));
         fs::create_dir_all(&dir).unwrap();
         let out = dir.join("image.tar");
-        let written = pause_image(b"\x7fELF pause".to_vec()).write_archive(&out).unwrap();
+        let written = pause_image(b"\x7fELF pause".to_vec())
+            .write_archive(&out)
+            .unwrap();
         let files = files_of(&fs::read(&out).unwrap());
         fs::remove_dir_all(&dir).unwrap();
         let get = |path: &str| {
@@ -464,7 +510,10 @@ mod tests {
         let index: serde_json::Value = serde_json::from_slice(&get("index.json")).unwrap();
         let entry = &index["manifests"][0];
         assert_eq!(entry["digest"], written.manifest_digest);
-        assert_eq!(entry["annotations"]["io.containerd.image.name"], PAUSE_IMAGE);
+        assert_eq!(
+            entry["annotations"]["io.containerd.image.name"],
+            PAUSE_IMAGE
+        );
         let manifest: serde_json::Value =
             serde_json::from_slice(&blob(&written.manifest_digest)).unwrap();
         assert_eq!(manifest["layers"][0]["digest"], written.layer_digest);
@@ -508,7 +557,10 @@ mod tests {
             format!("USER {APP_USER}"),
             format!(r#"ENTRYPOINT ["{BIN_DIR}/leaderz"]"#),
         ] {
-            assert!(dockerfile.contains(&needed), "the Dockerfile lacks `{needed}`");
+            assert!(
+                dockerfile.contains(&needed),
+                "the Dockerfile lacks `{needed}`"
+            );
         }
     }
 

@@ -24,8 +24,8 @@
 mod cgroups;
 mod config;
 mod error;
-mod forward;
 mod foreground;
+mod forward;
 pub mod image;
 mod namespace;
 pub mod observe;
@@ -105,7 +105,10 @@ impl std::fmt::Debug for Cluster {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Cluster")
             .field("control_plane", &self.control_plane)
-            .field("init_pid", &self.namespace.as_ref().map(NodeNamespace::init_pid))
+            .field(
+                "init_pid",
+                &self.namespace.as_ref().map(NodeNamespace::init_pid),
+            )
             .field("timings", &self.timings)
             .finish_non_exhaustive()
     }
@@ -153,9 +156,8 @@ pub fn unavailable_reason() -> Option<String> {
 }
 
 fn on_path(program: &str) -> bool {
-    std::env::var_os("PATH").is_some_and(|path| {
-        std::env::split_paths(&path).any(|dir| dir.join(program).is_file())
-    })
+    std::env::var_os("PATH")
+        .is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join(program).is_file()))
 }
 
 /// The shared cluster, or `None` after printing one line (bypassing the test harness's
@@ -340,8 +342,14 @@ impl Cluster {
         let cni_dir = dir.join("cni");
         std::fs::create_dir_all(&cni_dir)
             .map_err(Error::io(format!("creating {}", cni_dir.display())))?;
-        write(&cni_dir.join("10-leaderz.conflist"), &config::cni_conflist())?;
-        write(&dir.join("containerd.toml"), &config::containerd_toml(&layout))?;
+        write(
+            &cni_dir.join("10-leaderz.conflist"),
+            &config::cni_conflist(),
+        )?;
+        write(
+            &dir.join("containerd.toml"),
+            &config::containerd_toml(&layout),
+        )?;
         let options = StartOptions::default()
             .binary_dir(controlplane_bin)
             .ready_timeout(READY_TIMEOUT)
@@ -388,18 +396,18 @@ impl Cluster {
             &format!("system:node:{NODE_NAME}"),
             &["system:nodes"],
         )?;
-        let cm_kubeconfig = kubeconfig(
-            "controller-manager",
-            "system:kube-controller-manager",
-            &[],
-        )?;
+        let cm_kubeconfig =
+            kubeconfig("controller-manager", "system:kube-controller-manager", &[])?;
         let scheduler_kubeconfig = kubeconfig("scheduler", "system:kube-scheduler", &[])?;
         let proxy_kubeconfig = kubeconfig("kube-proxy", "system:kube-proxy", &[])?;
         let kubelet_config = Layout {
             client_ca_file: control_plane.client_ca_path().display().to_string(),
             ..layout
         };
-        write(&dir.join("kubelet.yaml"), &config::kubelet_config(&kubelet_config))?;
+        write(
+            &dir.join("kubelet.yaml"),
+            &config::kubelet_config(&kubelet_config),
+        )?;
 
         let arg = |name: &str, value: &dyn std::fmt::Display| format!("--{name}={value}");
         let components: [(&'static str, Vec<String>); 4] = [
@@ -544,21 +552,19 @@ impl Cluster {
         let nodes: Api<Node> = Api::all(client.clone());
         let accounts: Api<ServiceAccount> = Api::namespaced(client, "default");
         let deadline = Instant::now() + READY_TIMEOUT;
-        let mut last = String::new();
         loop {
             self.check_components()?;
-            let node_ready = match nodes.get_opt(NODE_NAME).await {
-                Ok(Some(node)) => node
-                    .status
-                    .and_then(|s| s.conditions)
-                    .unwrap_or_default()
-                    .iter()
-                    .any(|c| c.type_ == "Ready" && c.status == "True"),
-                Ok(None) => false,
-                Err(err) => {
-                    last = format!("reading the node: {err}");
-                    false
-                }
+            let (node_ready, node_error) = match nodes.get_opt(NODE_NAME).await {
+                Ok(Some(node)) => (
+                    node.status
+                        .and_then(|s| s.conditions)
+                        .unwrap_or_default()
+                        .iter()
+                        .any(|c| c.type_ == "Ready" && c.status == "True"),
+                    String::new(),
+                ),
+                Ok(None) => (false, String::new()),
+                Err(err) => (false, format!(" (reading the node: {err})")),
             };
             let account = matches!(accounts.get_opt("default").await, Ok(Some(_)));
             let proxied = self
@@ -569,16 +575,13 @@ impl Cluster {
             if node_ready && account && proxied {
                 return Ok(());
             }
-            if !last.is_empty() || !(node_ready && account && proxied) {
-                last = format!(
-                    "node Ready: {node_ready}, default ServiceAccount: {account}, kube-proxy rules: {proxied}"
-                );
-            }
             if Instant::now() >= deadline {
                 return Err(Error::Timeout {
                     what: "the node becoming ready".to_owned(),
                     timeout: READY_TIMEOUT,
-                    detail: format!(": {last}"),
+                    detail: format!(
+                        ": node Ready: {node_ready}{node_error}, default ServiceAccount: {account}, kube-proxy rules: {proxied}"
+                    ),
                 });
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -707,7 +710,7 @@ impl Cluster {
             .into_iter()
             .map(|(name, (count, rss))| (name, count, rss))
             .collect();
-        report.sort_by(|a, b| b.2.cmp(&a.2));
+        report.sort_by_key(|r| std::cmp::Reverse(r.2));
         report
     }
 

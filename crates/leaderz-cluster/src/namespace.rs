@@ -172,7 +172,9 @@ impl NodeNamespace {
             .kill_on_drop(true)
             .output()
             .await
-            .map_err(Error::io(format!("running `{program}` in the node (nsenter)")))?;
+            .map_err(Error::io(format!(
+                "running `{program}` in the node (nsenter)"
+            )))?;
         if output.status.success() {
             Ok(String::from_utf8_lossy(&output.stdout).into_owned())
         } else {

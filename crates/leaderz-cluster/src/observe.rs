@@ -43,7 +43,9 @@ pub struct LeaseWatch {
     task: JoinHandle<()>,
 }
 
-fn micro_time(t: Option<&k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime>) -> Option<jiff::Timestamp> {
+fn micro_time(
+    t: Option<&k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime>,
+) -> Option<jiff::Timestamp> {
     t.map(|t| t.0)
 }
 
@@ -56,7 +58,10 @@ impl LeaseWatch {
         let kept = Arc::clone(&history);
         let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
         let task = tokio::spawn(async move {
-            let mut events = watcher(api, config).default_backoff().applied_objects().boxed();
+            let mut events = watcher(api, config)
+                .default_backoff()
+                .applied_objects()
+                .boxed();
             while let Some(event) = events.next().await {
                 let Ok(lease) = event else { continue };
                 let spec = lease.spec.unwrap_or_default();
@@ -186,7 +191,10 @@ impl PodLogs {
                     .into_iter()
                     .chain(status.container_statuses.unwrap_or_default());
                 for container in statuses {
-                    let running = container.state.as_ref().is_some_and(|s| s.running.is_some());
+                    let running = container
+                        .state
+                        .as_ref()
+                        .is_some_and(|s| s.running.is_some());
                     let Some(id) = container.container_id.filter(|_| running) else {
                         continue;
                     };
@@ -274,12 +282,14 @@ async fn follow(pods: Api<Pod>, pod: String, container: String, into: Arc<Mutex<
         let Ok(at) = at.parse::<jiff::Timestamp>() else {
             continue;
         };
-        into.lock().unwrap_or_else(PoisonError::into_inner).push(LogLine {
-            pod: pod.clone(),
-            container: container.clone(),
-            at,
-            text: strip_ansi(text),
-        });
+        into.lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .push(LogLine {
+                pod: pod.clone(),
+                container: container.clone(),
+                at,
+                text: strip_ansi(text),
+            });
     }
 }
 

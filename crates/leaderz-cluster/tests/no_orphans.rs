@@ -171,7 +171,11 @@ fn run_pods(fg: &Foreground) -> Result<()> {
             .output()
     };
     let out = kubectl(&["apply", "-f", kube.to_str().unwrap()])?;
-    ensure!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    ensure!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     // `kubectl wait` fails at once if no pod exists yet: wait for the Deployment instead.
     let out = kubectl(&[
         "rollout",
@@ -179,7 +183,11 @@ fn run_pods(fg: &Foreground) -> Result<()> {
         "deployment/leaderz-example",
         "--timeout=120s",
     ])?;
-    ensure!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    ensure!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     Ok(())
 }
 
@@ -239,7 +247,11 @@ fn assert_nothing_left(
     let step = Duration::from_millis(100);
     let mut left = String::new();
     for _ in 0..(GONE_TIMEOUT.as_millis() / step.as_millis()) {
-        let running: Vec<u32> = procs.iter().filter(|p| p.is_running()).map(|p| p.pid).collect();
+        let running: Vec<u32> = procs
+            .iter()
+            .filter(|p| p.is_running())
+            .map(|p| p.pid)
+            .collect();
         let ns: Vec<&String> = namespaces
             .iter()
             .filter(|(kind, ns)| namespace_in_use(kind, ns))
@@ -250,16 +262,17 @@ fn assert_nothing_left(
         if running.is_empty() && ns.is_empty() && dirs.is_empty() && cgroups.is_empty() {
             return Ok(());
         }
-        left = format!(
-            "processes {running:?}, namespaces {ns:?}, dirs {dirs:?}, cgroups {cgroups:?}"
-        );
+        left =
+            format!("processes {running:?}, namespaces {ns:?}, dirs {dirs:?}, cgroups {cgroups:?}");
         thread::sleep(step);
     }
     bail!("after {GONE_TIMEOUT:?} still there: {left}")
 }
 
 fn check(stop: impl FnOnce(&mut Child) -> Result<()>, test: &str) -> Result<()> {
-    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+    let _one = ONE_AT_A_TIME
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let before = host_state();
     let mut fg = start_foreground()?;
     run_pods(&fg)?;
@@ -269,7 +282,14 @@ fn check(stop: impl FnOnce(&mut Child) -> Result<()>, test: &str) -> Result<()> 
         .filter_map(|p| std::fs::read_to_string(format!("/proc/{}/comm", p.pid)).ok())
         .map(|n| n.trim().to_owned())
         .collect();
-    for needed in ["kubelet", "containerd", "containerd-shim", "leaderz-example", "kube-apiserver", "etcd"] {
+    for needed in [
+        "kubelet",
+        "containerd",
+        "containerd-shim",
+        "leaderz-example",
+        "kube-apiserver",
+        "etcd",
+    ] {
         ensure!(
             names.iter().any(|n| n.starts_with(needed)),
             "no {needed} among the node's processes {names:?}"
@@ -288,7 +308,11 @@ fn check(stop: impl FnOnce(&mut Child) -> Result<()>, test: &str) -> Result<()> 
     // The host saw nothing of the running cluster: its bridge, routes, iptables rules,
     // sysctls and state directories are all inside the namespaces.
     assert_eq!(host_state(), before, "the running cluster changed the host");
-    println!("{test}: {} node processes ({}) ", procs.len(), names.join(" "));
+    println!(
+        "{test}: {} node processes ({}) ",
+        procs.len(),
+        names.join(" ")
+    );
 
     stop(&mut fg.child)?;
     assert_nothing_left(&fg, &procs, &namespaces)?;

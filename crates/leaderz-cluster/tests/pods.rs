@@ -10,13 +10,7 @@
 #![allow(clippy::unwrap_used)] // tests: a panic is the failure report
 #![allow(clippy::disallowed_types)] // wall-clock figures are the point here
 
-use std::{
-    collections::BTreeMap,
-    net::SocketAddr,
-    path::Path,
-    process::Command,
-    time::Duration,
-};
+use std::{collections::BTreeMap, net::SocketAddr, path::Path, process::Command, time::Duration};
 
 use anyhow::{Context as _, Result, bail, ensure};
 use k8s_openapi::api::{
@@ -47,7 +41,9 @@ const SIDECAR_APP: &str = "app.kubernetes.io/name=leaderz-sidecar-example";
 const LEASE_DURATION: Duration = Duration::from_secs(15);
 
 fn kube_dir(sub: &str) -> std::path::PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../kube").join(sub)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../kube")
+        .join(sub)
 }
 
 fn kubectl(cluster: &Cluster, args: &[&str]) -> Result<String> {
@@ -145,7 +141,9 @@ impl Story {
                 return Ok(());
             }
             if Instant::now() > deadline {
-                bail!("{ready}/{n} pods ready ({all} pods, deployment says {available}) after 180 s");
+                bail!(
+                    "{ready}/{n} pods ready ({all} pods, deployment says {available}) after 180 s"
+                );
             }
             sleep(Duration::from_millis(100)).await;
         }
@@ -255,9 +253,15 @@ async fn kube_dir_runs_three_ready_non_root_pods_with_one_holder() -> Result<()>
     let story = Story::apply(cluster, "").await?;
     let holder = story.holder().await?;
     let pods = story.running_pods().await?;
-    let names: Vec<String> = pods.iter().filter_map(|p| p.metadata.name.clone()).collect();
+    let names: Vec<String> = pods
+        .iter()
+        .filter_map(|p| p.metadata.name.clone())
+        .collect();
     assert_eq!(names.len(), 3, "{names:?}");
-    assert!(names.contains(&holder), "holder {holder} is not one of {names:?}");
+    assert!(
+        names.contains(&holder),
+        "holder {holder} is not one of {names:?}"
+    );
 
     // `kubectl describe lease my-lock` names the holding pod.
     let described = kubectl(cluster, &["describe", "lease", "my-lock", "-n", &story.ns])?;
@@ -283,13 +287,26 @@ async fn kube_dir_runs_three_ready_non_root_pods_with_one_holder() -> Result<()>
         })
         .map(|(pod, _)| pod)
         .collect();
-    assert_eq!(working, [holder.clone()], "exactly the holder works");
+    assert_eq!(
+        working,
+        std::slice::from_ref(&holder),
+        "exactly the holder works"
+    );
     story.assert_no_forbidden();
 
     // Probes pass: every pod Ready, no restarts, no Unhealthy events.
     for pod in &pods {
-        let statuses = pod.status.as_ref().unwrap().container_statuses.as_ref().unwrap();
-        assert!(statuses.iter().all(|c| c.ready && c.restart_count == 0), "{statuses:?}");
+        let statuses = pod
+            .status
+            .as_ref()
+            .unwrap()
+            .container_statuses
+            .as_ref()
+            .unwrap();
+        assert!(
+            statuses.iter().all(|c| c.ready && c.restart_count == 0),
+            "{statuses:?}"
+        );
     }
     let events: Api<Event> = Api::namespaced(story.client.clone(), &story.ns);
     let unhealthy: Vec<String> = events
@@ -325,14 +342,20 @@ async fn kube_dir_runs_three_ready_non_root_pods_with_one_holder() -> Result<()>
     assert!(apps.len() >= 3, "app processes: {apps:?}");
     for pid in apps {
         let uid = proc_status(pid, "Uid:").unwrap_or_default();
-        assert!(uid.split_whitespace().all(|id| id == "65532"), "pid {pid} uid {uid}");
+        assert!(
+            uid.split_whitespace().all(|id| id == "65532"),
+            "pid {pid} uid {uid}"
+        );
         let mountinfo = std::fs::read_to_string(format!("/proc/{pid}/mountinfo"))?;
         let root = mountinfo
             .lines()
             .find(|l| l.split_whitespace().nth(4) == Some("/"))
             .context("no root mount")?;
         let options = root.split_whitespace().nth(5).unwrap_or_default();
-        assert!(options.split(',').any(|o| o == "ro"), "root mounted {options}");
+        assert!(
+            options.split(',').any(|o| o == "ro"),
+            "root mounted {options}"
+        );
         assert!(
             mountinfo.contains("/var/run/secrets/kubernetes.io/serviceaccount"),
             "no ServiceAccount token mounted"
@@ -350,7 +373,8 @@ async fn kube_dir_runs_three_ready_non_root_pods_with_one_holder() -> Result<()>
 #[tokio::test]
 async fn deleting_the_leader_pod_hands_over_after_it_stopped_its_work() -> Result<()> {
     const TRIALS: usize = 5;
-    let Some(cluster) = shared_or_skip("deleting_the_leader_pod_hands_over_after_it_stopped_its_work")
+    let Some(cluster) =
+        shared_or_skip("deleting_the_leader_pod_hands_over_after_it_stopped_its_work")
     else {
         return Ok(());
     };
@@ -365,12 +389,18 @@ async fn deleting_the_leader_pod_hands_over_after_it_stopped_its_work() -> Resul
         story.pods().delete(&old, &DeleteParams::default()).await?;
         let new = story
             .lease
-            .wait_for("a new holder after the delete", Duration::from_secs(60), |h| {
-                h.is_some_and(|h| h != old)
-            })
+            .wait_for(
+                "a new holder after the delete",
+                Duration::from_secs(60),
+                |h| h.is_some_and(|h| h != old),
+            )
             .await?;
         let handover = new.seen_at.duration_since(deleted);
-        println!("trial {trial}: delete {old} -> {} leads after {}", new.holder, ms(handover));
+        println!(
+            "trial {trial}: delete {old} -> {} leads after {}",
+            new.holder,
+            ms(handover)
+        );
         handovers.push(handover);
 
         // The deleted pod got SIGTERM from the kubelet, stopped its work, and only then
@@ -390,7 +420,9 @@ async fn deleting_the_leader_pod_hands_over_after_it_stopped_its_work() -> Resul
         assert!(sigterm < stopped, "{lines:#?}");
         let stopped_at = lines[stopped].app_time();
         assert!(
-            !lines[stopped..].iter().any(|l| l.text.contains("working...")),
+            !lines[stopped..]
+                .iter()
+                .any(|l| l.text.contains("working...")),
             "worked after stopping: {lines:#?}"
         );
         let release = story
@@ -418,7 +450,11 @@ async fn deleting_the_leader_pod_hands_over_after_it_stopped_its_work() -> Resul
         "handover after kubectl delete pod <leader>, {TRIALS} trials: p50 {} max {} (all: {})",
         ms(percentile(&handovers, 0.5)),
         ms(percentile(&handovers, 1.0)),
-        handovers.iter().map(|d| ms(*d)).collect::<Vec<_>>().join(", ")
+        handovers
+            .iter()
+            .map(|d| ms(*d))
+            .collect::<Vec<_>>()
+            .join(", ")
     );
     // A release is taken over at once; without one, a follower would wait the full
     // lease duration (15 s).
@@ -461,7 +497,8 @@ async fn a_crashed_leader_is_replaced_after_the_lease_duration_and_rejoins_as_fo
     // The last renewal was at most a retry period (2 s) before the kill; followers wait
     // the lease duration from when they saw it.
     assert!(
-        failover >= LEASE_DURATION - Duration::from_secs(3) && failover < LEASE_DURATION + Duration::from_secs(10),
+        failover >= LEASE_DURATION - Duration::from_secs(3)
+            && failover < LEASE_DURATION + Duration::from_secs(10),
         "{failover:?}"
     );
 
@@ -520,7 +557,13 @@ async fn a_rolling_update_never_has_two_leaders() -> Result<()> {
     let began = Instant::now();
     kubectl(
         cluster,
-        &["rollout", "restart", "deployment/leaderz-example", "-n", &story.ns],
+        &[
+            "rollout",
+            "restart",
+            "deployment/leaderz-example",
+            "-n",
+            &story.ns,
+        ],
     )?;
     kubectl(
         cluster,
@@ -545,11 +588,16 @@ async fn a_rolling_update_never_has_two_leaders() -> Result<()> {
     for (pod, start, end) in &terms {
         println!("  {pod} {start} -> {end:?}");
     }
-    ensure!(terms.len() >= 2, "the rollout moved no leadership: {terms:?}");
+    ensure!(
+        terms.len() >= 2,
+        "the rollout moved no leadership: {terms:?}"
+    );
     let mut gaps = Vec::new();
     for pair in terms.windows(2) {
         let (prev, next) = (&pair[0], &pair[1]);
-        let prev_end = prev.2.with_context(|| format!("{} still leads while {} does", prev.0, next.0))?;
+        let prev_end = prev
+            .2
+            .with_context(|| format!("{} still leads while {} does", prev.0, next.0))?;
         assert!(
             prev_end <= next.1,
             "two leaders: {} until {prev_end}, {} from {}",
@@ -559,14 +607,17 @@ async fn a_rolling_update_never_has_two_leaders() -> Result<()> {
         );
         gaps.push(next.1.duration_since(prev_end).unsigned_abs());
     }
-    assert!(terms.iter().filter(|t| t.2.is_none()).count() <= 1, "{terms:?}");
+    assert!(
+        terms.iter().filter(|t| t.2.is_none()).count() <= 1,
+        "{terms:?}"
+    );
     // And no pod works outside its own terms.
     for (pod, lines) in story.logs.by_pod() {
         for line in lines.iter().filter(|l| l.text.contains("working...")) {
             let at = line.app_time();
-            let inside = terms
-                .iter()
-                .any(|(p, start, end)| *p == pod && *start <= at && end.is_none_or(|end| at <= end));
+            let inside = terms.iter().any(|(p, start, end)| {
+                *p == pod && *start <= at && end.is_none_or(|end| at <= end)
+            });
             assert!(inside, "{pod} worked at {at} outside its terms {terms:?}");
         }
     }
@@ -584,7 +635,11 @@ async fn a_rolling_update_never_has_two_leaders() -> Result<()> {
             seq
         });
     let from_logs: Vec<String> = terms.iter().map(|t| t.0.clone()).collect();
-    assert_eq!(holders.last(), from_logs.last(), "{holders:?} vs {from_logs:?}");
+    assert_eq!(
+        holders.last(),
+        from_logs.last(),
+        "{holders:?} vs {from_logs:?}"
+    );
     println!(
         "rollout: {} leadership changes, leaderless gaps {}",
         gaps.len(),
@@ -604,11 +659,21 @@ async fn scaling_to_zero_releases_the_lease_and_back_to_three_takes_it() -> Resu
     let old = story.holder().await?;
     kubectl(
         cluster,
-        &["scale", "deployment/leaderz-example", "--replicas=0", "-n", &story.ns],
+        &[
+            "scale",
+            "deployment/leaderz-example",
+            "--replicas=0",
+            "-n",
+            &story.ns,
+        ],
     )?;
     let released = story
         .lease
-        .wait_for("the release on the way down", Duration::from_secs(60), |h| h.is_none())
+        .wait_for(
+            "the release on the way down",
+            Duration::from_secs(60),
+            |h| h.is_none(),
+        )
         .await?;
     assert!(released.renew_time.is_some());
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -627,7 +692,13 @@ async fn scaling_to_zero_releases_the_lease_and_back_to_three_takes_it() -> Resu
 
     kubectl(
         cluster,
-        &["scale", "deployment/leaderz-example", "--replicas=3", "-n", &story.ns],
+        &[
+            "scale",
+            "deployment/leaderz-example",
+            "--replicas=3",
+            "-n",
+            &story.ns,
+        ],
     )?;
     story.wait_ready(3).await?;
     let new = story.holder().await?;
@@ -651,7 +722,10 @@ async fn get_root(cluster: &Cluster, addr: SocketAddr) -> Result<serde_json::Val
     let mut response = String::new();
     stream.read_to_string(&mut response).await?;
     let (head, body) = response.split_once("\r\n\r\n").context("no HTTP body")?;
-    ensure!(head.starts_with("HTTP/1.0 200") || head.starts_with("HTTP/1.1 200"), "{head}");
+    ensure!(
+        head.starts_with("HTTP/1.0 200") || head.starts_with("HTTP/1.1 200"),
+        "{head}"
+    );
     Ok(serde_json::from_str(body)?)
 }
 
@@ -668,8 +742,18 @@ async fn the_sidecar_says_who_leads_to_its_app_and_to_the_pod_network() -> Resul
     for pod in &pods {
         let spec = pod.spec.as_ref().unwrap();
         let sidecar = &spec.init_containers.as_ref().unwrap()[0];
-        assert_eq!(sidecar.restart_policy.as_deref(), Some("Always"), "a native sidecar");
-        let ip = pod.status.as_ref().unwrap().pod_ip.clone().context("no pod IP")?;
+        assert_eq!(
+            sidecar.restart_policy.as_deref(),
+            Some("Always"),
+            "a native sidecar"
+        );
+        let ip = pod
+            .status
+            .as_ref()
+            .unwrap()
+            .pod_ip
+            .clone()
+            .context("no pod IP")?;
         let answer = get_root(cluster, SocketAddr::new(ip.parse()?, 4040)).await?;
         answers.insert(pod.metadata.name.clone().unwrap(), answer["name"].clone());
     }

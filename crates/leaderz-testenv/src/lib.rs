@@ -379,7 +379,10 @@ impl ControlPlane {
             dir.path().join("etcd.log"),
         )
         .await?;
-        wait_ready(&mut etcd, options.ready_timeout, || etcd_health(etcd_seen_at)).await?;
+        wait_ready(&mut etcd, options.ready_timeout, || {
+            etcd_health(etcd_seen_at)
+        })
+        .await?;
 
         // The API server's client certificate for kubelets (`kubectl logs`, `exec`).
         let kubelet_client = pki

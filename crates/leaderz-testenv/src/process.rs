@@ -217,8 +217,8 @@ impl DataDir {
         sweep_stale_dirs(&std::env::temp_dir(), prefix);
         let pid = std::process::id();
         let path = loop {
-            let path = std::env::temp_dir()
-                .join(format!("{prefix}{pid}-{:08x}", rand::random::<u32>()));
+            let path =
+                std::env::temp_dir().join(format!("{prefix}{pid}-{:08x}", rand::random::<u32>()));
             match fs::create_dir(&path) {
                 Ok(()) => break path,
                 Err(err) if err.kind() == io::ErrorKind::AlreadyExists => continue,
