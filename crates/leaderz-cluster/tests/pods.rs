@@ -372,7 +372,7 @@ async fn kube_dir_runs_three_ready_non_root_pods_with_one_holder() -> Result<()>
 
 #[tokio::test]
 async fn deleting_the_leader_pod_hands_over_after_it_stopped_its_work() -> Result<()> {
-    const TRIALS: usize = 5;
+    const TRIALS: usize = 8;
     let Some(cluster) =
         shared_or_skip("deleting_the_leader_pod_hands_over_after_it_stopped_its_work")
     else {
