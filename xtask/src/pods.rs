@@ -165,7 +165,12 @@ async fn story(cluster: &Cluster, options: &Options) -> anyhow::Result<()> {
         .and_then(|s| s.container_statuses)
         .and_then(|c| c.into_iter().find(|c| c.name == "app"))
         .map_or(0, |c| c.restart_count);
-    println!("{second}'s container restarted {restarts} time(s) and rejoined as a follower");
+    let holder = lease.holder().unwrap_or_default();
+    if restarts >= 1 && holder != second {
+        println!("{second}'s container restarted {restarts} time(s); {holder} still leads");
+    } else {
+        println!("{second}'s container: {restarts} restart(s) so far; holder {holder}");
+    }
     Ok(())
 }
 
