@@ -445,6 +445,16 @@ async fn deleting_the_leader_pod_hands_over_after_it_stopped_its_work() -> Resul
             since_delete(released_at),
             new.acquire_time.map_or("?".to_owned(), since_delete)
         );
+        // leaderz's part: from the SIGTERM to the new holder's taking write (measured
+        // 15-80 ms). The kubelet's part before it (delete to SIGTERM) varies up to ~2 s.
+        let taken = new
+            .acquire_time
+            .context("the new holder wrote no acquireTime")?;
+        let sigterm_to_taken = taken.duration_since(lines[sigterm].app_time());
+        assert!(
+            sigterm_to_taken < jiff::SignedDuration::from_secs(1),
+            "SIGTERM to the new holder took {sigterm_to_taken}"
+        );
     }
     handovers.sort();
     println!(
@@ -458,9 +468,9 @@ async fn deleting_the_leader_pod_hands_over_after_it_stopped_its_work() -> Resul
             .join(", ")
     );
     // A release is taken over at once; without one, a follower would wait the full
-    // lease duration (15 s).
+    // lease duration (15 s) after the last renewal it saw.
     assert!(
-        percentile(&handovers, 1.0) < Duration::from_secs(5),
+        percentile(&handovers, 1.0) < Duration::from_secs(10),
         "{handovers:?}"
     );
     story.assert_no_forbidden();
