@@ -1,0 +1,598 @@
+//! The invariant checker: what one trial recorded (the Lease's history, the ledger's
+//! writes, the workers' logs, the candidates' fates and the faults) against the promises,
+//! with the measured figures.
+//!
+//! - (a) the Lease's history shows one holder at a time and never a lower
+//!   `leaseTransitions`: every new term raises it, no token serves two terms;
+//! - (b) the ledger never accepted a write with a token lower than one it had accepted,
+//!   and no two writers' accepted writes interleave;
+//! - (c) a leaderz leader stops its work no later than its last successful renewal's send
+//!   time + renew_deadline (its `renewTime`, in its own clock under faketime), plus the
+//!   signal's delivery, reported as "lateness";
+//! - (d) after the last fault healed, a leader exists again within lease_duration +
+//!   retry_period;
+//! - (e) no candidate panicked or exited unexpectedly, no work outlived a SIGKILLed
+//!   `leaderz`, and every stale write (after a SIGSTOP or anywhere) was rejected.
+//!
+//! Beyond those: "overlap" (a term's work still writing after a later term's work began
+//! writing; excused where fencing is the only defence: a SIGSTOPped leader, or a clock
+//! rate beyond the documented bound) and "handover" (a graceful release taken over within
+//! [`Timings::handover_bound`]).
+
+use std::collections::{BTreeMap, HashSet};
+use std::fmt;
+use std::time::Duration;
+
+use serde::Serialize;
+
+use crate::history::LeaseVersion;
+use crate::ledger::Write;
+use crate::worker::WorkerEvent;
+
+/// The election's timing, shared by every candidate of a trial.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
+pub struct Timings {
+    /// `--lease-duration`.
+    pub lease_duration: Duration,
+    /// `--renew-deadline`.
+    pub renew_deadline: Duration,
+    /// `--retry-period`.
+    pub retry_period: Duration,
+    /// How late a stop may come after the deadline for the signal's delivery and the
+    /// worker's logging of it (invariant (c)).
+    pub stop_slack: Duration,
+    /// How soon after a graceful release another candidate must have taken the lease.
+    pub handover_bound: Duration,
+    /// Slack on (d) for the recorder's watch delivery.
+    pub observe_slack: Duration,
+}
+
+impl Default for Timings {
+    fn default() -> Self {
+        Self {
+            lease_duration: Duration::from_secs(3),
+            renew_deadline: Duration::from_secs(2),
+            retry_period: Duration::from_millis(500),
+            stop_slack: Duration::from_millis(100),
+            handover_bound: Duration::from_millis(500),
+            observe_slack: Duration::from_millis(100),
+        }
+    }
+}
+
+/// Which implementation a candidate runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub enum Kind {
+    /// `leaderz run -- leaderz-faults-worker`.
+    Leaderz,
+    /// `clientgo-candidate --ledger` (client-go's `tools/leaderelection`).
+    ClientGo,
+}
+
+/// What happened to one candidate process.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct CandidateRecord {
+    /// Its identity.
+    pub id: String,
+    /// leaderz or client-go.
+    pub kind: Option<Kind>,
+    /// Its clock rate under faketime (1.0 without).
+    pub rate: f64,
+    /// When it was spawned (Unix ns): faketime's reference instant.
+    pub spawned_ns: u64,
+    /// SIGSTOP..SIGCONT intervals (Unix ns).
+    pub paused: Vec<(u64, u64)>,
+    /// When the test SIGKILLed it.
+    pub killed_ns: Option<u64>,
+    /// When the test sent it SIGTERM (a fault or the end of the trial).
+    pub terminated_ns: Option<u64>,
+    /// When it exited and how (`exit N` / `signal N`); `None` if it had not.
+    pub exit: Option<(u64, String)>,
+    /// Whether the exit was a clean `exit 0`.
+    pub exit_ok: bool,
+    /// Lines of its stderr that show a panic.
+    pub panics: Vec<String>,
+    /// The last lines of its stderr.
+    pub stderr_tail: Vec<String>,
+}
+
+/// One injected fault: what, to whom, when it started and when it healed (Unix ns).
+#[derive(Clone, Debug, Serialize)]
+pub struct FaultRecord {
+    /// The fault's kind, e.g. `blackhole`, `apiserver-restart`.
+    pub kind: String,
+    /// The candidate it hit, if one.
+    pub target: Option<String>,
+    /// When it began.
+    pub start_ns: u64,
+    /// When it healed (equal to `start_ns` for instant faults).
+    pub heal_ns: u64,
+}
+
+/// Everything one trial recorded.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct TrialData {
+    /// The trial's name.
+    pub name: String,
+    /// Its timing.
+    pub timings: Option<Timings>,
+    /// The Lease's versions, as an admin's watch received them.
+    pub history: Vec<LeaseVersion>,
+    /// resourceVersions written by the test's admin (garbage, repairs): not a candidate's.
+    pub admin_versions: HashSet<String>,
+    /// The ledger's writes for this trial's resource.
+    pub writes: Vec<Write>,
+    /// The workers' log lines.
+    pub workers: Vec<WorkerEvent>,
+    /// The candidates.
+    pub candidates: Vec<CandidateRecord>,
+    /// The faults.
+    pub faults: Vec<FaultRecord>,
+    /// Whether clock rates beyond the bound make overlaps expected.
+    pub beyond_bound: bool,
+    /// Graceful releases after which a fast handover is expected (Unix ns of the SIGTERM).
+    pub releases: Vec<u64>,
+}
+
+/// A broken promise.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Finding {
+    /// `a`..`e`, `overlap` or `handover`.
+    pub invariant: &'static str,
+    /// What happened, with times relative to the trial's first Lease version.
+    pub detail: String,
+}
+
+impl fmt::Display for Finding {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "({}) {}", self.invariant, self.detail)
+    }
+}
+
+/// The figures one trial measured.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Figures {
+    /// Writes the ledger accepted.
+    pub accepted: usize,
+    /// Writes the ledger rejected (a lower token than one it had accepted): stale writes
+    /// fencing stopped.
+    pub stale_rejected: usize,
+    /// Writes the ledger accepted from a term that had already ended in the Lease (another
+    /// candidate's term, or its own release, was visible before).
+    pub stale_accepted: usize,
+    /// Pairs of terms whose work overlapped, and the longest overlap.
+    pub overlaps: usize,
+    /// The longest overlap (ms).
+    pub max_overlap_ms: f64,
+    /// (c) for every ended leaderz term: stop time − (last renewal + renew_deadline), ms,
+    /// in the candidate's own clock. Negative: early.
+    pub lateness_ms: Vec<f64>,
+    /// The same for client-go terms, measured for comparison only (client-go's deadline
+    /// counts from the start of its renew round).
+    pub clientgo_lateness_ms: Vec<f64>,
+    /// (d): from the last heal to the first write of a leader (ms).
+    pub leaderless_ms: Option<f64>,
+    /// Graceful release to the next holder (ms).
+    pub handover_ms: Vec<f64>,
+    /// Terms (distinct fencing tokens) in the Lease's history.
+    pub terms: usize,
+}
+
+/// The verdict on one trial.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Verdict {
+    /// Broken promises.
+    pub findings: Vec<Finding>,
+    /// Findings the trial's design makes expected (beyond-bound clock rates): overlap and
+    /// its consequences, which fencing must absorb.
+    pub expected: Vec<Finding>,
+    /// What was measured.
+    pub figures: Figures,
+}
+
+impl Verdict {
+    /// Whether any promise broke.
+    pub fn failed(&self) -> bool {
+        !self.findings.is_empty()
+    }
+}
+
+fn ms(ns: i128) -> f64 {
+    ns as f64 / 1e6
+}
+
+/// A writer: one term's process (identity, token, pid).
+type WriterKey = (String, i64, u32);
+
+#[derive(Debug, Default)]
+struct WriterStats {
+    first_ns: u64,
+    last_ns: u64,
+    accepted: usize,
+}
+
+/// Checks one trial.
+pub fn check(data: &TrialData) -> Verdict {
+    let timings = data.timings.unwrap_or_default();
+    let mut v = Verdict::default();
+    let origin = data
+        .history
+        .first()
+        .map(|h| h.received_ns)
+        .or_else(|| data.candidates.iter().map(|c| c.spawned_ns).min())
+        .unwrap_or(0);
+    let rel = |ns: u64| format!("+{:.3}s", (i128::from(ns) - i128::from(origin)) as f64 / 1e9);
+    let paused = |id: &str, from: u64, to: u64| {
+        data.candidates
+            .iter()
+            .any(|c| c.id == id && c.paused.iter().any(|&(s, e)| s <= to && e >= from))
+    };
+    let killed = |id: &str, before: u64| {
+        data.candidates
+            .iter()
+            .any(|c| c.id == id && c.killed_ns.is_some_and(|k| k <= before))
+    };
+    let candidate = |id: &str| data.candidates.iter().find(|c| c.id == id);
+
+    // ---- (a) the Lease's history ---------------------------------------------------
+    let by_candidates: Vec<&LeaseVersion> = data
+        .history
+        .iter()
+        .filter(|h| !h.deleted && !data.admin_versions.contains(&h.resource_version))
+        .collect();
+    let mut highest: Option<(i32, &LeaseVersion)> = None;
+    let mut terms: Vec<(String, i32)> = Vec::new();
+    for h in &by_candidates {
+        if let Some((t, prev)) = highest
+            && h.transitions < t
+        {
+            v.findings.push(Finding {
+                invariant: "a",
+                detail: format!(
+                    "leaseTransitions went down from {t} (holder `{}`) to {} (holder `{}`) at {}",
+                    prev.holder,
+                    h.transitions,
+                    h.holder,
+                    rel(h.received_ns)
+                ),
+            });
+        }
+        if highest.is_none_or(|(t, _)| h.transitions >= t) {
+            highest = Some((h.transitions, h));
+        }
+        if h.holder.is_empty() {
+            continue;
+        }
+        let key = (h.holder.clone(), h.transitions);
+        if terms.last() == Some(&key) {
+            continue;
+        }
+        if let Some((holder, _)) = terms.iter().find(|(_, t)| *t == h.transitions) {
+            let what = if *holder == h.holder {
+                "began a second term"
+            } else {
+                "was taken by a second holder"
+            };
+            v.findings.push(Finding {
+                invariant: "a",
+                detail: format!(
+                    "token {} {what}: `{}` after `{holder}`, at {}",
+                    h.transitions,
+                    h.holder,
+                    rel(h.received_ns)
+                ),
+            });
+        }
+        terms.push(key);
+    }
+    v.figures.terms = terms.len();
+
+    // ---- (b) the ledger -----------------------------------------------------------
+    let mut writers: BTreeMap<WriterKey, WriterStats> = BTreeMap::new();
+    let mut highest_accepted: Option<i64> = None;
+    let mut accepted_order: Vec<WriterKey> = Vec::new();
+    let mut left: HashSet<WriterKey> = HashSet::new();
+    for w in &data.writes {
+        let key = (w.request.identity.clone(), w.request.token, w.request.pid);
+        let stats = writers.entry(key.clone()).or_insert(WriterStats {
+            first_ns: w.received_ns,
+            ..WriterStats::default()
+        });
+        stats.last_ns = w.received_ns;
+        if !w.accepted {
+            v.figures.stale_rejected += 1;
+            continue;
+        }
+        stats.accepted += 1;
+        v.figures.accepted += 1;
+        if let Some(h) = highest_accepted
+            && w.request.token < h
+        {
+            v.findings.push(Finding {
+                invariant: "b",
+                detail: format!(
+                    "the ledger accepted token {} after token {h} at {}",
+                    w.request.token,
+                    rel(w.received_ns)
+                ),
+            });
+        }
+        highest_accepted = Some(highest_accepted.map_or(w.request.token, |h| h.max(w.request.token)));
+        if accepted_order.last() != Some(&key) {
+            if left.contains(&key) {
+                v.findings.push(Finding {
+                    invariant: "b",
+                    detail: format!(
+                        "accepted writes interleave: `{}` (token {}) wrote again at {} after `{}` (token {}) had written",
+                        key.0,
+                        key.1,
+                        rel(w.received_ns),
+                        accepted_order.last().map_or("", |k| k.0.as_str()),
+                        accepted_order.last().map_or(0, |k| k.1),
+                    ),
+                });
+            }
+            if let Some(prev) = accepted_order.last() {
+                left.insert(prev.clone());
+            }
+            accepted_order.push(key);
+        }
+    }
+
+    // ---- overlap: a term's work writing after a later term's work began -------------
+    let ordered: Vec<(&WriterKey, &WriterStats)> = {
+        let mut o: Vec<_> = writers.iter().collect();
+        o.sort_by_key(|(_, s)| s.first_ns);
+        o
+    };
+    for (i, (a, sa)) in ordered.iter().enumerate() {
+        for (b, sb) in &ordered[i + 1..] {
+            if a.0 == b.0 && a.1 == b.1 {
+                continue;
+            }
+            if sa.last_ns <= sb.first_ns {
+                continue;
+            }
+            let overlap = ms(i128::from(sa.last_ns) - i128::from(sb.first_ns));
+            v.figures.overlaps += 1;
+            v.figures.max_overlap_ms = v.figures.max_overlap_ms.max(overlap);
+            // A paused leader resumes and writes before it notices: only fencing can stop
+            // that (its stale writes are counted below).
+            let excused = paused(&a.0, sa.first_ns, sa.last_ns);
+            let finding = Finding {
+                invariant: "overlap",
+                detail: format!(
+                    "`{}` (token {}) still wrote {overlap:.1} ms after `{}` (token {}) began, until {}",
+                    a.0,
+                    a.1,
+                    b.0,
+                    b.1,
+                    rel(sa.last_ns)
+                ),
+            };
+            if data.beyond_bound {
+                v.expected.push(finding);
+            } else if !excused {
+                v.findings.push(finding);
+            }
+        }
+    }
+
+    // ---- stale writes accepted: after the term ended in the Lease ----------------------
+    for ((identity, token, _), _) in &ordered {
+        let Ok(token32) = i32::try_from(*token) else {
+            continue;
+        };
+        let Some(first) = by_candidates
+            .iter()
+            .position(|h| h.holder == *identity && h.transitions == token32)
+        else {
+            continue;
+        };
+        let ended = by_candidates[first..].iter().find(|h| {
+            let someone_else = !h.holder.is_empty()
+                && (h.holder != *identity || h.transitions != token32);
+            let released = h.holder.is_empty() && h.transitions == token32;
+            someone_else || released
+        });
+        let Some(ended) = ended else { continue };
+        let stale: Vec<&Write> = data
+            .writes
+            .iter()
+            .filter(|w| {
+                w.accepted
+                    && w.request.identity == *identity
+                    && w.request.token == *token
+                    && w.received_ns > ended.received_ns
+            })
+            .collect();
+        if stale.is_empty() {
+            continue;
+        }
+        v.figures.stale_accepted += stale.len();
+        let finding = Finding {
+            invariant: "e",
+            detail: format!(
+                "{} stale writes of `{identity}` (token {token}) accepted after its term ended in the Lease at {} (holder now `{}`, token {}), the last at {}",
+                stale.len(),
+                rel(ended.received_ns),
+                ended.holder,
+                ended.transitions,
+                rel(stale.last().map_or(0, |w| w.received_ns)),
+            ),
+        };
+        if data.beyond_bound {
+            v.expected.push(finding);
+        } else {
+            v.findings.push(finding);
+        }
+    }
+
+    // ---- (c) step-down in time ------------------------------------------------------
+    let mut started: Vec<&WorkerEvent> = data.workers.iter().filter(|e| e.event == "started").collect();
+    started.sort_by_key(|e| e.ts_ns);
+    for s in started {
+        let Some(c) = candidate(&s.identity) else { continue };
+        let Ok(token32) = i32::try_from(s.token) else { continue };
+        let stop = data
+            .workers
+            .iter()
+            .filter(|e| e.pid == s.pid && (e.event == "sigterm" || e.event == "stopped"))
+            .map(|e| e.ts_ns)
+            .min()
+            .or_else(|| {
+                writers
+                    .iter()
+                    .filter(|((i, t, p), _)| *i == s.identity && *t == s.token && *p == s.pid)
+                    .map(|(_, st)| st.last_ns)
+                    .max()
+            });
+        let Some(stop) = stop else { continue };
+        if paused(&c.id, s.ts_ns, stop) || killed(&c.id, stop) {
+            continue;
+        }
+        let last_renewal = by_candidates
+            .iter()
+            .filter(|h| h.holder == s.identity && h.transitions == token32)
+            .filter_map(|h| h.renew_ns)
+            .max();
+        let Some(last_renewal) = last_renewal else { continue };
+        // renewTime is the writer's wall clock; under faketime it runs `rate` times as fast
+        // from the moment the process started.
+        let rate = if c.rate > 0.0 { c.rate } else { 1.0 };
+        let spawned = i128::from(c.spawned_ns);
+        let renewal_real = spawned + ((i128::from(last_renewal) - spawned) as f64 / rate) as i128;
+        let own_elapsed = (i128::from(stop) - renewal_real) as f64 * rate;
+        let lateness = (own_elapsed - timings.renew_deadline.as_nanos() as f64) / 1e6;
+        match c.kind {
+            Some(Kind::ClientGo) => v.figures.clientgo_lateness_ms.push(lateness),
+            _ => {
+                v.figures.lateness_ms.push(lateness);
+                if lateness > timings.stop_slack.as_secs_f64() * 1e3 {
+                    v.findings.push(Finding {
+                        invariant: "c",
+                        detail: format!(
+                            "`{}` (token {}) stopped its work {lateness:.1} ms after last renewal + renew_deadline (renewal at {}, stop at {}, clock rate {rate})",
+                            s.identity,
+                            s.token,
+                            rel(u64::try_from(renewal_real).unwrap_or(0)),
+                            rel(stop)
+                        ),
+                    });
+                }
+            }
+        }
+    }
+
+    // ---- (d) a leader again after the last heal ------------------------------------------
+    if let Some(heal) = data.faults.iter().map(|f| f.heal_ns).max() {
+        let first = by_candidates
+            .iter()
+            .find(|h| h.received_ns > heal && !h.holder.is_empty());
+        let bound = timings.lease_duration + timings.retry_period;
+        match first {
+            Some(h) => {
+                let leaderless = ms(i128::from(h.received_ns) - i128::from(heal));
+                v.figures.leaderless_ms = Some(leaderless);
+                if leaderless > (bound + timings.observe_slack).as_secs_f64() * 1e3 {
+                    v.findings.push(Finding {
+                        invariant: "d",
+                        detail: format!(
+                            "no leader for {leaderless:.0} ms after the last heal at {} (bound {bound:?})",
+                            rel(heal)
+                        ),
+                    });
+                }
+            }
+            None => v.findings.push(Finding {
+                invariant: "d",
+                detail: format!("no leader at all after the last heal at {}", rel(heal)),
+            }),
+        }
+    }
+
+    // ---- handover after graceful releases -------------------------------------------------
+    for &sent in &data.releases {
+        let release = by_candidates
+            .iter()
+            .find(|h| h.received_ns > sent && h.holder.is_empty());
+        let Some(release) = release else { continue };
+        let next = by_candidates
+            .iter()
+            .find(|h| h.received_ns > release.received_ns && !h.holder.is_empty());
+        let Some(next) = next else {
+            v.findings.push(Finding {
+                invariant: "handover",
+                detail: format!("nobody took the lease released at {}", rel(release.received_ns)),
+            });
+            continue;
+        };
+        let handover = ms(i128::from(next.received_ns) - i128::from(release.received_ns));
+        v.figures.handover_ms.push(handover);
+        if handover > timings.handover_bound.as_secs_f64() * 1e3 {
+            v.findings.push(Finding {
+                invariant: "handover",
+                detail: format!(
+                    "the lease released at {} was taken only {handover:.0} ms later by `{}` (bound {:?})",
+                    rel(release.received_ns),
+                    next.holder,
+                    timings.handover_bound
+                ),
+            });
+        }
+    }
+
+    // ---- (e) processes -------------------------------------------------------------------
+    for c in &data.candidates {
+        for line in &c.panics {
+            v.findings.push(Finding {
+                invariant: "e",
+                detail: format!("`{}` panicked: {line}", c.id),
+            });
+        }
+        if let Some((at, how)) = &c.exit {
+            let asked = c.killed_ns.is_some() || c.terminated_ns.is_some_and(|t| t <= *at);
+            if !asked {
+                v.findings.push(Finding {
+                    invariant: "e",
+                    detail: format!(
+                        "`{}` exited unexpectedly ({how}) at {}; its last lines: {}",
+                        c.id,
+                        rel(*at),
+                        c.stderr_tail.join(" | ")
+                    ),
+                });
+            } else if c.killed_ns.is_none() && !c.exit_ok {
+                v.findings.push(Finding {
+                    invariant: "e",
+                    detail: format!(
+                        "`{}` exited with {how} after SIGTERM; its last lines: {}",
+                        c.id,
+                        c.stderr_tail.join(" | ")
+                    ),
+                });
+            }
+        }
+        if let Some(killed) = c.killed_ns {
+            let after: Vec<&Write> = data
+                .writes
+                .iter()
+                .filter(|w| w.request.identity == c.id && w.received_ns > killed + 100_000_000)
+                .collect();
+            if !after.is_empty() {
+                let accepted = after.iter().filter(|w| w.accepted).count();
+                v.findings.push(Finding {
+                    invariant: "e",
+                    detail: format!(
+                        "the work of `{}` outlived its SIGKILLed leaderz: {} writes ({accepted} accepted) after the kill at {}, the last at {}",
+                        c.id,
+                        after.len(),
+                        rel(killed),
+                        rel(after.last().map_or(0, |w| w.received_ns))
+                    ),
+                });
+            }
+        }
+    }
+    v
+}
