@@ -100,6 +100,9 @@ fn print_outcome(o: &TrialOutcome) {
     for finding in &o.verdict.expected {
         eprintln!("  expected {finding}");
     }
+    for finding in &o.verdict.clientgo {
+        eprintln!("  client-go {finding}");
+    }
 }
 
 /// Fails listing every broken promise of every trial.
@@ -350,9 +353,12 @@ async fn mixed_fleet_with_clientgo_candidates() {
             ),
         ],
     );
+    // leaderz leads first; client-go takes over from it, then hands back. (A cut-off
+    // client-go leader is in the soak: client-go's release() can clobber a newer
+    // holder's lease, see faults/README.md.)
     spec.candidates = vec![
-        CandidateSpec::clientgo(),
         CandidateSpec::leaderz(),
+        CandidateSpec::clientgo(),
         CandidateSpec::clientgo(),
     ];
     let outcomes = run(vec![spec]).await;

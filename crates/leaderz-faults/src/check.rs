@@ -16,7 +16,8 @@
 //!
 //! Beyond those: "overlap" (a term's work still writing after a later term's work began
 //! writing; excused where fencing is the only defence: a SIGSTOPped leader, or a clock
-//! rate beyond the documented bound) and "handover" (a graceful release taken over within
+//! rate beyond the documented bound), "release" (a holder released its term only after
+//! its work stopped) and "handover" (a graceful release taken over within
 //! [`Timings::handover_bound`]).
 
 use std::collections::{BTreeMap, HashSet};
@@ -137,7 +138,7 @@ pub struct TrialData {
 /// A broken promise.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct Finding {
-    /// `a`..`e`, `overlap` or `handover`.
+    /// `a`..`e`, `overlap`, `release` or `handover`.
     pub invariant: &'static str,
     /// What happened, with times relative to the trial's first Lease version.
     pub detail: String,
@@ -186,6 +187,9 @@ pub struct Verdict {
     /// Findings the trial's design makes expected (beyond-bound clock rates): overlap and
     /// its consequences, which fencing must absorb.
     pub expected: Vec<Finding>,
+    /// Overlaps and stale writes whose late writer is a client-go candidate: client-go's
+    /// own step-down, not leaderz's promise (reported, not failed).
+    pub clientgo: Vec<Finding>,
     /// What was measured.
     pub figures: Figures,
 }
@@ -203,6 +207,13 @@ fn ms(ns: i128) -> f64 {
 
 /// A writer: one term's process (identity, token, pid).
 type WriterKey = (String, i64, u32);
+
+/// One term in the Lease's history: consecutive versions of one holder and token.
+struct Segment<'a> {
+    holder: &'a str,
+    token: i32,
+    versions: Vec<&'a LeaseVersion>,
+}
 
 #[derive(Debug, Default)]
 struct WriterStats {
@@ -233,6 +244,7 @@ pub fn check(data: &TrialData) -> Verdict {
             .any(|c| c.id == id && c.killed_ns.is_some_and(|k| k <= before))
     };
     let candidate = |id: &str| data.candidates.iter().find(|c| c.id == id);
+    let is_clientgo = |id: &str| candidate(id).is_some_and(|c| c.kind == Some(Kind::ClientGo));
 
     // ---- (a) the Lease's history ---------------------------------------------------
     let by_candidates: Vec<&LeaseVersion> = data
@@ -240,9 +252,19 @@ pub fn check(data: &TrialData) -> Verdict {
         .iter()
         .filter(|h| !h.deleted && !data.admin_versions.contains(&h.resource_version))
         .collect();
+    // Terms: runs of versions with the same holder and token, broken by anything else
+    // (another record, a release, a deletion, an admin's write).
+    let mut segments: Vec<Segment<'_>> = Vec::new();
     let mut highest: Option<(i32, &LeaseVersion)> = None;
-    let mut terms: Vec<(String, i32)> = Vec::new();
-    for h in &by_candidates {
+    let mut open = false;
+    for h in &data.history {
+        let by_admin = data.admin_versions.contains(&h.resource_version);
+        if h.deleted || by_admin || h.holder.is_empty() {
+            open = false;
+            if h.deleted || by_admin {
+                continue;
+            }
+        }
         if let Some((t, prev)) = highest
             && h.transitions < t
         {
@@ -263,12 +285,16 @@ pub fn check(data: &TrialData) -> Verdict {
         if h.holder.is_empty() {
             continue;
         }
-        let key = (h.holder.clone(), h.transitions);
-        if terms.last() == Some(&key) {
+        if open
+            && let Some(last) = segments.last_mut()
+            && last.holder == h.holder
+            && last.token == h.transitions
+        {
+            last.versions.push(h);
             continue;
         }
-        if let Some((holder, _)) = terms.iter().find(|(_, t)| *t == h.transitions) {
-            let what = if *holder == h.holder {
+        if let Some(earlier) = segments.iter().find(|seg| seg.token == h.transitions) {
+            let what = if earlier.holder == h.holder {
                 "began a second term"
             } else {
                 "was taken by a second holder"
@@ -276,22 +302,30 @@ pub fn check(data: &TrialData) -> Verdict {
             v.findings.push(Finding {
                 invariant: "a",
                 detail: format!(
-                    "token {} {what}: `{}` after `{holder}`, at {}",
+                    "token {} {what}: `{}` after `{}`, at {}",
                     h.transitions,
                     h.holder,
+                    earlier.holder,
                     rel(h.received_ns)
                 ),
             });
         }
-        terms.push(key);
+        segments.push(Segment {
+            holder: &h.holder,
+            token: h.transitions,
+            versions: vec![h],
+        });
+        open = true;
     }
-    v.figures.terms = terms.len();
+    v.figures.terms = segments.len();
 
     // ---- (b) the ledger -----------------------------------------------------------
     let mut writers: BTreeMap<WriterKey, WriterStats> = BTreeMap::new();
     let mut highest_accepted: Option<i64> = None;
     let mut accepted_order: Vec<WriterKey> = Vec::new();
     let mut left: HashSet<WriterKey> = HashSet::new();
+    // (writer that came back, writer it interrupted) → (times, first time).
+    let mut interleavings: BTreeMap<(WriterKey, WriterKey), (usize, u64)> = BTreeMap::new();
     for w in &data.writes {
         let key = (w.request.identity.clone(), w.request.token, w.request.pid);
         let stats = writers.entry(key.clone()).or_insert(WriterStats {
@@ -317,26 +351,35 @@ pub fn check(data: &TrialData) -> Verdict {
                 ),
             });
         }
-        highest_accepted = Some(highest_accepted.map_or(w.request.token, |h| h.max(w.request.token)));
+        highest_accepted =
+            Some(highest_accepted.map_or(w.request.token, |h| h.max(w.request.token)));
         if accepted_order.last() != Some(&key) {
-            if left.contains(&key) {
-                v.findings.push(Finding {
-                    invariant: "b",
-                    detail: format!(
-                        "accepted writes interleave: `{}` (token {}) wrote again at {} after `{}` (token {}) had written",
-                        key.0,
-                        key.1,
-                        rel(w.received_ns),
-                        accepted_order.last().map_or("", |k| k.0.as_str()),
-                        accepted_order.last().map_or(0, |k| k.1),
-                    ),
-                });
+            if left.contains(&key)
+                && let Some(prev) = accepted_order.last()
+            {
+                let e = interleavings
+                    .entry((key.clone(), prev.clone()))
+                    .or_insert((0, w.received_ns));
+                e.0 += 1;
             }
             if let Some(prev) = accepted_order.last() {
                 left.insert(prev.clone());
             }
             accepted_order.push(key);
         }
+    }
+    for ((back, other), (times, first)) in interleavings {
+        v.findings.push(Finding {
+            invariant: "b",
+            detail: format!(
+                "accepted writes interleave: `{}` (token {}) was accepted again {times} times after `{}` (token {}) had been, the first at {}",
+                back.0,
+                back.1,
+                other.0,
+                other.1,
+                rel(first)
+            ),
+        });
     }
 
     // ---- overlap: a term's work writing after a later term's work began -------------
@@ -347,9 +390,6 @@ pub fn check(data: &TrialData) -> Verdict {
     };
     for (i, (a, sa)) in ordered.iter().enumerate() {
         for (b, sb) in &ordered[i + 1..] {
-            if a.0 == b.0 && a.1 == b.1 {
-                continue;
-            }
             if sa.last_ns <= sb.first_ns {
                 continue;
             }
@@ -372,6 +412,8 @@ pub fn check(data: &TrialData) -> Verdict {
             };
             if data.beyond_bound {
                 v.expected.push(finding);
+            } else if is_clientgo(&a.0) {
+                v.clientgo.push(finding);
             } else if !excused {
                 v.findings.push(finding);
             }
@@ -423,6 +465,8 @@ pub fn check(data: &TrialData) -> Verdict {
         };
         if data.beyond_bound {
             v.expected.push(finding);
+        } else if is_clientgo(identity) {
+            v.clientgo.push(finding);
         } else {
             v.findings.push(finding);
         }
@@ -451,11 +495,23 @@ pub fn check(data: &TrialData) -> Verdict {
         if paused(&c.id, s.ts_ns, stop) || killed(&c.id, stop) {
             continue;
         }
-        let last_renewal = by_candidates
+        // The term this work belongs to: the last one of its holder and token that began
+        // before the work started; its renewals that arrived before the work stopped.
+        let last_renewal = segments
             .iter()
-            .filter(|h| h.holder == s.identity && h.transitions == token32)
-            .filter_map(|h| h.renew_ns)
-            .max();
+            .filter(|seg| {
+                seg.holder == s.identity
+                    && seg.token == token32
+                    && seg.versions.first().is_some_and(|f| f.received_ns <= s.ts_ns)
+            })
+            .last()
+            .and_then(|seg| {
+                seg.versions
+                    .iter()
+                    .filter(|h| h.received_ns <= stop)
+                    .filter_map(|h| h.renew_ns)
+                    .max()
+            });
         let Some(last_renewal) = last_renewal else { continue };
         // renewTime is the writer's wall clock; under faketime it runs `rate` times as fast
         // from the moment the process started.
@@ -480,6 +536,63 @@ pub fn check(data: &TrialData) -> Verdict {
                         ),
                     });
                 }
+            }
+        }
+    }
+
+    // ---- release only after the work stopped -------------------------------------------
+    for (n, h) in data.history.iter().enumerate() {
+        let released = !h.deleted
+            && h.holder.is_empty()
+            && !data.admin_versions.contains(&h.resource_version);
+        let Some(prev) = n.checked_sub(1).map(|p| &data.history[p]) else {
+            continue;
+        };
+        if !released || prev.holder.is_empty() || prev.deleted || prev.transitions != h.transitions
+        {
+            continue;
+        }
+        // `prev.holder` released its term `h.transitions`: its work must have stopped.
+        let still: Vec<&WorkerEvent> = data
+            .workers
+            .iter()
+            .filter(|e| {
+                e.event == "started"
+                    && e.identity == prev.holder
+                    && i64::from(h.transitions) == e.token
+                    && e.ts_ns < h.received_ns
+            })
+            .filter(|e| {
+                let stopped = data
+                    .workers
+                    .iter()
+                    .filter(|x| x.pid == e.pid && x.event != "started")
+                    .map(|x| x.ts_ns)
+                    .min();
+                let last_write = writers
+                    .iter()
+                    .filter(|((i, t, p), _)| *i == e.identity && *t == e.token && *p == e.pid)
+                    .map(|(_, st)| st.last_ns)
+                    .max();
+                stopped.is_none_or(|t| t > h.received_ns)
+                    || last_write.is_some_and(|t| t > h.received_ns)
+            })
+            .collect();
+        for e in still {
+            let finding = Finding {
+                invariant: "release",
+                detail: format!(
+                    "`{}` released token {} at {} while its work (pid {}) still ran",
+                    prev.holder,
+                    h.transitions,
+                    rel(h.received_ns),
+                    e.pid
+                ),
+            };
+            if is_clientgo(&prev.holder) {
+                v.clientgo.push(finding);
+            } else {
+                v.findings.push(finding);
             }
         }
     }

@@ -25,6 +25,8 @@ pub struct Tally {
     pub expected_stale_accepted: usize,
     /// Stale writes the ledger rejected.
     pub stale_rejected: usize,
+    /// Overlaps and stale writes of client-go candidates (client-go's own step-down).
+    pub clientgo_findings: usize,
     /// Worst (c) lateness of a leaderz term (ms).
     pub worst_lateness_ms: Option<f64>,
     /// Worst (d) leaderless time (ms).
@@ -54,6 +56,7 @@ impl Tally {
             self.stale_accepted += f.stale_accepted;
         }
         self.stale_rejected += f.stale_rejected;
+        self.clientgo_findings += o.verdict.clientgo.len();
         self.worst_lateness_ms = max(
             self.worst_lateness_ms,
             f.lateness_ms.iter().copied().reduce(f64::max),
@@ -183,6 +186,18 @@ pub fn markdown(outcomes: &[TrialOutcome], timings: Timings, command: &str, minu
             fmt_ms(t.worst_leaderless_ms),
             fmt_ms(t.worst_handover_ms)
         );
+    }
+    let _ = writeln!(
+        md,
+        "\nOverlaps and stale writes whose late writer was a client-go candidate (client-go's \
+         own step-down, reported and not counted above): {}.",
+        all.clientgo_findings
+    );
+    for o in outcomes.iter().filter(|o| !o.verdict.clientgo.is_empty()) {
+        let _ = writeln!(md, "- `{}` seed {}: {}", o.spec.name, o.spec.seed, o.spec.describe());
+        for f in o.verdict.clientgo.iter().take(3) {
+            let _ = writeln!(md, "  - {f}");
+        }
     }
     let failed: Vec<&TrialOutcome> = outcomes.iter().filter(|o| o.verdict.failed()).collect();
     let _ = writeln!(md, "\n## Failed trials ({})\n", failed.len());

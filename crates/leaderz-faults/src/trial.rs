@@ -498,8 +498,12 @@ pub async fn run_trial(env: Env<'_>, spec: TrialSpec) -> anyhow::Result<TrialOut
                     }
                     let stopped = now_ns();
                     sleep(duration).await;
-                    for g in &groups {
+                    // The work first, as a scheduler may well resume it: it may then write
+                    // before `leaderz` (or it) notices the term is over, and fencing must
+                    // refuse those writes.
+                    for g in groups.iter().rev() {
                         let _ = killpg(*g, Signal::SIGCONT);
+                        sleep(Duration::from_millis(10)).await;
                     }
                     let resumed = now_ns();
                     let mut fleet = fleet.lock().await;
