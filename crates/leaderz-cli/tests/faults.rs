@@ -18,8 +18,8 @@ use leaderz_faults::check::Timings;
 use leaderz_faults::report;
 use leaderz_faults::schedule::{half_open_trial, random_trial, skew_trial};
 use leaderz_faults::trial::{
-    Binaries, CandidateSpec, Env, Fault, Garbage, NetFault, Step, Target, TrialOutcome,
-    TrialSpec, run_trial,
+    Binaries, CandidateSpec, Env, Fault, Garbage, NetFault, Step, Target, TrialOutcome, TrialSpec,
+    run_trial,
 };
 use leaderz_testenv::{ControlPlane, StartOptions};
 use tokio::sync::Mutex;
@@ -51,33 +51,43 @@ fn workdir() -> PathBuf {
 
 /// Runs trials one at a time on the shared control plane, printing each verdict.
 async fn run(specs: Vec<TrialSpec>) -> Vec<TrialOutcome> {
-    let bins = tokio::task::spawn_blocking(binaries).await.unwrap();
-    let mut guard = CONTROL_PLANE.lock().await;
-    if guard.is_none() {
-        *guard = Some(ControlPlane::start(StartOptions::default()).await.unwrap());
-    }
-    let cp = guard.as_mut().unwrap();
     let mut outcomes = Vec::new();
     for spec in specs {
-        // A trial that failed half-way may have left a server down.
-        if !cp.etcd_running() {
-            cp.start_etcd().await.unwrap();
-        }
-        if !cp.apiserver_running() {
-            cp.start_apiserver().await.unwrap();
-        }
-        eprintln!("trial {} (seed {}): {}", spec.name, spec.seed, spec.describe());
-        let env = Env {
-            cp,
-            bins,
-            workdir: &workdir(),
-            timings: Timings::default(),
-        };
-        let outcome = run_trial(env, spec).await.unwrap();
-        print_outcome(&outcome);
-        outcomes.push(outcome);
+        outcomes.push(try_run(spec).await.unwrap());
     }
     outcomes
+}
+
+/// Runs one trial on the shared control plane and prints its verdict.
+async fn try_run(spec: TrialSpec) -> anyhow::Result<TrialOutcome> {
+    let bins = tokio::task::spawn_blocking(binaries).await?;
+    let mut guard = CONTROL_PLANE.lock().await;
+    if guard.is_none() {
+        *guard = Some(ControlPlane::start(StartOptions::default()).await?);
+    }
+    let cp = guard.as_mut().unwrap();
+    // A trial that failed half-way may have left a server down.
+    if !cp.etcd_running() {
+        cp.start_etcd().await?;
+    }
+    if !cp.apiserver_running() {
+        cp.start_apiserver().await?;
+    }
+    eprintln!(
+        "trial {} (seed {}): {}",
+        spec.name,
+        spec.seed,
+        spec.describe()
+    );
+    let env = Env {
+        cp,
+        bins,
+        workdir: &workdir(),
+        timings: Timings::default(),
+    };
+    let outcome = run_trial(env, spec).await?;
+    print_outcome(&outcome);
+    Ok(outcome)
 }
 
 fn print_outcome(o: &TrialOutcome) {
@@ -309,8 +319,13 @@ async fn clock_rate_skew_inside_and_beyond_the_bound() {
     // then renewed every 500 ms / 1.7 = 294 ms.
     let beyond = &outcomes[1];
     let (takeover, interval) = skewed_timing(beyond, "lz-1");
-    eprintln!("x1.7: takeover {takeover:.0} ms after the last renewal seen; renewal interval {interval:.0} ms");
-    assert!((1550.0..2000.0).contains(&takeover), "takeover {takeover} ms");
+    eprintln!(
+        "x1.7: takeover {takeover:.0} ms after the last renewal seen; renewal interval {interval:.0} ms"
+    );
+    assert!(
+        (1550.0..2000.0).contains(&takeover),
+        "takeover {takeover} ms"
+    );
     assert!((250.0..340.0).contains(&interval), "interval {interval} ms");
     assert!(
         !beyond.verdict.expected.is_empty(),
@@ -375,9 +390,15 @@ async fn seeded_fault_schedules() {
     let minutes: Option<f64> = env("FAULT_SOAK_MINUTES").map(|m| m.parse().unwrap());
     let first: u64 = env("FAULT_FIRST_TRIAL").map_or(0, |s| s.parse().unwrap());
     let timings = Timings::default();
+    let results = env("FAULT_RESULTS").map(|p| leaderz_faults::workspace_root().join(p));
+    let command = format!(
+        "FAULT_SEED={seed}{} cargo test -p leaderz-cli --test faults seeded -- --nocapture",
+        minutes.map_or(String::new(), |m| format!(" FAULT_SOAK_MINUTES={m}"))
+    );
     #[allow(clippy::disallowed_types)] // the soak's length is real wall time
     let started = std::time::Instant::now();
     let mut outcomes = Vec::new();
+    let mut errors = Vec::new();
     let mut index = first;
     loop {
         let done = match minutes {
@@ -387,18 +408,34 @@ async fn seeded_fault_schedules() {
         if done {
             break;
         }
-        outcomes.extend(run(vec![random_trial(seed, index, timings)]).await);
+        let spec = random_trial(seed, index, timings);
+        let name = spec.name.clone();
+        match try_run(spec).await {
+            Ok(outcome) => outcomes.push(outcome),
+            // A trial the harness could not run (not a verdict on leaderz): noted, and the
+            // soak goes on.
+            Err(e) => {
+                eprintln!("  trial {name} could not run: {e:#}");
+                errors.push(format!("{name}: {e:#}"));
+            }
+        }
         index += 1;
+        // Written after every trial, so that an interrupted soak keeps its figures.
+        let elapsed = started.elapsed().as_secs_f64() / 60.0;
+        let mut md = report::markdown(&outcomes, timings, &command, elapsed);
+        if !errors.is_empty() {
+            md.push_str(&format!(
+                "\n## Trials that could not run ({})\n\n- {}\n",
+                errors.len(),
+                errors.join("\n- ")
+            ));
+        }
+        match &results {
+            Some(path) => std::fs::write(path, &md).unwrap(),
+            None if minutes.is_none() && index >= first + 3 => eprintln!("{md}"),
+            None => {}
+        }
     }
-    let elapsed = started.elapsed().as_secs_f64() / 60.0;
-    let command = format!(
-        "FAULT_SEED={seed}{} cargo test -p leaderz-cli --test faults seeded -- --nocapture",
-        minutes.map_or(String::new(), |m| format!(" FAULT_SOAK_MINUTES={m}"))
-    );
-    let md = report::markdown(&outcomes, timings, &command, elapsed);
-    match env("FAULT_RESULTS") {
-        Some(path) => std::fs::write(path, &md).unwrap(),
-        None => eprintln!("{md}"),
-    }
+    assert!(errors.is_empty(), "trials that could not run: {errors:#?}");
     assert_kept(&outcomes);
 }

@@ -232,7 +232,12 @@ pub fn check(data: &TrialData) -> Verdict {
         .map(|h| h.received_ns)
         .or_else(|| data.candidates.iter().map(|c| c.spawned_ns).min())
         .unwrap_or(0);
-    let rel = |ns: u64| format!("+{:.3}s", (i128::from(ns) - i128::from(origin)) as f64 / 1e9);
+    let rel = |ns: u64| {
+        format!(
+            "+{:.3}s",
+            (i128::from(ns) - i128::from(origin)) as f64 / 1e9
+        )
+    };
     let paused = |id: &str, from: u64, to: u64| {
         data.candidates
             .iter()
@@ -432,8 +437,8 @@ pub fn check(data: &TrialData) -> Verdict {
             continue;
         };
         let ended = by_candidates[first..].iter().find(|h| {
-            let someone_else = !h.holder.is_empty()
-                && (h.holder != *identity || h.transitions != token32);
+            let someone_else =
+                !h.holder.is_empty() && (h.holder != *identity || h.transitions != token32);
             let released = h.holder.is_empty() && h.transitions == token32;
             someone_else || released
         });
@@ -473,11 +478,19 @@ pub fn check(data: &TrialData) -> Verdict {
     }
 
     // ---- (c) step-down in time ------------------------------------------------------
-    let mut started: Vec<&WorkerEvent> = data.workers.iter().filter(|e| e.event == "started").collect();
+    let mut started: Vec<&WorkerEvent> = data
+        .workers
+        .iter()
+        .filter(|e| e.event == "started")
+        .collect();
     started.sort_by_key(|e| e.ts_ns);
     for s in started {
-        let Some(c) = candidate(&s.identity) else { continue };
-        let Ok(token32) = i32::try_from(s.token) else { continue };
+        let Some(c) = candidate(&s.identity) else {
+            continue;
+        };
+        let Ok(token32) = i32::try_from(s.token) else {
+            continue;
+        };
         let stop = data
             .workers
             .iter()
@@ -499,12 +512,14 @@ pub fn check(data: &TrialData) -> Verdict {
         // before the work started; its renewals that arrived before the work stopped.
         let last_renewal = segments
             .iter()
-            .filter(|seg| {
+            .rfind(|seg| {
                 seg.holder == s.identity
                     && seg.token == token32
-                    && seg.versions.first().is_some_and(|f| f.received_ns <= s.ts_ns)
+                    && seg
+                        .versions
+                        .first()
+                        .is_some_and(|f| f.received_ns <= s.ts_ns)
             })
-            .last()
             .and_then(|seg| {
                 seg.versions
                     .iter()
@@ -512,7 +527,9 @@ pub fn check(data: &TrialData) -> Verdict {
                     .filter_map(|h| h.renew_ns)
                     .max()
             });
-        let Some(last_renewal) = last_renewal else { continue };
+        let Some(last_renewal) = last_renewal else {
+            continue;
+        };
         // renewTime is the writer's wall clock; under faketime it runs `rate` times as fast
         // from the moment the process started.
         let rate = if c.rate > 0.0 { c.rate } else { 1.0 };
@@ -542,9 +559,8 @@ pub fn check(data: &TrialData) -> Verdict {
 
     // ---- release only after the work stopped -------------------------------------------
     for (n, h) in data.history.iter().enumerate() {
-        let released = !h.deleted
-            && h.holder.is_empty()
-            && !data.admin_versions.contains(&h.resource_version);
+        let released =
+            !h.deleted && h.holder.is_empty() && !data.admin_versions.contains(&h.resource_version);
         let Some(prev) = n.checked_sub(1).map(|p| &data.history[p]) else {
             continue;
         };
@@ -574,7 +590,8 @@ pub fn check(data: &TrialData) -> Verdict {
                     .filter(|((i, t, p), _)| *i == e.identity && *t == e.token && *p == e.pid)
                     .map(|(_, st)| st.last_ns)
                     .max();
-                stopped.is_none_or(|t| t > h.received_ns)
+                // Stopped: its log says so; failing that (SIGKILLed), its last write.
+                stopped.or(last_write).is_none_or(|t| t > h.received_ns)
                     || last_write.is_some_and(|t| t > h.received_ns)
             })
             .collect();
@@ -636,7 +653,10 @@ pub fn check(data: &TrialData) -> Verdict {
         let Some(next) = next else {
             v.findings.push(Finding {
                 invariant: "handover",
-                detail: format!("nobody took the lease released at {}", rel(release.received_ns)),
+                detail: format!(
+                    "nobody took the lease released at {}",
+                    rel(release.received_ns)
+                ),
             });
             continue;
         };

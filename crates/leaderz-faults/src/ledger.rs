@@ -213,7 +213,8 @@ mod tests {
         };
         assert!(ledger.submit(other), "resources are fenced apart");
         let log = ledger.writes("r");
-        let verdicts: Vec<(i64, bool)> = log.iter().map(|w| (w.request.token, w.accepted)).collect();
+        let verdicts: Vec<(i64, bool)> =
+            log.iter().map(|w| (w.request.token, w.accepted)).collect();
         assert_eq!(
             verdicts,
             [(3, true), (3, true), (4, true), (3, false), (4, true)]

@@ -59,12 +59,20 @@ pub fn worker_binary() -> anyhow::Result<PathBuf> {
     }
     let mut cargo = std::process::Command::new(std::env::var_os("CARGO").unwrap_or("cargo".into()));
     cargo
-        .args(["build", "-p", "leaderz-faults", "--bin", "leaderz-faults-worker"])
+        .args([
+            "build",
+            "-p",
+            "leaderz-faults",
+            "--bin",
+            "leaderz-faults-worker",
+        ])
         .current_dir(workspace_root());
     if profile_dir.file_name().is_some_and(|n| n == "release") {
         cargo.arg("--release");
     }
-    let status = cargo.status().context("running cargo build for the worker")?;
+    let status = cargo
+        .status()
+        .context("running cargo build for the worker")?;
     if !status.success() || !worker.is_file() {
         bail!("could not build leaderz-faults-worker ({status})");
     }

@@ -392,7 +392,11 @@ mod tests {
         let err = roundtrip(&mut old, Duration::from_millis(500))
             .await
             .unwrap_err();
-        assert_eq!(err.kind(), io::ErrorKind::TimedOut, "old connection open, silent");
+        assert_eq!(
+            err.kind(),
+            io::ErrorKind::TimedOut,
+            "old connection open, silent"
+        );
         assert_eq!(proxy.open_connections(), 2);
     }
 

@@ -73,7 +73,11 @@ impl Tally {
 pub fn labels(o: &TrialOutcome) -> Vec<String> {
     let mut labels: Vec<String> = o.spec.steps.iter().map(|s| s.fault.kind()).collect();
     if let Some(rate) = o.spec.candidates.iter().find_map(|c| c.rate) {
-        let side = if o.spec.beyond_bound { "beyond" } else { "inside" };
+        let side = if o.spec.beyond_bound {
+            "beyond"
+        } else {
+            "inside"
+        };
         labels.push(format!("clock-rate x{rate} ({side} the bound)"));
     }
     if o.spec.candidates.iter().any(|c| c.kind == Kind::ClientGo) {
@@ -104,7 +108,12 @@ fn fmt_ms(v: Option<f64>) -> String {
 
 /// The soak's results as Markdown: the command, the overall figures against their
 /// bounds, a table per fault, and every failed trial with its seed.
-pub fn markdown(outcomes: &[TrialOutcome], timings: Timings, command: &str, minutes: f64) -> String {
+pub fn markdown(
+    outcomes: &[TrialOutcome],
+    timings: Timings,
+    command: &str,
+    minutes: f64,
+) -> String {
     let (per, all) = tally(outcomes);
     let rd = timings.renew_deadline.as_millis();
     let bound = (timings.lease_duration + timings.retry_period).as_millis();
@@ -120,7 +129,11 @@ pub fn markdown(outcomes: &[TrialOutcome], timings: Timings, command: &str, minu
         timings.retry_period
     );
     let _ = writeln!(md, "| figure | value | bound |\n|---|---|---|");
-    let _ = writeln!(md, "| trials (failed) | {} ({}) | 0 failed |", all.trials, all.failed);
+    let _ = writeln!(
+        md,
+        "| trials (failed) | {} ({}) | 0 failed |",
+        all.trials, all.failed
+    );
     let _ = writeln!(
         md,
         "| overlaps found (inside the bounds) | {} | 0 |",
@@ -131,7 +144,11 @@ pub fn markdown(outcomes: &[TrialOutcome], timings: Timings, command: &str, minu
         "| stale writes accepted (inside the bounds) | {} | 0 |",
         all.stale_accepted
     );
-    let _ = writeln!(md, "| stale writes rejected by the ledger | {} | – |", all.stale_rejected);
+    let _ = writeln!(
+        md,
+        "| stale writes rejected by the ledger | {} | – |",
+        all.stale_rejected
+    );
     let _ = writeln!(
         md,
         "| worst step-down lateness after last renewal + renew_deadline (ms) | {} | ≤ {} (signal delivery) |",
@@ -171,7 +188,10 @@ pub fn markdown(outcomes: &[TrialOutcome], timings: Timings, command: &str, minu
             t.overlaps.to_string()
         };
         let stale = if t.expected_stale_accepted > 0 {
-            format!("{} (+{} expected)", t.stale_accepted, t.expected_stale_accepted)
+            format!(
+                "{} (+{} expected)",
+                t.stale_accepted, t.expected_stale_accepted
+            )
         } else {
             t.stale_accepted.to_string()
         };
@@ -194,7 +214,13 @@ pub fn markdown(outcomes: &[TrialOutcome], timings: Timings, command: &str, minu
         all.clientgo_findings
     );
     for o in outcomes.iter().filter(|o| !o.verdict.clientgo.is_empty()) {
-        let _ = writeln!(md, "- `{}` seed {}: {}", o.spec.name, o.spec.seed, o.spec.describe());
+        let _ = writeln!(
+            md,
+            "- `{}` seed {}: {}",
+            o.spec.name,
+            o.spec.seed,
+            o.spec.describe()
+        );
         for f in o.verdict.clientgo.iter().take(3) {
             let _ = writeln!(md, "  - {f}");
         }

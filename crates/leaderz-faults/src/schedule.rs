@@ -77,7 +77,12 @@ pub fn half_open_trial(name: &str, blackhole: Duration) -> TrialSpec {
 
 /// One fault drawn at random; `avoid_restarts` keeps a second control-plane restart out
 /// of a trial that has one.
-fn random_fault(rng: &mut SmallRng, timings: Timings, allow_restart: bool, allow_exit: bool) -> Fault {
+fn random_fault(
+    rng: &mut SmallRng,
+    timings: Timings,
+    allow_restart: bool,
+    allow_exit: bool,
+) -> Fault {
     let lease = timings.lease_duration.as_secs_f64();
     loop {
         let target = match rng.random_range(0..20) {
@@ -108,14 +113,26 @@ fn random_fault(rng: &mut SmallRng, timings: Timings, allow_restart: bool, allow
                 duration: secs(rng, 0.5, 4.0),
             },
             4 => Fault::Pause {
-                target: if target == Target::Followers { Target::Leader } else { target },
+                target: if target == Target::Followers {
+                    Target::Leader
+                } else {
+                    target
+                },
                 duration: secs(rng, lease + 0.3, lease + 2.5),
             },
             5 if allow_exit => Fault::Kill {
-                target: if target == Target::Followers { Target::Leader } else { target },
+                target: if target == Target::Followers {
+                    Target::Leader
+                } else {
+                    target
+                },
             },
             6 if allow_exit => Fault::Term {
-                target: if target == Target::Followers { Target::Leader } else { target },
+                target: if target == Target::Followers {
+                    Target::Leader
+                } else {
+                    target
+                },
             },
             7 if allow_restart => Fault::ApiserverRestart {
                 down: secs(rng, 0.3, 5.0),

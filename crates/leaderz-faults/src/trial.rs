@@ -316,12 +316,12 @@ impl Fleet {
     /// Candidates `target` names now.
     fn resolve(&self, target: Target, holder: Option<&str>, rng: &mut SmallRng) -> Vec<usize> {
         let live: Vec<usize> = self.live().map(|(i, _)| i).collect();
-        let leader = holder.and_then(|h| {
-            self.live()
-                .find(|(_, c)| c.id == h)
-                .map(|(i, _)| i)
-        });
-        let followers: Vec<usize> = live.iter().copied().filter(|i| Some(*i) != leader).collect();
+        let leader = holder.and_then(|h| self.live().find(|(_, c)| c.id == h).map(|(i, _)| i));
+        let followers: Vec<usize> = live
+            .iter()
+            .copied()
+            .filter(|i| Some(*i) != leader)
+            .collect();
         let any = |v: &[usize], rng: &mut SmallRng| {
             if v.is_empty() {
                 Vec::new()
@@ -348,7 +348,10 @@ impl Fleet {
                 .filter(|e| e.event != "started")
                 .map(|e| e.pid)
                 .collect();
-            for e in events.iter().filter(|e| e.event == "started" && e.identity == c.id) {
+            for e in events
+                .iter()
+                .filter(|e| e.event == "started" && e.identity == c.id)
+            {
                 if !ended.contains(&e.pid)
                     && let Ok(pid) = i32::try_from(e.pid)
                 {
@@ -412,7 +415,18 @@ pub async fn run_trial(env: Env<'_>, spec: TrialSpec) -> anyhow::Result<TrialOut
             continue;
         }
         let candidate = start_candidate(
-            n, *c, &ns, &resource, cp, &credentials, upstream, ledger, bins, &dir, &worker_log, timings,
+            n,
+            *c,
+            &ns,
+            &resource,
+            cp,
+            &credentials,
+            upstream,
+            ledger,
+            bins,
+            &dir,
+            &worker_log,
+            timings,
         )
         .await?;
         fleet.candidates.push(candidate);
@@ -424,7 +438,18 @@ pub async fn run_trial(env: Env<'_>, spec: TrialSpec) -> anyhow::Result<TrialOut
     for (n, c) in late {
         sleep(Duration::from_millis(300)).await;
         let candidate = start_candidate(
-            n, c, &ns, &resource, cp, &credentials, upstream, ledger, bins, &dir, &worker_log, timings,
+            n,
+            c,
+            &ns,
+            &resource,
+            cp,
+            &credentials,
+            upstream,
+            ledger,
+            bins,
+            &dir,
+            &worker_log,
+            timings,
         )
         .await?;
         fleet.candidates.push(candidate);
@@ -442,7 +467,15 @@ pub async fn run_trial(env: Env<'_>, spec: TrialSpec) -> anyhow::Result<TrialOut
     let admin_written: Mutex<Vec<String>> = Mutex::new(Vec::new());
     let steps = spec.steps.iter().map(|step| {
         let (fleet, cp, rng, faults, releases, recorder, leases, bindings, admin_written) = (
-            &fleet, &cp, &rng, &faults, &releases, &recorder, &leases, &bindings, &admin_written,
+            &fleet,
+            &cp,
+            &rng,
+            &faults,
+            &releases,
+            &recorder,
+            &leases,
+            &bindings,
+            &admin_written,
         );
         let binding = binding.clone();
         let sa_client = sa_client.clone();
@@ -450,7 +483,10 @@ pub async fn run_trial(env: Env<'_>, spec: TrialSpec) -> anyhow::Result<TrialOut
         async move {
             sleep_until(t0 + step.at).await;
             let start_ns = now_ns();
-            let holder = recorder.latest().map(|v| v.holder).filter(|h| !h.is_empty());
+            let holder = recorder
+                .latest()
+                .map(|v| v.holder)
+                .filter(|h| !h.is_empty());
             let mut target_name = None;
             let heal_ns = match step.fault {
                 Fault::Net {
@@ -529,7 +565,10 @@ pub async fn run_trial(env: Env<'_>, spec: TrialSpec) -> anyhow::Result<TrialOut
                             let _ = kill(Pid::from_raw(c.pid), Signal::SIGTERM);
                             c.record.terminated_ns = Some(at);
                             if holder.as_deref() == Some(c.id.as_str()) {
-                                releases.lock().unwrap_or_else(PoisonError::into_inner).push(at);
+                                releases
+                                    .lock()
+                                    .unwrap_or_else(PoisonError::into_inner)
+                                    .push(at);
                             }
                         }
                     }
@@ -553,7 +592,10 @@ pub async fn run_trial(env: Env<'_>, spec: TrialSpec) -> anyhow::Result<TrialOut
                     // Healed when the API server serves again.
                     let deadline = Instant::now() + Duration::from_secs(30);
                     while Instant::now() < deadline {
-                        if matches!(timeout(Duration::from_secs(1), leases.get_opt(LEASE)).await, Ok(Ok(_))) {
+                        if matches!(
+                            timeout(Duration::from_secs(1), leases.get_opt(LEASE)).await,
+                            Ok(Ok(_))
+                        ) {
                             break;
                         }
                         sleep(Duration::from_millis(20)).await;
@@ -567,7 +609,10 @@ pub async fn run_trial(env: Env<'_>, spec: TrialSpec) -> anyhow::Result<TrialOut
                 Fault::Garbage(garbage) => {
                     let written = write_garbage(leases, garbage, &recorder.versions()).await;
                     if let Some(rv) = written {
-                        admin_written.lock().unwrap_or_else(PoisonError::into_inner).push(rv);
+                        admin_written
+                            .lock()
+                            .unwrap_or_else(PoisonError::into_inner)
+                            .push(rv);
                     }
                     if garbage == Garbage::MaxTransitions {
                         // Nobody can start a term now; the admin repairs it after a while,
@@ -581,13 +626,18 @@ pub async fn run_trial(env: Env<'_>, spec: TrialSpec) -> anyhow::Result<TrialOut
                             .max()
                             .unwrap_or(0);
                         if let Some(rv) = write_released(leases, last).await {
-                            admin_written.lock().unwrap_or_else(PoisonError::into_inner).push(rv);
+                            admin_written
+                                .lock()
+                                .unwrap_or_else(PoisonError::into_inner)
+                                .push(rv);
                         }
                     }
                     now_ns()
                 }
                 Fault::RevokeRbac { duration } => {
-                    let _ = bindings.delete(&binding_name(&binding), &DeleteParams::default()).await;
+                    let _ = bindings
+                        .delete(&binding_name(&binding), &DeleteParams::default())
+                        .await;
                     sleep(duration).await;
                     let mut fresh = binding.clone();
                     fresh.metadata.resource_version = None;
@@ -596,12 +646,15 @@ pub async fn run_trial(env: Env<'_>, spec: TrialSpec) -> anyhow::Result<TrialOut
                     now_ns()
                 }
             };
-            faults.lock().unwrap_or_else(PoisonError::into_inner).push(FaultRecord {
-                kind: step.fault.kind(),
-                target: target_name,
-                start_ns,
-                heal_ns,
-            });
+            faults
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .push(FaultRecord {
+                    kind: step.fault.kind(),
+                    target: target_name,
+                    start_ns,
+                    heal_ns,
+                });
         }
     });
     futures::future::join_all(steps).await;
@@ -620,7 +673,11 @@ pub async fn run_trial(env: Env<'_>, spec: TrialSpec) -> anyhow::Result<TrialOut
     let history = recorder.versions();
     drop(recorder);
 
-    admin_versions.extend(admin_written.into_inner().unwrap_or_else(PoisonError::into_inner));
+    admin_versions.extend(
+        admin_written
+            .into_inner()
+            .unwrap_or_else(PoisonError::into_inner),
+    );
     let data = TrialData {
         name: spec.name.clone(),
         timings: Some(timings),
@@ -631,13 +688,17 @@ pub async fn run_trial(env: Env<'_>, spec: TrialSpec) -> anyhow::Result<TrialOut
         candidates: fleet.candidates.iter().map(|c| c.record.clone()).collect(),
         faults: faults.into_inner().unwrap_or_else(PoisonError::into_inner),
         beyond_bound: spec.beyond_bound,
-        releases: releases.into_inner().unwrap_or_else(PoisonError::into_inner),
+        releases: releases
+            .into_inner()
+            .unwrap_or_else(PoisonError::into_inner),
     };
     let verdict = check(&data);
     // Keep the raw record next to the logs for a look afterwards.
     let _ = std::fs::write(
         dir.join("trial.json"),
-        serde_json::to_vec_pretty(&serde_json::json!({ "spec": &spec, "data": &data, "verdict": &verdict }))?,
+        serde_json::to_vec_pretty(
+            &serde_json::json!({ "spec": &spec, "data": &data, "verdict": &verdict }),
+        )?,
     );
     Ok(TrialOutcome {
         spec,
@@ -778,7 +839,9 @@ async fn start_candidate(
         .process_group(0)
         .kill_on_drop(true);
     let spawned_ns = now_ns();
-    let mut child = cmd.spawn().with_context(|| format!("starting candidate {id}"))?;
+    let mut child = cmd
+        .spawn()
+        .with_context(|| format!("starting candidate {id}"))?;
     let pid = child
         .id()
         .and_then(|p| i32::try_from(p).ok())
@@ -795,7 +858,10 @@ async fn start_candidate(
                     use tokio::io::AsyncWriteExt as _;
                     let _ = f.write_all(format!("{line}\n").as_bytes()).await;
                 }
-                lines.lock().unwrap_or_else(PoisonError::into_inner).push(line);
+                lines
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .push(line);
             }
         });
     }
@@ -820,7 +886,9 @@ async fn start_candidate(
 /// SIGCONT (in case), then SIGTERM to every live candidate; waits for each to exit and
 /// records how.
 async fn stop_all(fleet: &mut Fleet) {
-    let groups: Vec<Pid> = (0..fleet.candidates.len()).flat_map(|i| fleet.groups(i)).collect();
+    let groups: Vec<Pid> = (0..fleet.candidates.len())
+        .flat_map(|i| fleet.groups(i))
+        .collect();
     for g in groups {
         let _ = killpg(g, Signal::SIGCONT);
     }
@@ -850,7 +918,11 @@ async fn stop_all(fleet: &mut Fleet) {
         }
     }
     for c in &mut fleet.candidates {
-        let lines = c.stderr.lock().unwrap_or_else(PoisonError::into_inner).clone();
+        let lines = c
+            .stderr
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
         c.record.panics = lines
             .iter()
             .filter(|l| l.contains("panicked"))
@@ -881,7 +953,12 @@ async fn write_garbage(
     garbage: Garbage,
     seen: &[crate::history::LeaseVersion],
 ) -> Option<String> {
-    let last = seen.iter().filter(|v| !v.deleted).map(|v| v.transitions).max().unwrap_or(0);
+    let last = seen
+        .iter()
+        .filter(|v| !v.deleted)
+        .map(|v| v.transitions)
+        .max()
+        .unwrap_or(0);
     for _ in 0..10 {
         let Ok(Some(mut lease)) = leases.get_opt(LEASE).await else {
             sleep(Duration::from_millis(50)).await;

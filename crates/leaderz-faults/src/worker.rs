@@ -15,7 +15,6 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use serde::{Deserialize, Serialize};
-use tokio::io::AsyncWriteExt as _;
 
 use crate::ledger::WriteRequest;
 use crate::now_ns;
@@ -55,16 +54,17 @@ pub struct WorkerConfig {
 }
 
 /// Appends one event line to `log` (one `write` on an `O_APPEND` file: lines of
-/// concurrent workers do not interleave).
-pub async fn log_event(log: &Path, event: &WorkerEvent) -> std::io::Result<()> {
+/// concurrent workers do not interleave). Synchronous, so that the line is written when
+/// it returns, even if the process exits right after.
+pub fn log_event(log: &Path, event: &WorkerEvent) -> std::io::Result<()> {
+    use std::io::Write as _;
     let mut line = serde_json::to_vec(event)?;
     line.push(b'\n');
-    let mut file = tokio::fs::OpenOptions::new()
+    std::fs::OpenOptions::new()
         .create(true)
         .append(true)
-        .open(log)
-        .await?;
-    file.write_all(&line).await
+        .open(log)?
+        .write_all(&line)
 }
 
 /// Reads every event of a worker log; a missing file has none.
@@ -88,7 +88,7 @@ pub async fn run(config: WorkerConfig) -> anyhow::Result<()> {
         pid,
         sent,
     };
-    log_event(&config.log, &event("started", 0)).await?;
+    log_event(&config.log, &event("started", 0))?;
 
     let client: Client<HttpConnector, Full<Bytes>> =
         Client::builder(TokioExecutor::new()).build_http();
@@ -101,7 +101,7 @@ pub async fn run(config: WorkerConfig) -> anyhow::Result<()> {
         tokio::select! {
             biased;
             _ = sigterm.recv() => {
-                log_event(&config.log, &event("sigterm", seq)).await?;
+                log_event(&config.log, &event("sigterm", seq))?;
                 std::process::exit(0);
             }
             _ = tick.tick() => {}
@@ -127,13 +127,13 @@ pub async fn run(config: WorkerConfig) -> anyhow::Result<()> {
         tokio::select! {
             biased;
             _ = sigterm.recv() => {
-                log_event(&config.log, &event("sigterm", seq)).await?;
+                log_event(&config.log, &event("sigterm", seq))?;
                 std::process::exit(0);
             }
             result = tokio::time::timeout(Duration::from_secs(1), sent) => {
                 if !matches!(result, Ok(Ok(()))) && !unreachable_logged {
                     unreachable_logged = true;
-                    log_event(&config.log, &event("ledger_unreachable", seq)).await?;
+                    log_event(&config.log, &event("ledger_unreachable", seq))?;
                 }
             }
         }

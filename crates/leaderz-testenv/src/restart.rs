@@ -37,9 +37,12 @@ impl ControlPlane {
         self.apiserver.respawn().await?;
         let mut config = client_config(&self.server_url, &self.ca_der, &self.admin)?;
         config.default_retry = false;
-        let probe =
-            Client::try_from(config).map_err(Error::kube("building the readiness probe's client"))?;
-        wait_ready(&mut self.apiserver, RESTART_READY_TIMEOUT, || readyz(&probe)).await
+        let probe = Client::try_from(config)
+            .map_err(Error::kube("building the readiness probe's client"))?;
+        wait_ready(&mut self.apiserver, RESTART_READY_TIMEOUT, || {
+            readyz(&probe)
+        })
+        .await
     }
 
     /// Kills etcd (SIGKILL, as in a crash) and reaps it; kube-apiserver keeps running and

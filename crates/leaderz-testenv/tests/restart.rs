@@ -31,10 +31,17 @@ async fn apiserver_and_etcd_restart_separately_and_keep_the_data() {
     cp.stop_etcd();
     assert!(!cp.etcd_running() && cp.apiserver_running());
     let read = tokio::time::timeout(Duration::from_secs(20), maps.get("kept")).await;
-    assert!(!matches!(read, Ok(Ok(_))), "read served with etcd down: {read:?}");
+    assert!(
+        !matches!(read, Ok(Ok(_))),
+        "read served with etcd down: {read:?}"
+    );
     cp.start_etcd().await.unwrap();
     assert_ne!(cp.etcd_pid(), etcd_pid, "etcd is a new process");
-    assert_eq!(cp.apiserver_pid(), apiserver_pid, "kube-apiserver kept running");
+    assert_eq!(
+        cp.apiserver_pid(),
+        apiserver_pid,
+        "kube-apiserver kept running"
+    );
     let kept = retry(|| maps.get("kept")).await;
     assert_eq!(kept.data.unwrap()["k"], "v");
 
