@@ -245,7 +245,7 @@ async fn apiserver_and_etcd_restarts() {
             vec![at(
                 300,
                 Fault::ApiserverRestart {
-                    down: Duration::from_millis(2500),
+                    down: Duration::from_millis(3500),
                 },
             )],
         ),

@@ -345,7 +345,7 @@ impl Fleet {
             let events = read_log(&self.worker_log);
             let ended: Vec<u32> = events
                 .iter()
-                .filter(|e| e.event != "started")
+                .filter(|e| e.is_stop())
                 .map(|e| e.pid)
                 .collect();
             for e in events
@@ -555,6 +555,11 @@ pub async fn run_trial(env: Env<'_>, spec: TrialSpec) -> anyhow::Result<TrialOut
                         fleet.resolve(target, holder.as_deref(), &mut rng)
                     };
                     target_name = Some(names(&fleet, &hit));
+                    // A fast handover is expected from a watching leaderz follower, not
+                    // from client-go's polling.
+                    let leaderz_follower = fleet
+                        .live()
+                        .any(|(i, c)| c.spec.kind == Kind::Leaderz && !hit.contains(&i));
                     let at = now_ns();
                     for &i in &hit {
                         let c = &mut fleet.candidates[i];
@@ -564,7 +569,7 @@ pub async fn run_trial(env: Env<'_>, spec: TrialSpec) -> anyhow::Result<TrialOut
                         } else {
                             let _ = kill(Pid::from_raw(c.pid), Signal::SIGTERM);
                             c.record.terminated_ns = Some(at);
-                            if holder.as_deref() == Some(c.id.as_str()) {
+                            if leaderz_follower && holder.as_deref() == Some(c.id.as_str()) {
                                 releases
                                     .lock()
                                     .unwrap_or_else(PoisonError::into_inner)

@@ -19,10 +19,13 @@ use serde::{Deserialize, Serialize};
 use crate::ledger::WriteRequest;
 use crate::now_ns;
 
+/// How long the ledger may be unreachable before the worker gives up and exits.
+const LEDGER_GONE: Duration = Duration::from_secs(10);
+
 /// One line of a worker's log (JSON lines, appended to a file shared by a trial's workers).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WorkerEvent {
-    /// `started`, `sigterm`, or `ledger_unreachable`.
+    /// `started`, `sigterm`, `ledger_unreachable`, or `ledger_gone` (it exits).
     pub event: String,
     /// When (Unix ns, wall clock).
     pub ts_ns: u64,
@@ -34,6 +37,14 @@ pub struct WorkerEvent {
     pub pid: u32,
     /// Writes sent so far.
     pub sent: u64,
+}
+
+impl WorkerEvent {
+    /// Whether this event ends the worker's work (`sigterm`, client-go's `stopped`,
+    /// `ledger_gone`).
+    pub fn is_stop(&self) -> bool {
+        matches!(self.event.as_str(), "sigterm" | "stopped" | "ledger_gone")
+    }
 }
 
 /// What the worker needs to run.
@@ -95,6 +106,9 @@ pub async fn run(config: WorkerConfig) -> anyhow::Result<()> {
     let url: hyper::Uri = format!("{}/write", config.ledger).parse()?;
     let mut seq = 0u64;
     let mut unreachable_logged = false;
+    // The ledger lives as long as its trial: a worker that cannot reach it for this long
+    // was left behind by a harness that died, and must not run on forever.
+    let mut unreachable_since: Option<tokio::time::Instant> = None;
     let mut tick = tokio::time::interval(config.interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -131,9 +145,18 @@ pub async fn run(config: WorkerConfig) -> anyhow::Result<()> {
                 std::process::exit(0);
             }
             result = tokio::time::timeout(Duration::from_secs(1), sent) => {
-                if !matches!(result, Ok(Ok(()))) && !unreachable_logged {
+                if matches!(result, Ok(Ok(()))) {
+                    unreachable_since = None;
+                    continue;
+                }
+                if !unreachable_logged {
                     unreachable_logged = true;
                     log_event(&config.log, &event("ledger_unreachable", seq))?;
+                }
+                let since = *unreachable_since.get_or_insert_with(tokio::time::Instant::now);
+                if since.elapsed() >= LEDGER_GONE {
+                    log_event(&config.log, &event("ledger_gone", seq))?;
+                    std::process::exit(3);
                 }
             }
         }
