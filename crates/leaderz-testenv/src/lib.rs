@@ -31,6 +31,7 @@ mod error;
 mod foreground;
 mod pki;
 pub mod process;
+mod restart;
 
 use std::{
     ffi::OsString,

@@ -87,6 +87,10 @@ pub struct Server {
     child: Child,
     log: PathBuf,
     stopped: bool,
+    /// How it was started, to start it again the same way ([`Server::respawn`]).
+    prefix: Vec<OsString>,
+    binary: PathBuf,
+    args: Vec<OsString>,
 }
 
 impl Server {
@@ -113,36 +117,31 @@ impl Server {
         log: PathBuf,
     ) -> Result<Self> {
         let out = File::create(&log).map_err(Error::io(format!("creating {}", log.display())))?;
-        let err = out
-            .try_clone()
-            .map_err(Error::io(format!("opening {}", log.display())))?;
-        let mut command = Command::new("setpriv");
-        command
-            .args(["--pdeathsig", "SIGKILL", "--"])
-            .args(prefix)
-            .arg(binary)
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(out)
-            .stderr(err)
-            // Its own process group: a Ctrl-C in the terminal goes to the foreground
-            // command, which then stops the servers in order.
-            .process_group(0);
-        let child = spawn_from_spawner_thread(command).await.map_err(|source| {
-            Error::Io {
-                context: format!(
-                    "starting {name} through `setpriv` (from util-linux; install it if it is missing)"
-                ),
-                source,
-            }
-        })?;
-        tracing::debug!(name, pid = child.id(), log = %log.display(), "started");
+        let child = spawn_server(name, prefix, binary, &args, out).await?;
         Ok(Self {
             name,
             child,
             log,
             stopped: false,
+            prefix: prefix.to_vec(),
+            binary: binary.to_owned(),
+            args,
         })
+    }
+
+    /// Starts the process again with the same prefix, binary, arguments and log file
+    /// (appended to), after [`stop`](Self::stop). Does nothing if it is running.
+    pub async fn respawn(&mut self) -> Result<()> {
+        if !self.stopped {
+            return Ok(());
+        }
+        let out = fs::OpenOptions::new()
+            .append(true)
+            .open(&self.log)
+            .map_err(Error::io(format!("opening {}", self.log.display())))?;
+        self.child = spawn_server(self.name, &self.prefix, &self.binary, &self.args, out).await?;
+        self.stopped = false;
+        Ok(())
     }
 
     /// The process id of the process started (the prefix's, if there is one).
@@ -180,6 +179,11 @@ impl Server {
         self.name
     }
 
+    /// Whether [`stop`](Self::stop) was called since it was last started.
+    pub fn is_stopped(&self) -> bool {
+        self.stopped
+    }
+
     /// Kills the process and reaps it. Idempotent.
     pub fn stop(&mut self) {
         if std::mem::replace(&mut self.stopped, true) {
@@ -196,6 +200,42 @@ impl Drop for Server {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// Starts `<prefix...> binary args` under a parent-death signal with stdout and stderr
+/// in `out`.
+async fn spawn_server(
+    name: &'static str,
+    prefix: &[OsString],
+    binary: &Path,
+    args: &[OsString],
+    out: File,
+) -> Result<Child> {
+    let err = out
+        .try_clone()
+        .map_err(Error::io(format!("opening the log of {name}")))?;
+    let mut command = Command::new("setpriv");
+    command
+        .args(["--pdeathsig", "SIGKILL", "--"])
+        .args(prefix)
+        .arg(binary)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        // Its own process group: a Ctrl-C in the terminal goes to the foreground
+        // command, which then stops the servers in order.
+        .process_group(0);
+    let child = spawn_from_spawner_thread(command)
+        .await
+        .map_err(|source| Error::Io {
+            context: format!(
+                "starting {name} through `setpriv` (from util-linux; install it if it is missing)"
+            ),
+            source,
+        })?;
+    tracing::debug!(name, pid = child.id(), "started");
+    Ok(child)
 }
 
 /// A temporary directory (certificates, etcd's data, kubeconfigs, logs) that does not
