@@ -42,7 +42,10 @@ pub struct Timings {
     /// How late a stop may come after the deadline for the signal's delivery and the
     /// worker's logging of it (invariant (c)).
     pub stop_slack: Duration,
-    /// How soon after a graceful release another candidate must have taken the lease.
+    /// How soon after a graceful release another candidate must have taken the lease:
+    /// the engine's bound for a follower whose watch silently died (a half-open
+    /// connection) — it notices when the holder's next renewal is overdue, 2 renewal
+    /// intervals + 1 s after the last one it saw, and checks with one read — plus slack.
     pub handover_bound: Duration,
     /// Slack on (d) for the recorder's watch delivery.
     pub observe_slack: Duration,
@@ -55,7 +58,7 @@ impl Default for Timings {
             renew_deadline: Duration::from_secs(2),
             retry_period: Duration::from_millis(500),
             stop_slack: Duration::from_millis(100),
-            handover_bound: Duration::from_millis(500),
+            handover_bound: Duration::from_millis(2 * 500 + 1000 + 500),
             observe_slack: Duration::from_millis(100),
         }
     }
@@ -824,6 +827,7 @@ mod tests {
             identity: identity.into(),
             token,
             pid: u32::from(identity.as_bytes()[identity.len() - 1]),
+            pgid: None,
             sent: 0,
         }
     }

@@ -353,9 +353,9 @@ impl Fleet {
                 .filter(|e| e.event == "started" && e.identity == c.id)
             {
                 if !ended.contains(&e.pid)
-                    && let Ok(pid) = i32::try_from(e.pid)
+                    && let Ok(group) = i32::try_from(e.group())
                 {
-                    groups.push(Pid::from_raw(pid));
+                    groups.push(Pid::from_raw(group));
                 }
             }
         }
@@ -671,8 +671,8 @@ pub async fn run_trial(env: Env<'_>, spec: TrialSpec) -> anyhow::Result<TrialOut
     stop_all(&mut fleet).await;
     sleep(Duration::from_millis(300)).await;
     for e in read_log(&fleet.worker_log) {
-        if let Ok(pid) = i32::try_from(e.pid) {
-            let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
+        if let Ok(group) = i32::try_from(e.group()) {
+            let _ = killpg(Pid::from_raw(group), Signal::SIGKILL);
         }
     }
     let history = recorder.versions();

@@ -33,13 +33,22 @@ pub struct WorkerEvent {
     pub identity: String,
     /// `LEADERZ_FENCING_TOKEN`.
     pub token: i64,
-    /// The worker's pid (its process group id under `leaderz run`).
+    /// The worker's pid.
     pub pid: u32,
+    /// The worker's process group (under `leaderz run`, the group of its supervisor,
+    /// which leads it); absent in client-go candidates' events.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pgid: Option<u32>,
     /// Writes sent so far.
     pub sent: u64,
 }
 
 impl WorkerEvent {
+    /// The process group to signal to reach this worker and everything with it.
+    pub fn group(&self) -> u32 {
+        self.pgid.unwrap_or(self.pid)
+    }
+
     /// Whether this event ends the worker's work (`sigterm`, client-go's `stopped`,
     /// `ledger_gone`).
     pub fn is_stop(&self) -> bool {
@@ -91,12 +100,14 @@ pub fn read_log(log: &Path) -> Vec<WorkerEvent> {
 pub async fn run(config: WorkerConfig) -> anyhow::Result<()> {
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let pid = std::process::id();
+    let pgid = u32::try_from(nix::unistd::getpgrp().as_raw()).ok();
     let event = |event: &str, sent: u64| WorkerEvent {
         event: event.to_owned(),
         ts_ns: now_ns(),
         identity: config.identity.clone(),
         token: config.token,
         pid,
+        pgid,
         sent,
     };
     log_event(&config.log, &event("started", 0))?;
