@@ -108,6 +108,9 @@ pub enum Input {
     Shutdown,
     /// Every handle on the last term has been dropped: its work has stopped.
     WorkStopped,
+    /// Something the election depends on failed for good (coordinated mode: the
+    /// `LeaseCandidate` cannot be published): stop with this error.
+    Failed(LockError),
 }
 
 /// A successful answer to a [`Request`].
@@ -575,6 +578,7 @@ impl Machine {
             Input::WatchEnded(error) => self.on_watch_ended(error, now),
             Input::Shutdown => self.on_shutdown(now),
             Input::WorkStopped => self.on_work_stopped(now),
+            Input::Failed(e) => self.fatal(e),
         }
         self.step(now);
     }
@@ -840,7 +844,19 @@ impl Machine {
     }
 
     fn is_own(&self, record: &LeaderRecord) -> bool {
-        record.holder_identity == self.config.identity && self.own_writes.contains(record)
+        record.holder_identity == self.config.identity && self.wrote(record)
+    }
+
+    /// Whether this process wrote `record`: one of our writes with the same holder,
+    /// count and renewal time. (Fields someone else edited since — a handoff annotation,
+    /// a preferred holder, a duration — do not make it someone else's; another process
+    /// writing under our name writes its own renewal time.)
+    fn wrote(&self, record: &LeaderRecord) -> bool {
+        self.own_writes.iter().any(|w| {
+            w.holder_identity == record.holder_identity
+                && w.lease_transitions == record.lease_transitions
+                && w.renew_time == record.renew_time
+        })
     }
 
     // ---- replies --------------------------------------------------------------------
@@ -1710,15 +1726,7 @@ impl Machine {
     fn observe(&mut self, v: Versioned, now: Instant) {
         let (own, max) = (self.config.lease_duration, self.config.max_record_duration);
         // A handoff annotation coming or going is not a renewal: it keeps the time.
-        let same = |a: &LeaderRecord, b: &LeaderRecord| {
-            LeaderRecord {
-                handoff: None,
-                ..a.clone()
-            } == LeaderRecord {
-                handoff: None,
-                ..b.clone()
-            }
-        };
+        let same = same_but_handoff;
         let changed = self
             .observed
             .as_ref()
@@ -1869,7 +1877,9 @@ impl Machine {
 
     fn report_clash(&mut self, record: &LeaderRecord) {
         let clash = record.holder_identity == self.config.identity
-            && !self.own_writes.contains(record)
+            && !self.wrote(record)
+            && !self.is_transfer_to_us(record)
+            && !self.is_assigned_to_us(record)
             && !matches!(self.role, Role::Leader(_));
         if !clash {
             if record.holder_identity != self.config.identity {
@@ -2035,6 +2045,17 @@ impl Machine {
     fn jitter(&mut self, d: Duration) -> Duration {
         d.mul_f64(1.0 + self.rng.random::<f64>() * 0.2)
     }
+}
+
+/// Whether two records are the same but for the handoff annotation.
+fn same_but_handoff(a: &LeaderRecord, b: &LeaderRecord) -> bool {
+    a.holder_identity == b.holder_identity
+        && a.lease_duration_seconds == b.lease_duration_seconds
+        && a.acquire_time == b.acquire_time
+        && a.renew_time == b.renew_time
+        && a.lease_transitions == b.lease_transitions
+        && a.preferred_holder == b.preferred_holder
+        && a.strategy == b.strategy
 }
 
 /// The renewTime to write: now, unless that equals the previous value (then one

@@ -233,6 +233,22 @@ impl Lock for LeaseLock {
         format!("{}/{}", self.namespace, self.name)
     }
 
+    async fn keep_candidate(
+        &self,
+        identity: &str,
+        coordinated: &crate::config::Coordinated,
+        stop: tokio_util::sync::CancellationToken,
+    ) -> Result<(), LockError> {
+        let candidate = super::candidate::Candidate {
+            api: Api::namespaced(self.api.clone().into_client(), &self.namespace),
+            namespace: self.namespace.clone(),
+            name: identity.to_owned(),
+            lease: self.name.clone(),
+            spec: coordinated.clone(),
+        };
+        candidate.keep(stop).await
+    }
+
     async fn announce(&self, identity: &str, leading: bool) {
         let Some(recorder) = &self.events else { return };
         let note = if leading {
