@@ -799,7 +799,7 @@ impl Machine {
 
     /// Sends a request bounded by the request timeout, or by `limit` if sooner.
     fn send_until(&mut self, purpose: Purpose, op: Op, now: Instant, limit: Option<Instant>) {
-        let mut deadline = now + self.config.request_timeout;
+        let mut deadline = now + self.request_timeout();
         if let Some(limit) = limit {
             deadline = deadline.min(limit);
         }
@@ -1580,7 +1580,7 @@ impl Machine {
         self.actions.push_back(Action::Watch {
             after: after.clone(),
             timeout: WATCH_TIMEOUT,
-            open_by: now + self.config.request_timeout,
+            open_by: now + self.request_timeout(),
         });
         self.watch = Watch::Opening { after };
     }
@@ -1711,7 +1711,10 @@ impl Machine {
         if w.checked {
             return None;
         }
-        let (gap, last) = (self.renew_gap?, self.last_change_at?);
+        // Until the watch has shown two renewals, expect the holder to renew as often as
+        // we would.
+        let gap = self.renew_gap.unwrap_or_else(|| self.config.renew_every());
+        let last = self.last_change_at?;
         let observed = self.observed.as_ref()?;
         observed.record.holder()?;
         let expected = last.max(w.opened_at) + gap * 2 + Duration::from_secs(1);
@@ -2019,6 +2022,15 @@ impl Machine {
         let exp = self.failures.saturating_sub(1).min(8);
         let wait = (rp * 2u32.pow(exp)).min(cap);
         self.not_before = Some(now + self.jitter(wait));
+    }
+
+    /// The time limit of one call: the configured request timeout, but at most half the
+    /// renew deadline — a call slower than that is failing in effect, and waiting longer
+    /// on a silently dead connection would only delay the retry on a new one.
+    fn request_timeout(&self) -> Duration {
+        self.config
+            .request_timeout
+            .min(self.config.renew_deadline / 2)
     }
 
     fn count(&self, kind: &str) {
