@@ -4,7 +4,7 @@
 //! This is where leaderz decides when to read, take, renew, step down and release, and
 //! with which record. It does no I/O and never reads a clock: the caller passes the time
 //! with every event, carries out the [`Action`]s (lock requests, watches, terms) and feeds
-//! their outcomes back as [`Input`]s. The tokio driver behind [`Elector::spawn`] is one
+//! their outcomes back as [`Input`]s. The tokio driver behind [`Elector::spawn`](crate::Elector::spawn) is one
 //! such caller; the simulation tests are another (they give every candidate a clock of its
 //! own, running at its own rate). Expiry itself is decided in
 //! [`Observed::expires_at`](crate::record::Observed::expires_at).
@@ -72,7 +72,7 @@ use crate::record::{Handoff, HandoffState, LeaderRecord, Observed, TakeoverError
 use crate::term::TermInfo;
 
 /// How long the API server keeps one watch open (`timeoutSeconds`). A watch still open
-/// [`WATCH_SLACK`] after this without having ended is taken for dead.
+/// 30 s after this without having ended is taken for dead.
 pub const WATCH_TIMEOUT: Duration = Duration::from_secs(290);
 
 /// See [`WATCH_TIMEOUT`].
