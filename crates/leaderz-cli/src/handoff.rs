@@ -180,6 +180,7 @@ impl LeaseApi {
                 .timeout(WATCH_TIMEOUT_SECS),
             version,
             stream: None,
+            relisted: false,
         };
         w.open(self).await?;
         Ok(w)
@@ -202,6 +203,9 @@ struct LeaseWatch {
     params: WatchParams,
     version: String,
     stream: Option<BoxStream<'static, Result<WatchEvent<Lease>, kube::Error>>>,
+    /// The next event is the current state, not a change after `version` (the watch
+    /// was restarted from nothing after `410 Gone`).
+    relisted: bool,
 }
 
 impl LeaseWatch {
@@ -212,6 +216,7 @@ impl LeaseWatch {
             Ok(Err(kube::Error::Api(s))) if s.code == 410 => {
                 // Too old: from the current state (sent as ADDED).
                 self.version.clear();
+                self.relisted = true;
             }
             Ok(Err(e @ kube::Error::Api(_))) if crate::leases::is_fatal(&e) => {
                 return Err(lease.error("watch", e));
@@ -222,8 +227,9 @@ impl LeaseWatch {
         Ok(())
     }
 
-    /// The next change of the Lease.
-    async fn next(&mut self, lease: &LeaseApi) -> Result<Seen, CliError> {
+    /// The next change of the Lease, and whether it is the current state after a
+    /// restart of the watch rather than the next change in order.
+    async fn next(&mut self, lease: &LeaseApi) -> Result<(Seen, bool), CliError> {
         loop {
             let Some(stream) = &mut self.stream else {
                 sleep(Duration::from_millis(200)).await;
@@ -233,17 +239,18 @@ impl LeaseWatch {
             match stream.next().await {
                 Some(Ok(WatchEvent::Added(l) | WatchEvent::Modified(l))) => {
                     self.version = l.metadata.resource_version.clone().unwrap_or_default();
-                    return Ok(Seen::Lease(l));
+                    return Ok((Seen::Lease(l), std::mem::take(&mut self.relisted)));
                 }
                 Some(Ok(WatchEvent::Deleted(l))) => {
                     self.version = l.metadata.resource_version.unwrap_or_default();
-                    return Ok(Seen::Deleted);
+                    return Ok((Seen::Deleted, std::mem::take(&mut self.relisted)));
                 }
                 Some(Ok(WatchEvent::Bookmark(b))) => self.version = b.metadata.resource_version,
                 Some(Ok(WatchEvent::Error(s))) => {
                     debug!(code = s.code, message = %s.message, "the watch failed; watching again");
                     if s.code == 410 {
                         self.version.clear();
+                        self.relisted = true;
                     }
                     self.stream = None;
                 }
@@ -307,7 +314,7 @@ fn pending(name: &str, h: &Handoff, now: Timestamp) -> String {
     let since = match requested_at(&h.id) {
         Some(at) => format!(
             "since {} ({} s ago)",
-            at.strftime("%H:%M:%SZ"),
+            at.strftime("%Y-%m-%dT%H:%M:%SZ"),
             now.duration_since(at).as_secs().max(0)
         ),
         None => "since an unknown time".to_owned(),
@@ -472,15 +479,18 @@ async fn request(
     let id = new_id(Timestamp::now());
     let request = Handoff::request(to.clone(), id.clone());
     let mut attempts = 0;
-    let (before, requested) = loop {
+    let (before, requested, written) = loop {
         let before = LeaderRecord::from_lease(&current);
         let sent = Instant::now();
-        if lease
+        if let Some(w) = lease
             .replace(with_handoff(current.clone(), &request))
             .await?
-            .is_some()
         {
-            break (before, sent);
+            break (
+                before,
+                sent,
+                w.metadata.resource_version.unwrap_or_default(),
+            );
         }
         attempts += 1;
         if attempts >= ATTEMPTS {
@@ -502,6 +512,11 @@ async fn request(
     let accept_by = requested + args.accept_timeout.min(total);
     let give_up_at = requested + total;
     let mut phase = Phase::Requested;
+    // The watch started before the request was written (from the version first read):
+    // changes from before it (a renewal that made the first write conflict) say
+    // nothing about the request. Our own write, or anything naming our request, or the
+    // current state after a restart of the watch, comes after it.
+    let mut caught_up = false;
 
     loop {
         let deadline = if phase == Phase::Requested {
@@ -549,7 +564,26 @@ async fn request(
                     }
                 }
             }
-            seen = watch.next(lease) => seen?,
+            seen = watch.next(lease) => {
+                let (seen, fresh) = seen?;
+                if !caught_up {
+                    caught_up = fresh
+                        || match &seen {
+                            Seen::Lease(l) => {
+                                l.metadata.resource_version.as_deref() == Some(&written)
+                                    || LeaderRecord::from_lease(l)
+                                        .handoff
+                                        .is_some_and(|h| h.id == id)
+                            }
+                            Seen::Deleted => true,
+                        };
+                    if !caught_up {
+                        debug!("a change from before the request was written; skipped");
+                        continue;
+                    }
+                }
+                seen
+            }
         };
         match evaluate(&seen, name, &id, to.as_deref(), &before, &mut phase) {
             Verdict::Wait => {}
@@ -762,7 +796,7 @@ mod tests {
         assert!(
             why.starts_with("a handoff of lease `l` is pending (requested for c (id 2025-01-02T03:04:05.000000Z-")
                 && why.ends_with(
-                    "), since 03:04:05Z (10 s ago)): wait for it, or withdraw it with `leaderz handoff l --cancel`"
+                    "), since 2025-01-02T03:04:05Z (10 s ago)): wait for it, or withdraw it with `leaderz handoff l --cancel`"
                 ),
             "{why}"
         );
