@@ -95,31 +95,28 @@ impl Listing {
     }
 }
 
-/// Lists the LeaseCandidates in `namespace` (of Lease `lease` only, if given: a field
-/// selector on `spec.leaseName`, which the API server supports for LeaseCandidates).
+/// Lists the LeaseCandidates in `namespace` (of Lease `lease` only, if given).
 /// Never fails: a refusal or an API that is not served is a [`Listing::Unavailable`].
+///
+/// The filter by Lease is done here: kube-apiserver (1.34) indexes `spec.leaseName`
+/// but does not accept it as a field selector on `coordination.k8s.io/v1beta1`.
 pub(crate) async fn list(client: Client, namespace: &str, lease: Option<&str>) -> Listing {
     let api: Api<LeaseCandidate> = Api::namespaced(client, namespace);
-    let mut params = ListParams::default();
-    if let Some(lease) = lease {
-        params = params.fields(&format!("spec.leaseName={lease}"));
-    }
-    match timeout(API_TIMEOUT, api.list(&params)).await {
-        Ok(Ok(list)) => {
-            let items: Vec<LeaseCandidate> = list
-                .items
-                .into_iter()
-                .filter(|c| {
-                    lease.is_none_or(|l| c.spec.as_ref().is_some_and(|s| s.lease_name == l))
-                })
-                .collect();
-            Listing::of(&items)
-        }
+    match timeout(API_TIMEOUT, api.list(&ListParams::default())).await {
+        Ok(Ok(list)) => Listing::of(&of_lease(list.items, lease)),
         Ok(Err(e)) => Listing::Unavailable(unavailable(&e, namespace)),
         Err(_) => Listing::Unavailable(format!(
             "the API server did not answer a list of leasecandidates within {API_TIMEOUT:?}"
         )),
     }
+}
+
+/// The candidates among `items` that are for Lease `lease` (all, if none given).
+pub(crate) fn of_lease(items: Vec<LeaseCandidate>, lease: Option<&str>) -> Vec<LeaseCandidate> {
+    items
+        .into_iter()
+        .filter(|c| lease.is_none_or(|l| c.spec.as_ref().is_some_and(|s| s.lease_name == l)))
+        .collect()
 }
 
 /// Why LeaseCandidates could not be listed or watched, in words for people.

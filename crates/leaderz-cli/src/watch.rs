@@ -4,8 +4,9 @@
 //! A single-object watch (`fieldSelector=metadata.name=NAME`, which RBAC can limit to
 //! the Lease's `resourceNames`), reopened when the server ends it, and restarted from
 //! the current state after `410 Gone`. The Lease's LeaseCandidates are watched alongside
-//! (kube-runtime's watcher, `fieldSelector=spec.leaseName=NAME`) when the API server
-//! serves them and the caller may list them; otherwise the lines say why not.
+//! (kube-runtime's watcher on the namespace's candidates, filtered by `spec.leaseName`
+//! here) when the API server serves them and the caller may list and watch them;
+//! otherwise the lines say why not.
 
 use std::time::Duration;
 
@@ -143,6 +144,7 @@ pub(crate) async fn watch(args: WatchArgs) -> Result<u8, CliError> {
 struct CandidateWatch {
     listing: Listing,
     namespace: String,
+    lease: String,
     store: Option<(
         Store<LeaseCandidate>,
         BoxStream<'static, Result<(), watcher::Error>>,
@@ -154,9 +156,8 @@ impl CandidateWatch {
         let listing = candidates::list(client.clone(), namespace, Some(lease)).await;
         let store = matches!(listing, Listing::Listed(_)).then(|| {
             let api: Api<LeaseCandidate> = Api::namespaced(client, namespace);
-            let config = watcher::Config::default().fields(&format!("spec.leaseName={lease}"));
             let (reader, writer) = reflector::store();
-            let stream = reflector::reflector(writer, watcher(api, config))
+            let stream = reflector::reflector(writer, watcher(api, watcher::Config::default()))
                 .default_backoff()
                 .map_ok(|_| ())
                 .boxed();
@@ -165,6 +166,7 @@ impl CandidateWatch {
         Self {
             listing,
             namespace: namespace.to_owned(),
+            lease: lease.to_owned(),
             store,
         }
     }
@@ -179,7 +181,7 @@ impl CandidateWatch {
             Some(Ok(())) => {
                 let items: Vec<LeaseCandidate> =
                     reader.state().iter().map(|c| (**c).clone()).collect();
-                Listing::of(&items)
+                Listing::of(&candidates::of_lease(items, Some(&self.lease)))
             }
             Some(Err(e)) => {
                 let inner = match &e {
