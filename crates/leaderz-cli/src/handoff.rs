@@ -384,7 +384,7 @@ fn evaluate(
             let to = h.to.clone().unwrap_or_default();
             let next = match h.state {
                 HandoffState::Accepted => Some(Phase::Accepted { by: to }),
-                HandoffState::Transferred => return Verdict::Done { holder: to, transitions: r.lease_transitions },
+                HandoffState::Transferred => Some(Phase::Transferred { to }),
                 // Requested, or a step this version does not know: nothing to do yet.
                 _ => None,
             };
