@@ -11,6 +11,10 @@
 // itself releases before cancelling the OnStartedLeading context, client-go #728;
 // stopping the work first is what a careful application does.)
 //
+// With --coordinated it takes part in coordinated leader election (KEP-4355): it
+// publishes a LeaseCandidate named after --id (client-go's leasecandidate.go) and never
+// acquires the Lease on its own.
+//
 // With --ledger, its work while leading is what leaderz-faults-worker does under
 // `leaderz run`: write to the fault suite's fenced ledger every few ms with the term's
 // leaseTransitions as fencing token, logging "started" and "stopped" lines to
@@ -30,6 +34,7 @@ import (
 	"syscall"
 	"time"
 
+	coordinationv1 "k8s.io/api/coordination/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/tools/clientcmd"
@@ -63,6 +68,9 @@ func main() {
 	ledgerResource := flag.String("ledger-resource", "", "the ledger resource to write to")
 	workerLog := flag.String("worker-log", "", "JSON-lines file for the ledger writer's started/stopped events")
 	writeInterval := flag.Duration("write-interval", 5*time.Millisecond, "time between ledger writes")
+	coordinated := flag.Bool("coordinated", false, "coordinated leader election: publish a LeaseCandidate and let the controller elect")
+	binaryVersion := flag.String("binary-version", "1.34.0", "the LeaseCandidate's binaryVersion (coordinated)")
+	emulationVersion := flag.String("emulation-version", "", "the LeaseCandidate's emulationVersion (default: the binary version)")
 	flag.Parse()
 	if *id == "" {
 		fmt.Fprintln(os.Stderr, "error: --id is required")
@@ -82,6 +90,18 @@ func main() {
 	}
 
 	electionCtx, stopElection := context.WithCancel(context.Background())
+	if *coordinated {
+		if *emulationVersion == "" {
+			*emulationVersion = *binaryVersion
+		}
+		candidate, _, err := leaderelection.NewCandidate(client, *namespace, *id, *lease,
+			*binaryVersion, *emulationVersion, coordinationv1.OldestEmulationVersion)
+		if err != nil {
+			fmt.Fprintf(os.Stderr, "error: %v\n", err)
+			os.Exit(1)
+		}
+		go candidate.Run(electionCtx)
+	}
 	workCtx, stopWork := context.WithCancel(context.Background())
 	var working sync.WaitGroup
 	var leading sync.Mutex
@@ -116,6 +136,7 @@ func main() {
 			RetryPeriod:     *retryPeriod,
 			ReleaseOnCancel: *releaseOnCancel,
 			Name:            *lease,
+			Coordinated:     *coordinated,
 			Callbacks: leaderelection.LeaderCallbacks{
 				OnStartedLeading: func(ctx context.Context) {
 					working.Add(1)

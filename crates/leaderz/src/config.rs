@@ -49,7 +49,9 @@ pub struct ElectionConfig {
     /// on `renew_deadline` and `lease_duration` alone; it must leave room for a retry:
     /// `renew_interval + 1.2 × retry_period < renew_deadline`.
     pub renew_interval: Option<Duration>,
-    /// The longest any single API call may take before it is abandoned.
+    /// The longest any single API call may take before it is abandoned (at most half
+    /// the renew deadline is used: a slower call is failing in effect, and a silently
+    /// dead connection should be given up quickly).
     pub request_timeout: Duration,
     /// Release the lease on shutdown (after the work stopped) so a follower takes over
     /// at once instead of after `lease_duration`.

@@ -4,7 +4,7 @@
 //! This is where leaderz decides when to read, take, renew, step down and release, and
 //! with which record. It does no I/O and never reads a clock: the caller passes the time
 //! with every event, carries out the [`Action`]s (lock requests, watches, terms) and feeds
-//! their outcomes back as [`Input`]s. The tokio driver behind [`Elector::spawn`] is one
+//! their outcomes back as [`Input`]s. The tokio driver behind [`Elector::spawn`](crate::Elector::spawn) is one
 //! such caller; the simulation tests are another (they give every candidate a clock of its
 //! own, running at its own rate). Expiry itself is decided in
 //! [`Observed::expires_at`](crate::record::Observed::expires_at).
@@ -72,7 +72,7 @@ use crate::record::{Handoff, HandoffState, LeaderRecord, Observed, TakeoverError
 use crate::term::TermInfo;
 
 /// How long the API server keeps one watch open (`timeoutSeconds`). A watch still open
-/// [`WATCH_SLACK`] after this without having ended is taken for dead.
+/// 30 s after this without having ended is taken for dead.
 pub const WATCH_TIMEOUT: Duration = Duration::from_secs(290);
 
 /// See [`WATCH_TIMEOUT`].
@@ -799,7 +799,7 @@ impl Machine {
 
     /// Sends a request bounded by the request timeout, or by `limit` if sooner.
     fn send_until(&mut self, purpose: Purpose, op: Op, now: Instant, limit: Option<Instant>) {
-        let mut deadline = now + self.config.request_timeout;
+        let mut deadline = now + self.request_timeout();
         if let Some(limit) = limit {
             deadline = deadline.min(limit);
         }
@@ -1580,7 +1580,7 @@ impl Machine {
         self.actions.push_back(Action::Watch {
             after: after.clone(),
             timeout: WATCH_TIMEOUT,
-            open_by: now + self.config.request_timeout,
+            open_by: now + self.request_timeout(),
         });
         self.watch = Watch::Opening { after };
     }
@@ -1711,7 +1711,10 @@ impl Machine {
         if w.checked {
             return None;
         }
-        let (gap, last) = (self.renew_gap?, self.last_change_at?);
+        // Until the watch has shown two renewals, expect the holder to renew as often as
+        // we would.
+        let gap = self.renew_gap.unwrap_or_else(|| self.config.renew_every());
+        let last = self.last_change_at?;
         let observed = self.observed.as_ref()?;
         observed.record.holder()?;
         let expected = last.max(w.opened_at) + gap * 2 + Duration::from_secs(1);
@@ -2019,6 +2022,15 @@ impl Machine {
         let exp = self.failures.saturating_sub(1).min(8);
         let wait = (rp * 2u32.pow(exp)).min(cap);
         self.not_before = Some(now + self.jitter(wait));
+    }
+
+    /// The time limit of one call: the configured request timeout, but at most half the
+    /// renew deadline — a call slower than that is failing in effect, and waiting longer
+    /// on a silently dead connection would only delay the retry on a new one.
+    fn request_timeout(&self) -> Duration {
+        self.config
+            .request_timeout
+            .min(self.config.renew_deadline / 2)
     }
 
     fn count(&self, kind: &str) {
