@@ -16,6 +16,10 @@ use crate::error::chain;
 use crate::leases::API_TIMEOUT;
 use crate::text::printable;
 
+/// What of a candidate `watch` prints a line for: name, binary version, emulation
+/// version and strategy (not its renewal times).
+pub(crate) type CandidateKey = (String, String, Option<String>, String);
+
 /// One LeaseCandidate, with its fields named as in the object.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -50,7 +54,7 @@ impl CandidateView {
 
     /// What identifies the candidate and its offer, without the times that change on
     /// every ping (for `watch`, which prints changes).
-    pub(crate) fn key(&self) -> (String, String, Option<String>, String) {
+    pub(crate) fn key(&self) -> CandidateKey {
         (
             self.name.clone(),
             self.binary_version.clone(),

@@ -635,6 +635,7 @@ fn default_timeout(before: &LeaderRecord) -> Duration {
 
 /// The outcome of a withdrawal.
 #[derive(Debug)]
+#[allow(clippy::large_enum_variant)] // handled at once
 enum Withdrawal {
     /// The request was ours and is gone.
     Withdrawn,

@@ -23,7 +23,7 @@ use serde::Serialize;
 use tokio::time::timeout;
 use tracing::{debug, warn};
 
-use crate::candidates::{self, CandidateView, Listing};
+use crate::candidates::{self, CandidateKey, CandidateView, Listing};
 use crate::cli::{Output, WatchArgs};
 use crate::cluster;
 use crate::error::CliError;
@@ -139,16 +139,16 @@ pub(crate) async fn watch(args: WatchArgs) -> Result<u8, CliError> {
     }
 }
 
+/// The reflector's events, of which only the errors matter (the store has the state).
+type WatcherStream = BoxStream<'static, Result<(), watcher::Error>>;
+
 /// The Lease's candidates: listed once, then kept up to date by a watcher while the
 /// API server serves them and the caller may list and watch them.
 struct CandidateWatch {
     listing: Listing,
     namespace: String,
     lease: String,
-    store: Option<(
-        Store<LeaseCandidate>,
-        BoxStream<'static, Result<(), watcher::Error>>,
-    )>,
+    store: Option<(Store<LeaseCandidate>, WatcherStream)>,
 }
 
 impl CandidateWatch {
@@ -216,7 +216,7 @@ impl CandidateWatch {
 
 /// What of a listing `watch` prints a line for: who the candidates are and what they
 /// offer, or why they cannot be shown (not their renewal times).
-fn key_of(listing: &Listing) -> Result<Vec<(String, String, Option<String>, String)>, String> {
+fn key_of(listing: &Listing) -> Result<Vec<CandidateKey>, String> {
     match listing {
         Listing::Listed(by_lease) => Ok(by_lease
             .values()
@@ -237,7 +237,7 @@ type Key = (
         Option<String>,
         Option<HandoffView>,
     )>,
-    Result<Vec<(String, String, Option<String>, String)>, String>,
+    Result<Vec<CandidateKey>, String>,
 );
 
 /// Prints a line when what matters differs from the last line printed.

@@ -726,12 +726,20 @@ async fn bad_handoffs_fail_with_one_line_and_write_nothing() {
     let admin = admin();
 
     // (kubeconfig, lease, extra flags, code, the line, the Lease that must not change)
+    type Case<'a> = (
+        &'a Path,
+        &'a str,
+        Vec<&'a str>,
+        i32,
+        String,
+        Option<&'a Lease>,
+    );
     let forbidden = |verb: &str| {
         format!(
             "error: forbidden: grant `{verb}` on `leases.coordination.k8s.io` in namespace `{ns}` (lease `held`; kube/handoff/role.yaml grants what `leaderz handoff` needs): "
         )
     };
-    let cases: Vec<(&Path, &str, Vec<&str>, i32, String, Option<&Lease>)> = vec![
+    let cases: Vec<Case<'_>> = vec![
         (&admin, "held", vec!["--to", ""], 2, "error: --to is empty: name the identity of the candidate to hand over to, or leave --to out to hand over to any candidate".into(), Some(&held_lease)),
         (&admin, "held", vec!["--to", "a\nb"], 2, "error: invalid --to `a\\nb`".into(), Some(&held_lease)),
         (&admin, "Held", vec!["--to", "b"], 2, "error: invalid lease name `Held`".into(), None),
