@@ -262,20 +262,23 @@ async fn coordinated_candidates_need_only_the_shipped_roles() {
         }
     });
 
-    let mut fleet = vec![
-        // Different versions: kube-apiserver 1.34 breaks ties by creationTimestamp, at
-        // whole seconds, then by list order, so two equal candidates created within
-        // the same second make it flap between them.
-        Candidate::start(&sa, &ns, "c-a", "1.34.0", &log),
-        Candidate::start(&sa, &ns, "c-b", "1.33.5", &log),
-    ];
-    // c-b (the older emulation version) leads, perhaps after c-a led until c-b's
-    // candidate was seen.
+    // Different versions: kube-apiserver 1.34 breaks ties by creationTimestamp, at
+    // whole seconds, then by list order, so two equal candidates created within the
+    // same second make it flap between them. c-b (the older emulation version) first:
+    // started together, the controller may name c-a before it sees c-b's candidate and
+    // then prefer c-b, and c-a (which does not take a record naming it that prefers
+    // someone else) warns of a duplicate identity while that record expires.
+    let mut fleet = vec![Candidate::start(&sa, &ns, "c-b", "1.33.5", &log)];
     wait_for(Duration::from_secs(30), "c-b leading", async || {
         terms(&log)
             .last()
             .is_some_and(|t| t.0 == "c-b")
             .then_some(())
+    })
+    .await;
+    fleet.push(Candidate::start(&sa, &ns, "c-a", "1.34.0", &log));
+    wait_for(Duration::from_secs(30), "c-a's candidate", async || {
+        candidates.get_opt("c-a").await.unwrap().map(|_| ())
     })
     .await;
     let lease = leases.get("my-lock").await.unwrap().spec.unwrap();
