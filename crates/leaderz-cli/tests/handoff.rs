@@ -377,6 +377,91 @@ async fn handoff_moves_leadership_to_the_named_candidate_every_time() {
     }
 }
 
+/// Two handoffs racing (to different candidates, started together): the requests are
+/// compare-and-swap writes, so one wins; the other is refused with one line (a handoff
+/// is pending, or its target already holds the Lease) or, if it reads after the first
+/// one finished, runs after it. Never two leaders, never a lost lease.
+#[tokio::test]
+async fn racing_handoffs_one_wins_the_other_is_refused_or_follows() {
+    const ROUNDS: usize = 4;
+    let ns = cp().new_namespace("handoff-race").await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("work.log");
+    let ids = ["r0", "r1", "r2"];
+    let first = Candidate::start(&ns, "race", ids[0], &log, &[]);
+    marks_until(&log, 1, Duration::from_secs(20)).await;
+    let mut candidates = vec![first];
+    for id in &ids[1..] {
+        candidates.push(Candidate::start(&ns, "race", id, &log, &[]));
+    }
+    for c in &candidates[1..] {
+        c.logged("new leader leader=\"r0\"", Duration::from_secs(20))
+            .await;
+    }
+    let admin = admin();
+    let mut refused = 0;
+    for round in 0..ROUNDS {
+        let lease = get(&ns, "race").await.unwrap();
+        let holder = holder_of(&lease);
+        let tokens_before = spec_transitions(&lease);
+        let others: Vec<&str> = ids.iter().copied().filter(|i| *i != holder).collect();
+        let to_x = ["race", "-n", &ns, "--to", others[0]];
+        let to_y = ["race", "-n", &ns, "--to", others[1]];
+        let (x, y) = tokio::join!(handoff(&admin, &to_x), handoff(&admin, &to_y));
+        let ok: Vec<_> = [&x, &y]
+            .iter()
+            .map(|o| o.status.code() == Some(0))
+            .collect();
+        assert!(
+            ok.contains(&true),
+            "round {round}: one must win: {x:?} {y:?}"
+        );
+        for o in [&x, &y] {
+            if o.status.code() != Some(0) {
+                refused += 1;
+                assert_eq!(o.status.code(), Some(1), "round {round}: {o:?}");
+                let line = error_line(o);
+                assert!(
+                    line.contains("is pending") || line.contains("already holds"),
+                    "round {round}: {line}"
+                );
+            }
+        }
+        let after = get(&ns, "race").await.unwrap();
+        assert!(
+            others.contains(&holder_of(&after).as_str()),
+            "round {round}"
+        );
+        assert_eq!(
+            handoff_of(&after),
+            None,
+            "round {round}: nothing left pending"
+        );
+        let moved = spec_transitions(&after) - tokens_before;
+        let wins = ok.iter().filter(|w| **w).count();
+        assert_eq!(
+            moved,
+            i32::try_from(wins).unwrap(),
+            "round {round}: a term per win"
+        );
+    }
+    check_no_overlap(&log);
+    println!(
+        "racing handoffs: {ROUNDS} rounds, {refused} of {} requests refused",
+        2 * ROUNDS
+    );
+    for c in candidates {
+        c.stop().await;
+    }
+}
+
+fn spec_transitions(l: &Lease) -> i32 {
+    l.spec
+        .as_ref()
+        .and_then(|s| s.lease_transitions)
+        .unwrap_or(0)
+}
+
 /// A handoff nobody answers (an unknown name, a candidate that was SIGKILLed, a
 /// client-go follower) fails with one line within the accept timeout, withdraws its
 /// request, and the holder keeps leading undisturbed.
