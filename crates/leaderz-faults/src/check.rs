@@ -381,6 +381,21 @@ pub fn check(data: &TrialData) -> Verdict {
         .collect();
     let third_party = |id: &str, token: i64| released_by_admin.contains(&(id.to_owned(), token));
 
+    // Tokens a client-go candidate took again (it re-creates a deleted Lease from 0):
+    // fencing cannot tell such a term from the earlier one, so what follows from it is
+    // client-go's doing.
+    let reused_by_clientgo: HashSet<i64> = segments
+        .iter()
+        .enumerate()
+        .filter(|(i, seg)| {
+            is_clientgo(seg.holder)
+                && segments[..*i].iter().any(|e| {
+                    e.token >= seg.token && (e.holder != seg.holder || e.token != seg.token)
+                })
+        })
+        .map(|(_, seg)| i64::from(seg.token))
+        .collect();
+
     // ---- (b) the ledger -----------------------------------------------------------
     let mut writers: BTreeMap<WriterKey, WriterStats> = BTreeMap::new();
     let mut highest_accepted: Option<i64> = None;
@@ -431,7 +446,13 @@ pub fn check(data: &TrialData) -> Verdict {
         }
     }
     for ((back, other), (times, first)) in interleavings {
-        v.findings.push(Finding {
+        let reused = back.1 == other.1 && reused_by_clientgo.contains(&back.1);
+        let findings = if reused {
+            &mut v.clientgo
+        } else {
+            &mut v.findings
+        };
+        findings.push(Finding {
             invariant: "b",
             detail: format!(
                 "accepted writes interleave: `{}` (token {}) was accepted again {times} times after `{}` (token {}) had been, the first at {}",
@@ -531,7 +552,10 @@ pub fn check(data: &TrialData) -> Verdict {
         if data.beyond_bound || third_party(identity, *token) {
             v.figures.expected_stale_accepted += stale.len();
             v.expected.push(finding);
-        } else if is_clientgo(identity) {
+        } else if is_clientgo(identity)
+            || (is_clientgo(&ended.holder)
+                && reused_by_clientgo.contains(&i64::from(ended.transitions)))
+        {
             v.figures.clientgo_stale_accepted += stale.len();
             v.clientgo.push(finding);
         } else {
