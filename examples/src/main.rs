@@ -45,7 +45,7 @@ async fn main() -> anyhow::Result<()> {
         )
         .init();
     let args = Args::parse();
-    let client = kube::Client::try_default()
+    let client = leaderz::client::infer()
         .await
         .context("no Kubernetes client configuration")?;
     let config = ElectionConfig::new(args.node_id.clone())
