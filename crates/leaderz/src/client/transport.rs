@@ -36,8 +36,12 @@ use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::{self, connect::Connection, connect::HttpConnector};
 use hyper_util::rt::TokioExecutor;
 use kube::client::Body;
+use tokio::time::Instant;
 use tower::{BoxError, Service, ServiceExt};
 use tracing::debug;
+
+/// An extra connection (not the first) unused this long is closed.
+const IDLE: Duration = Duration::from_secs(10);
 
 /// TCP, then TLS (or plain TCP for `http://` URLs).
 pub(crate) type Connector = HttpsConnector<HttpConnector>;
@@ -122,6 +126,8 @@ pub(crate) struct Pool {
     max_streams: usize,
     max_connections: usize,
     slots: Mutex<Vec<Arc<Slot>>>,
+    /// What `Slot::last_used` counts from.
+    clock: Instant,
     /// The server answered without HTTP/2 (no ALPN `h2`, or plain `http://`).
     http1_only: AtomicBool,
 }
@@ -137,11 +143,23 @@ struct Slot {
     /// attempt fail with it instead of each trying (and timing out) in turn.
     attempts: AtomicU64,
     conn: tokio::sync::Mutex<Option<http2::SendRequest<Body>>>,
+    /// When a stream last started or ended here (milliseconds on the pool's clock).
+    last_used_ms: AtomicU64,
 }
 
 impl Slot {
+    fn last_used(&self) -> Duration {
+        Duration::from_millis(self.last_used_ms.load(Ordering::Relaxed))
+    }
+
+    fn touch(&self, clock: Instant) {
+        let ms = u64::try_from(clock.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last_used_ms.store(ms, Ordering::Relaxed);
+    }
+
     fn new() -> Self {
         Self {
+            last_used_ms: AtomicU64::new(0),
             streams: AtomicUsize::new(0),
             long: AtomicUsize::new(0),
             server_limit: Arc::new(AtomicUsize::new(0)),
@@ -191,6 +209,7 @@ impl Pool {
             max_streams: max_streams.max(2),
             max_connections: max_connections.max(1),
             slots: Mutex::new(Vec::new()),
+            clock: Instant::now(),
             http1_only: AtomicBool::new(false),
         }
     }
@@ -198,6 +217,16 @@ impl Pool {
     /// Picks a connection for a request and counts the stream on it.
     fn pick(&self, long: bool) -> Result<StreamGuard, StreamsExhausted> {
         let mut slots = self.slots.lock().unwrap_or_else(|e| e.into_inner());
+        let now = self.clock.elapsed();
+        // Close extra connections nothing has used for a while (a burst of watches that
+        // has ended): dropping the slot drops its connection.
+        let mut index = 0;
+        slots.retain(|s| {
+            index += 1;
+            index == 1
+                || s.streams.load(Ordering::Relaxed) > 0
+                || now.saturating_sub(s.last_used()) < IDLE
+        });
         let cap = |s: &Slot| match s.server_limit.load(Ordering::Relaxed) {
             0 => self.max_streams,
             server => server.min(self.max_streams),
@@ -212,12 +241,9 @@ impl Pool {
             s.streams.load(Ordering::Relaxed) < cap(s)
                 && (!long || s.long.load(Ordering::Relaxed) < long_cap(s))
         };
-        let least = |a: &&Arc<Slot>, b: &&Arc<Slot>| {
-            a.streams
-                .load(Ordering::Relaxed)
-                .cmp(&b.streams.load(Ordering::Relaxed))
-        };
-        let chosen = match slots.iter().filter(fits).min_by(least) {
+        // The first connection with room: streams are packed onto as few connections as
+        // will carry them, so that the others fall idle and close.
+        let chosen = match slots.iter().find(fits) {
             Some(slot) => slot.clone(),
             None if slots.is_empty() || (long && slots.len() < self.max_connections) => {
                 let slot = Arc::new(Slot::new());
@@ -229,11 +255,11 @@ impl Pool {
             // connection keeps them moving).
             None => slots
                 .iter()
-                .min_by(least)
+                .min_by_key(|s| s.streams.load(Ordering::Relaxed))
                 .cloned()
                 .ok_or(StreamsExhausted(0))?,
         };
-        Ok(StreamGuard::new(chosen, long))
+        Ok(StreamGuard::new(chosen, long, self.clock))
     }
 
     async fn send(&self, req: Request<Body>) -> Result<Response<TrackedBody>, PoolError> {
@@ -343,20 +369,23 @@ impl Pool {
 struct StreamGuard {
     slot: Arc<Slot>,
     long: bool,
+    clock: Instant,
 }
 
 impl StreamGuard {
-    fn new(slot: Arc<Slot>, long: bool) -> Self {
+    fn new(slot: Arc<Slot>, long: bool, clock: Instant) -> Self {
         slot.streams.fetch_add(1, Ordering::Relaxed);
         if long {
             slot.long.fetch_add(1, Ordering::Relaxed);
         }
-        Self { slot, long }
+        slot.touch(clock);
+        Self { slot, long, clock }
     }
 }
 
 impl Drop for StreamGuard {
     fn drop(&mut self) {
+        self.slot.touch(self.clock);
         self.slot.streams.fetch_sub(1, Ordering::Relaxed);
         if self.long {
             self.slot.long.fetch_sub(1, Ordering::Relaxed);
