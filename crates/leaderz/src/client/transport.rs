@@ -237,12 +237,21 @@ impl Pool {
             let cap = cap(s);
             cap - (cap / 10).max(1)
         };
+        // Short requests go to the first connection, or to one that carries long-running
+        // streams: the others (opened for a burst of watches that has ended) get nothing
+        // new, fall idle and close.
+        let first = slots.first().cloned();
+        let wanted = |s: &Slot| {
+            long || s.long.load(Ordering::Relaxed) > 0
+                || first.as_deref().is_some_and(|f| std::ptr::eq(f, s))
+        };
         let fits = |s: &&Arc<Slot>| {
-            s.streams.load(Ordering::Relaxed) < cap(s)
+            wanted(s)
+                && s.streams.load(Ordering::Relaxed) < cap(s)
                 && (!long || s.long.load(Ordering::Relaxed) < long_cap(s))
         };
         // The first connection with room: streams are packed onto as few connections as
-        // will carry them, so that the others fall idle and close.
+        // will carry them.
         let chosen = match slots.iter().find(fits) {
             Some(slot) => slot.clone(),
             None if slots.is_empty() || (long && slots.len() < self.max_connections) => {
@@ -251,10 +260,12 @@ impl Pool {
                 slot
             }
             None if long => return Err(StreamsExhausted(slots.len())),
-            // Short requests queue on the least busy connection (the reserve of each
-            // connection keeps them moving).
+            // Short requests queue on the least busy of those connections (the reserve
+            // of each keeps them moving), instead of piling onto the API server's
+            // in-flight limit.
             None => slots
                 .iter()
+                .filter(|s| wanted(s))
                 .min_by_key(|s| s.streams.load(Ordering::Relaxed))
                 .cloned()
                 .ok_or(StreamsExhausted(0))?,
