@@ -1,6 +1,9 @@
 //! The example app from the original write-up: several replicas, one of them does
 //! the work ("working...") while it leads; on SIGTERM it stops the work and releases
-//! the lease so another replica takes over at once.
+//! the lease so another replica takes over at once. With `--sidecar URL` it does not
+//! campaign itself but asks a `leaderz serve` sidecar who leads (`kube/sidecar/`).
+
+mod sidecar;
 
 use std::time::Duration;
 
@@ -35,6 +38,10 @@ struct Args {
     /// Serve `/healthz` and `/readyz` for the kubelet's probes on this address.
     #[arg(long, env = "HTTP_ADDR")]
     http: Option<std::net::SocketAddr>,
+    /// Do not campaign: ask the `leaderz serve` sidecar at this URL who leads (e.g.
+    /// `http://127.0.0.1:4040/`) and work while it names this replica.
+    #[arg(long, env = "LEADERZ_SIDECAR")]
+    sidecar: Option<hyper::Uri>,
 }
 
 #[tokio::main]
@@ -45,6 +52,9 @@ async fn main() -> anyhow::Result<()> {
         )
         .init();
     let args = Args::parse();
+    if let Some(url) = args.sidecar {
+        return sidecar::run(url, args.node_id).await;
+    }
     let client = leaderz::client::infer()
         .await
         .context("no Kubernetes client configuration")?;
@@ -88,6 +98,9 @@ async fn main() -> anyhow::Result<()> {
     };
     let work = handle.run_while_leading(|term| async move {
         info!(token = term.fencing_token(), "started leading");
+        // Logs when this future is dropped: the term ended and the work stops here,
+        // before the lease is released.
+        let _stopped = LogOnDrop("stopped working");
         loop {
             info!("working...");
             tokio::time::sleep(Duration::from_secs(1)).await;
@@ -101,6 +114,15 @@ async fn main() -> anyhow::Result<()> {
     result?;
     info!("stopped");
     Ok(())
+}
+
+/// Logs its message when dropped.
+struct LogOnDrop(&'static str);
+
+impl Drop for LogOnDrop {
+    fn drop(&mut self) {
+        info!("{}", self.0);
+    }
 }
 
 /// `/healthz`: client-go's HealthzAdaptor meaning (unhealthy only if this replica

@@ -10,19 +10,31 @@
 // election, which releases the lease when --release-on-cancel is set. (client-go
 // itself releases before cancelling the OnStartedLeading context, client-go #728;
 // stopping the work first is what a careful application does.)
+//
+// With --coordinated it takes part in coordinated leader election (KEP-4355): it
+// publishes a LeaseCandidate named after --id (client-go's leasecandidate.go) and never
+// acquires the Lease on its own.
+//
+// With --ledger, its work while leading is what leaderz-faults-worker does under
+// `leaderz run`: write to the fault suite's fenced ledger every few ms with the term's
+// leaseTransitions as fencing token, logging "started" and "stopped" lines to
+// --worker-log in the worker's format.
 package main
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"flag"
 	"fmt"
+	"net/http"
 	"os"
 	"os/signal"
 	"sync"
 	"syscall"
 	"time"
 
+	coordinationv1 "k8s.io/api/coordination/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/tools/clientcmd"
@@ -52,6 +64,13 @@ func main() {
 	renewDeadline := flag.Duration("renew-deadline", 10*time.Second, "renew deadline")
 	retryPeriod := flag.Duration("retry-period", 2*time.Second, "retry period")
 	releaseOnCancel := flag.Bool("release-on-cancel", true, "release the lease on SIGTERM")
+	ledger := flag.String("ledger", "", "fenced ledger URL to write to while leading (fault suite)")
+	ledgerResource := flag.String("ledger-resource", "", "the ledger resource to write to")
+	workerLog := flag.String("worker-log", "", "JSON-lines file for the ledger writer's started/stopped events")
+	writeInterval := flag.Duration("write-interval", 5*time.Millisecond, "time between ledger writes")
+	coordinated := flag.Bool("coordinated", false, "coordinated leader election: publish a LeaseCandidate and let the controller elect")
+	binaryVersion := flag.String("binary-version", "1.34.0", "the LeaseCandidate's binaryVersion (coordinated)")
+	emulationVersion := flag.String("emulation-version", "", "the LeaseCandidate's emulationVersion (default: the binary version)")
 	flag.Parse()
 	if *id == "" {
 		fmt.Fprintln(os.Stderr, "error: --id is required")
@@ -71,6 +90,18 @@ func main() {
 	}
 
 	electionCtx, stopElection := context.WithCancel(context.Background())
+	if *coordinated {
+		if *emulationVersion == "" {
+			*emulationVersion = *binaryVersion
+		}
+		candidate, _, err := leaderelection.NewCandidate(client, *namespace, *id, *lease,
+			*binaryVersion, *emulationVersion, coordinationv1.OldestEmulationVersion)
+		if err != nil {
+			fmt.Fprintf(os.Stderr, "error: %v\n", err)
+			os.Exit(1)
+		}
+		go candidate.Run(electionCtx)
+	}
 	workCtx, stopWork := context.WithCancel(context.Background())
 	var working sync.WaitGroup
 	var leading sync.Mutex
@@ -105,6 +136,7 @@ func main() {
 			RetryPeriod:     *retryPeriod,
 			ReleaseOnCancel: *releaseOnCancel,
 			Name:            *lease,
+			Coordinated:     *coordinated,
 			Callbacks: leaderelection.LeaderCallbacks{
 				OnStartedLeading: func(ctx context.Context) {
 					working.Add(1)
@@ -113,9 +145,13 @@ func main() {
 					isLeading = true
 					logEvent(*id, "started_leading", "")
 					leading.Unlock()
-					select {
-					case <-ctx.Done():
-					case <-workCtx.Done():
+					if *ledger != "" {
+						writeLedger(ctx, workCtx, lock, *ledger, *ledgerResource, *workerLog, *id, *writeInterval)
+					} else {
+						select {
+						case <-ctx.Done():
+						case <-workCtx.Done():
+						}
 					}
 					stopLeading()
 				},
@@ -136,4 +172,57 @@ func runOnce(ctx context.Context, config leaderelection.LeaderElectionConfig) {
 		os.Exit(2)
 	}
 	elector.Run(ctx)
+}
+
+// writeLedger writes to the fenced ledger until either context ends, with the Lease's
+// leaseTransitions (read once, at the start of the term) as the fencing token.
+func writeLedger(ctx, workCtx context.Context, lock *resourcelock.LeaseLock, url, resource, logPath, id string, interval time.Duration) {
+	token := int64(-1)
+	getCtx, cancel := context.WithTimeout(ctx, 2*time.Second)
+	if record, _, err := lock.Get(getCtx); err == nil {
+		token = int64(record.LeaderTransitions)
+	}
+	cancel()
+	pid := os.Getpid()
+	var seq uint64
+	logWorker(logPath, "started", id, token, pid, seq)
+	client := &http.Client{Timeout: time.Second}
+	ticker := time.NewTicker(interval)
+	defer ticker.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			logWorker(logPath, "stopped", id, token, pid, seq)
+			return
+		case <-workCtx.Done():
+			logWorker(logPath, "stopped", id, token, pid, seq)
+			return
+		case <-ticker.C:
+		}
+		body, _ := json.Marshal(map[string]any{
+			"resource": resource, "identity": id, "token": token, "pid": pid,
+			"seq": seq, "sent_ns": time.Now().UnixNano(),
+		})
+		seq++
+		if resp, err := client.Post(url+"/write", "application/json", bytes.NewReader(body)); err == nil {
+			resp.Body.Close()
+		}
+	}
+}
+
+// logWorker appends one line in leaderz-faults-worker's log format.
+func logWorker(path, event, id string, token int64, pid int, sent uint64) {
+	if path == "" {
+		return
+	}
+	line, _ := json.Marshal(map[string]any{
+		"event": event, "ts_ns": time.Now().UnixNano(), "identity": id,
+		"token": token, "pid": pid, "sent": sent,
+	})
+	f, err := os.OpenFile(path, os.O_APPEND|os.O_CREATE|os.O_WRONLY, 0o644)
+	if err != nil {
+		return
+	}
+	defer f.Close()
+	_, _ = f.Write(append(line, '\n'))
 }

@@ -1,6 +1,7 @@
-//! The demo: the original write-up's user story, on a local control plane, as local
-//! processes (no kubelet runs here): apply kube/'s RBAC, start 3 replicas of the
-//! example app as the ServiceAccount, see one lead, kill it, see another take over.
+//! The demo without pods (where the one-node cluster cannot run: not root, no
+//! containerd): the original write-up's user story on a local control plane, as local
+//! processes: apply kube/'s RBAC, start 3 replicas of the example app as the
+//! ServiceAccount, see one lead, kill it, see another take over.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -32,17 +33,20 @@ const TIMINGS: [(&str, &str); 3] = [
 pub(crate) struct Options {
     /// Non-interactive (also set by `CI`): no pauses for reading; same steps.
     #[arg(long, env = "CI", value_parser = clap::builder::BoolishValueParser::new(), default_value_t = false)]
-    ci: bool,
+    pub(crate) ci: bool,
+    /// Run the replicas as local processes even where real pods could run.
+    #[arg(long)]
+    pub(crate) local: bool,
 }
 
-fn workspace_root() -> PathBuf {
+pub(crate) fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .map(Path::to_path_buf)
         .unwrap_or_default()
 }
 
-fn step(msg: &str) {
+pub(crate) fn step(msg: &str) {
     println!("\n==> {msg}");
 }
 
@@ -347,7 +351,7 @@ async fn show(
     Ok(holder)
 }
 
-fn describe(kubeconfig: &Path) -> anyhow::Result<()> {
+pub(crate) fn describe(kubeconfig: &Path) -> anyhow::Result<()> {
     println!("$ kubectl describe lease {LEASE}");
     let out = std::process::Command::new("kubectl")
         .arg("--kubeconfig")

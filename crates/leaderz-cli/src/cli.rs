@@ -90,9 +90,16 @@ pub(crate) struct ElectionArgs {
     #[arg(long, env = "LEADERZ_RENEW_DEADLINE", value_name = "DURATION", default_value = "10s", value_parser = parse_duration)]
     pub(crate) renew_deadline: Duration,
 
-    /// How often the leader renews (and followers poll when they cannot watch).
+    /// How often the leader renews (unless --renew-interval is set), how soon it retries
+    /// a failed renewal, and how often followers poll when they cannot watch.
     #[arg(long, env = "LEADERZ_RETRY_PERIOD", value_name = "DURATION", default_value = "2s", value_parser = parse_duration)]
     pub(crate) retry_period: Duration,
+
+    /// How often the leader renews while renewals succeed (failed ones are retried every
+    /// retry period). Longer cuts the API load; it must leave room for a retry:
+    /// renew interval + 1.2 x retry period < renew deadline. [default: the retry period]
+    #[arg(long, env = "LEADERZ_RENEW_INTERVAL", value_name = "DURATION", value_parser = parse_duration)]
+    pub(crate) renew_interval: Option<Duration>,
 
     /// Record Kubernetes Events on the Lease when this process starts and stops leading
     /// (needs `create` on `events.events.k8s.io`).
@@ -103,10 +110,14 @@ pub(crate) struct ElectionArgs {
 impl ElectionArgs {
     /// The library's election config for these flags (validated by the caller).
     pub(crate) fn election_config(&self, identity: String) -> ElectionConfig {
-        ElectionConfig::new(identity)
+        let config = ElectionConfig::new(identity)
             .lease_duration(self.lease_duration)
             .renew_deadline(self.renew_deadline)
-            .retry_period(self.retry_period)
+            .retry_period(self.retry_period);
+        match self.renew_interval {
+            Some(interval) => config.renew_interval(interval),
+            None => config,
+        }
     }
 }
 
@@ -279,6 +290,8 @@ mod tests {
             "2s",
             "--retry-period",
             "500ms",
+            "--renew-interval",
+            "1s",
             "--grace",
             "1m 30s",
             "--exit-on-loss",
@@ -289,6 +302,8 @@ mod tests {
         ]);
         assert_eq!(r.election.lease_duration, Duration::from_secs(3));
         assert_eq!(r.election.retry_period, Duration::from_millis(500));
+        let config = r.election.election_config("me".into());
+        assert_eq!(config.renew_interval, Some(Duration::from_secs(1)));
         assert_eq!(r.grace, Duration::from_secs(90));
         assert!(r.exit_on_loss);
         assert_eq!(r.command, ["sh", "-c", "echo --lease"].map(OsString::from));

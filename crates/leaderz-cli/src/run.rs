@@ -43,17 +43,14 @@ fn takeover_slack(lease_duration: Duration, renew_deadline: Duration) -> Duratio
 
 /// What the supervisor does while leaderz is stopped (SIGSTOP, Ctrl-Z, a debugger).
 ///
-/// The leader renews every retry period, so the last renewal came at most that long
-/// before the stop (if renewals were succeeding), and the term's deadline is at most
-/// `renew_deadline - retry_period` after the stop: SIGTERM then, as leaderz would, and
+/// The leader renews every renew interval (the retry period unless set), so the last
+/// renewal came at most that long before the stop (if renewals were succeeding), and the
+/// term's deadline is at least `renew_deadline - renew_interval` after the stop: SIGTERM
+/// then, as leaderz would, and
 /// SIGKILL `slack` later, before another candidate may take over. The supervisor sees
 /// the stop up to 100 ms late, which the takeover margin covers.
-fn while_stopped(
-    renew_deadline: Duration,
-    retry_period: Duration,
-    slack: Duration,
-) -> WhileStopped {
-    let term_after = renew_deadline.saturating_sub(retry_period);
+fn while_stopped(renew_deadline: Duration, renew_every: Duration, slack: Duration) -> WhileStopped {
+    let term_after = renew_deadline.saturating_sub(renew_every);
     WhileStopped {
         term_after,
         kill_after: term_after + slack,
@@ -79,7 +76,9 @@ pub(crate) async fn run(args: RunArgs) -> Result<u8, CliError> {
     let slack = takeover_slack(args.election.lease_duration, args.election.renew_deadline);
     let while_stopped = while_stopped(
         args.election.renew_deadline,
-        args.election.retry_period,
+        args.election
+            .renew_interval
+            .unwrap_or(args.election.retry_period),
         slack,
     );
     if let Some(listener) = listener {

@@ -30,12 +30,14 @@ mod credentials;
 mod error;
 mod foreground;
 mod pki;
-mod process;
+pub mod process;
+mod restart;
 
 use std::{
     ffi::OsString,
     fmt,
     future::Future,
+    net::{IpAddr, Ipv4Addr, SocketAddr},
     path::{Path, PathBuf},
     process::Stdio,
     sync::{Arc, OnceLock},
@@ -82,6 +84,11 @@ pub struct StartOptions {
     binary_dir: Option<PathBuf>,
     ready_timeout: Duration,
     apiserver_args: Vec<String>,
+    placement: Option<Placement>,
+    serving_sans: Vec<String>,
+    service_cluster_ip_range: String,
+    service_account_admission: bool,
+    authorization_mode: String,
 }
 
 impl Default for StartOptions {
@@ -90,6 +97,64 @@ impl Default for StartOptions {
             binary_dir: None,
             ready_timeout: Duration::from_secs(90),
             apiserver_args: Vec::new(),
+            placement: None,
+            serving_sans: Vec::new(),
+            service_cluster_ip_range: "10.0.0.0/24".to_owned(),
+            service_account_admission: false,
+            authorization_mode: "RBAC".to_owned(),
+        }
+    }
+}
+
+/// Where the servers run and how this process reaches them, when not on 127.0.0.1 of this
+/// process's own network namespace (the default: free ports, reached directly).
+///
+/// For a control plane inside a network namespace, e.g. the one-node cluster's: the servers
+/// are started through `command_prefix` (which enters the namespace), listen on fixed ports
+/// there, and this process reaches them at the `*_seen_at` addresses (forwarders).
+///
+/// ```
+/// use std::net::{Ipv4Addr, SocketAddr};
+/// let placement = leaderz_testenv::Placement::new(
+///     ["nsenter", "--target", "4242", "--net", "--mount", "--pid", "--"],
+///     Ipv4Addr::new(10, 77, 0, 1).into(),
+///     SocketAddr::from(([127, 0, 0, 1], 40001)),
+///     SocketAddr::from(([127, 0, 0, 1], 40002)),
+/// );
+/// let options = leaderz_testenv::StartOptions::default().placement(placement);
+/// ```
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct Placement {
+    command_prefix: Vec<OsString>,
+    advertise_address: IpAddr,
+    etcd_seen_at: SocketAddr,
+    apiserver_seen_at: SocketAddr,
+}
+
+impl Placement {
+    /// etcd's client port inside the namespace.
+    pub const ETCD_PORT: u16 = 2379;
+    /// etcd's peer port inside the namespace.
+    pub const ETCD_PEER_PORT: u16 = 2380;
+    /// kube-apiserver's secure port inside the namespace.
+    pub const APISERVER_PORT: u16 = 6443;
+
+    /// Servers started as `<command_prefix> <binary> <args>`, listening on every address
+    /// of their namespace on the fixed ports above; kube-apiserver advertises
+    /// `advertise_address` (the address pods reach it at); this process reaches etcd at
+    /// `etcd_seen_at` and kube-apiserver at `apiserver_seen_at`.
+    pub fn new(
+        command_prefix: impl IntoIterator<Item = impl Into<OsString>>,
+        advertise_address: IpAddr,
+        etcd_seen_at: SocketAddr,
+        apiserver_seen_at: SocketAddr,
+    ) -> Self {
+        Self {
+            command_prefix: command_prefix.into_iter().map(Into::into).collect(),
+            advertise_address,
+            etcd_seen_at,
+            apiserver_seen_at,
         }
     }
 }
@@ -114,6 +179,45 @@ impl StartOptions {
     #[must_use]
     pub fn apiserver_arg(mut self, arg: impl Into<String>) -> Self {
         self.apiserver_args.push(arg.into());
+        self
+    }
+
+    /// Runs the servers elsewhere (see [`Placement`]); default: on 127.0.0.1 here.
+    #[must_use]
+    pub fn placement(mut self, placement: Placement) -> Self {
+        self.placement = Some(placement);
+        self
+    }
+
+    /// Adds a DNS name or IP address to the API server's serving certificate (which always
+    /// has `localhost` and `127.0.0.1`).
+    #[must_use]
+    pub fn serving_san(mut self, san: impl Into<String>) -> Self {
+        self.serving_sans.push(san.into());
+        self
+    }
+
+    /// `--service-cluster-ip-range` (default `10.0.0.0/24`); its first address is the
+    /// `kubernetes` Service's.
+    #[must_use]
+    pub fn service_cluster_ip_range(mut self, cidr: impl Into<String>) -> Self {
+        self.service_cluster_ip_range = cidr.into();
+        self
+    }
+
+    /// Whether the ServiceAccount admission plugin runs (default off, as in envtest: no
+    /// controller-manager creates the `default` ServiceAccounts). Pods get their token
+    /// mounted only with it on.
+    #[must_use]
+    pub fn service_account_admission(mut self, on: bool) -> Self {
+        self.service_account_admission = on;
+        self
+    }
+
+    /// `--authorization-mode` (default `RBAC`; a cluster with kubelets wants `Node,RBAC`).
+    #[must_use]
+    pub fn authorization_mode(mut self, mode: impl Into<String>) -> Self {
+        self.authorization_mode = mode.into();
         self
     }
 }
@@ -222,8 +326,8 @@ impl ControlPlane {
 
     async fn start_once(binaries: &Path, options: &StartOptions, started: Instant) -> Result<Self> {
         // Locals drop in reverse order: on failure the servers stop before `dir` goes.
-        let dir = DataDir::create()?;
-        let pki = Pki::generate()?;
+        let dir = DataDir::create(process::DIR_PREFIX)?;
+        let pki = Pki::generate(&options.serving_sans)?;
         dir.write("serving-ca.crt", &pki.serving_ca_pem)?;
         let tls_cert = dir.write("apiserver.crt", &pki.serving_cert_pem)?;
         let tls_key = dir.write("apiserver.key", &pki.serving_key_pem)?;
@@ -231,19 +335,43 @@ impl ControlPlane {
         let sa_key = dir.write("sa.key", &pki.sa_key_pem)?;
         let sa_public = dir.write("sa.pub", &pki.sa_public_pem)?;
 
-        let ports = process::free_ports(3)?;
-        let (etcd_port, peer_port, api_port) = (ports[0], ports[1], ports[2]);
-        let etcd_url = format!("http://127.0.0.1:{etcd_port}");
+        // Where the servers listen (in their namespace) and where this process reaches them.
+        let prefix: &[OsString] = options
+            .placement
+            .as_ref()
+            .map_or(&[], |p| &p.command_prefix[..]);
+        let (etcd_port, peer_port, api_port, bind, advertise, etcd_seen_at, server_url) =
+            match &options.placement {
+                None => {
+                    let ports = process::free_ports(3)?;
+                    let loopback = IpAddr::V4(Ipv4Addr::LOCALHOST);
+                    let etcd_seen_at = SocketAddr::new(loopback, ports[0]);
+                    let server_url = format!("https://127.0.0.1:{}", ports[2]);
+                    let (e, p, a) = (ports[0], ports[1], ports[2]);
+                    (e, p, a, loopback, loopback, etcd_seen_at, server_url)
+                }
+                Some(placement) => (
+                    Placement::ETCD_PORT,
+                    Placement::ETCD_PEER_PORT,
+                    Placement::APISERVER_PORT,
+                    IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+                    placement.advertise_address,
+                    placement.etcd_seen_at,
+                    format!("https://{}", placement.apiserver_seen_at),
+                ),
+            };
+        let etcd_url = format!("http://{etcd_seen_at}");
+        let etcd_listen_url = format!("http://127.0.0.1:{etcd_port}");
         let peer_url = format!("http://127.0.0.1:{peer_port}");
-        let server_url = format!("https://127.0.0.1:{api_port}");
 
-        let mut etcd = Server::spawn(
+        let mut etcd = Server::spawn_with_prefix(
             "etcd",
+            prefix,
             &binaries.join("etcd"),
             args([
                 format!("--data-dir={}", dir.path().join("etcd").display()),
-                format!("--listen-client-urls={etcd_url}"),
-                format!("--advertise-client-urls={etcd_url}"),
+                format!("--listen-client-urls={etcd_listen_url}"),
+                format!("--advertise-client-urls={etcd_listen_url}"),
                 format!("--listen-peer-urls={peer_url}"),
                 format!("--initial-advertise-peer-urls={peer_url}"),
                 format!("--initial-cluster=default={peer_url}"),
@@ -252,21 +380,33 @@ impl ControlPlane {
             dir.path().join("etcd.log"),
         )
         .await?;
-        wait_ready(&mut etcd, options.ready_timeout, || etcd_health(etcd_port)).await?;
+        wait_ready(&mut etcd, options.ready_timeout, || {
+            etcd_health(etcd_seen_at)
+        })
+        .await?;
+
+        // The API server's client certificate for kubelets (`kubectl logs`, `exec`).
+        let kubelet_client = pki
+            .client_ca
+            .issue("kube-apiserver-kubelet-client", &["system:masters"])?;
+        let kubelet_client_cert = dir.write("kubelet-client.crt", &kubelet_client.cert_pem)?;
+        let kubelet_client_key = dir.write("kubelet-client.key", &kubelet_client.key_pem)?;
 
         let mut apiserver_args = args([
-            format!("--etcd-servers={etcd_url}"),
+            format!("--etcd-servers={etcd_listen_url}"),
             format!(
                 "--cert-dir={}",
                 dir.path().join("apiserver-certs").display()
             ),
             format!("--secure-port={api_port}"),
-            "--bind-address=127.0.0.1".to_owned(),
-            "--advertise-address=127.0.0.1".to_owned(),
-            "--service-cluster-ip-range=10.0.0.0/24".to_owned(),
+            format!("--bind-address={bind}"),
+            format!("--advertise-address={advertise}"),
+            format!(
+                "--service-cluster-ip-range={}",
+                options.service_cluster_ip_range
+            ),
             "--allow-privileged=true".to_owned(),
-            "--disable-admission-plugins=ServiceAccount".to_owned(),
-            "--authorization-mode=RBAC".to_owned(),
+            format!("--authorization-mode={}", options.authorization_mode),
             format!("--service-account-issuer={server_url}/"),
             format!("--service-account-key-file={}", sa_public.display()),
             format!("--service-account-signing-key-file={}", sa_key.display()),
@@ -277,10 +417,19 @@ impl ControlPlane {
             // ~10 MiB less (measured: 240-246 vs 251-257 MiB RSS; start time unchanged).
             "--enable-priority-and-fairness=false".to_owned(),
             "--profiling=false".to_owned(),
+            format!(
+                "--kubelet-client-certificate={}",
+                kubelet_client_cert.display()
+            ),
+            format!("--kubelet-client-key={}", kubelet_client_key.display()),
         ]);
+        if !options.service_account_admission {
+            apiserver_args.push("--disable-admission-plugins=ServiceAccount".into());
+        }
         apiserver_args.extend(options.apiserver_args.iter().map(OsString::from));
-        let mut apiserver = Server::spawn(
+        let mut apiserver = Server::spawn_with_prefix(
             "kube-apiserver",
+            prefix,
             &binaries.join("kube-apiserver"),
             apiserver_args,
             dir.path().join("kube-apiserver.log"),
@@ -342,6 +491,35 @@ impl ControlPlane {
     /// embedded, e.g. for `kubectl --kubeconfig`.
     pub fn kubeconfig_path(&self) -> &Path {
         &self.kubeconfig_path
+    }
+
+    /// The serving CA's certificate file (PEM): what pods and node components trust.
+    pub fn ca_path(&self) -> PathBuf {
+        self.dir.path().join("serving-ca.crt")
+    }
+
+    /// The client CA's certificate file (PEM), e.g. for a kubelet's `clientCAFile`.
+    pub fn client_ca_path(&self) -> PathBuf {
+        self.dir.path().join("client-ca.crt")
+    }
+
+    /// The ServiceAccount token signing key file (PEM), e.g. for kube-controller-manager's
+    /// `--service-account-private-key-file`.
+    pub fn service_account_key_path(&self) -> PathBuf {
+        self.dir.path().join("sa.key")
+    }
+
+    /// Writes a kubeconfig for `server` (e.g. the API server's address inside a network
+    /// namespace, for a component running there) as `credentials`, trusting the serving CA.
+    pub fn write_kubeconfig_for_server(
+        &self,
+        path: impl AsRef<Path>,
+        server: &str,
+        credentials: &Credentials,
+    ) -> Result<()> {
+        let kubeconfig = credentials::kubeconfig(server, &self.ca_pem, credentials);
+        let yaml = serde_yaml::to_string(&kubeconfig).map_err(Error::Kubeconfig)?;
+        process::write_private(path.as_ref(), yaml.as_bytes())
     }
 
     /// The temporary directory holding certificates, etcd's data and the servers' logs
@@ -751,9 +929,9 @@ where
 }
 
 /// etcd's `/health`, over plain HTTP/1.0.
-async fn etcd_health(port: u16) -> Result<(), String> {
+async fn etcd_health(addr: SocketAddr) -> Result<(), String> {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+    let mut stream = tokio::net::TcpStream::connect(addr)
         .await
         .map_err(|err| format!("connecting: {err}"))?;
     stream

@@ -1,8 +1,9 @@
 //! The control plane's certificates: serving CA, client CA, client certificates, SA keys.
 //!
 //! Like envtest: one CA signs the apiserver's serving certificate (SANs `localhost`,
-//! `127.0.0.1`), another signs client certificates (CN = user, O = groups), and a separate
-//! key pair signs ServiceAccount tokens. All keys are ECDSA P-256.
+//! `127.0.0.1`, plus whatever the caller adds, e.g. the `kubernetes` Service's address for
+//! pods), another signs client certificates (CN = user, O = groups), and a separate key
+//! pair signs ServiceAccount tokens. All keys are ECDSA P-256.
 
 use rand::RngCore;
 use rcgen::{
@@ -43,8 +44,9 @@ pub(crate) struct Pki {
 }
 
 impl Pki {
-    /// Generates fresh keys and certificates.
-    pub(crate) fn generate() -> Result<Self> {
+    /// Generates fresh keys and certificates; `extra_sans` (DNS names or IP addresses) are
+    /// added to the serving certificate's `localhost` and `127.0.0.1`.
+    pub(crate) fn generate(extra_sans: &[String]) -> Result<Self> {
         let (serving_ca_params, serving_ca_key) = ca_params(SERVING_CA_CN, "serving CA")?;
         let serving_ca = serving_ca_params
             .self_signed(&serving_ca_key)
@@ -52,9 +54,14 @@ impl Pki {
         let serving_issuer = Issuer::new(serving_ca_params, serving_ca_key);
 
         let serving_key = key("serving key")?;
+        let mut sans = vec!["localhost".to_owned(), "127.0.0.1".to_owned()];
+        for san in extra_sans {
+            if !sans.contains(san) {
+                sans.push(san.clone());
+            }
+        }
         let mut serving =
-            CertificateParams::new(vec!["localhost".to_owned(), "127.0.0.1".to_owned()])
-                .map_err(Error::certificate("serving certificate"))?;
+            CertificateParams::new(sans).map_err(Error::certificate("serving certificate"))?;
         serving
             .distinguished_name
             .push(DnType::CommonName, "kube-apiserver");
@@ -271,14 +278,14 @@ mod tests {
     #[test]
     fn client_ca_subject_is_written_the_way_rcgen_wrote_it() {
         // Go matches a certificate's issuer to its CA's subject byte for byte.
-        let pki = Pki::generate().unwrap();
+        let pki = Pki::generate(&[]).unwrap();
         let ca = der_of(&pki.client_ca.cert_pem);
         assert!(find(&ca, &pki.client_ca.name_der));
     }
 
     #[test]
     fn client_certificate_names_user_and_every_group() {
-        let pki = Pki::generate().unwrap();
+        let pki = Pki::generate(&[]).unwrap();
         let cert = pki.client_ca.issue("alice", &["team-a", "team-b"]).unwrap();
         let der = der_of(&cert.cert_pem);
         assert!(find(&der, &name_der("alice", &["team-a", "team-b"])));

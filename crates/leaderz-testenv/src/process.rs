@@ -1,14 +1,17 @@
 //! Server processes that cannot outlive the test process, their data directory, and its sweep.
 //!
+//! Public so that harnesses built on this crate (the one-node cluster in `leaderz-cluster`)
+//! supervise their processes the same way.
+//!
 //! Three mechanisms, each covering what the others cannot:
 //! - Every server is started as `setpriv --pdeathsig SIGKILL -- <binary>`, so the kernel
 //!   kills it when its parent dies, however the parent dies (panic, abort, SIGKILL). The
 //!   parent-death signal fires when the *thread* that forked the child exits, so all servers
 //!   are forked by one spawner thread that lives as long as the process.
-//! - A small `sh` "cleaner" per data directory reads a pipe whose write end only this
-//!   process holds; when the process is gone the read sees end-of-file and the cleaner
-//!   removes the directory. That covers the shared control plane, which lives in a `static`
-//!   and is never dropped.
+//! - A small `sh` [`Cleaner`] reads a pipe whose write end only this process holds; when the
+//!   process is gone the read sees end-of-file and the cleaner removes what it was given
+//!   (the data directory; the cluster's cgroups). That covers the shared control plane,
+//!   which lives in a `static` and is never dropped.
 //! - At startup, directories of earlier runs whose owner is dead are swept, in case a
 //!   cleaner was killed too.
 
@@ -27,8 +30,8 @@ use tokio::sync::oneshot;
 
 use crate::error::{Error, Result};
 
-/// Data directories are `$TMPDIR/leaderz-testenv-<pid>-<random>`.
-const DIR_PREFIX: &str = "leaderz-testenv-";
+/// Data directories are `$TMPDIR/<prefix><pid>-<random>`; the control plane's prefix.
+pub(crate) const DIR_PREFIX: &str = "leaderz-testenv-";
 /// Holds `<pid> <start time>` of the owning process, to tell a reused pid from the owner.
 const OWNER_FILE: &str = "owner";
 
@@ -76,62 +79,78 @@ async fn spawn_from_spawner_thread(command: Command) -> io::Result<Child> {
     answer.await.map_err(|_| gone())?
 }
 
-/// A running etcd or kube-apiserver, with its output in a log file.
+/// A running server process (etcd, kube-apiserver, a node component), with its output in a
+/// log file, killed when this process dies (see the module docs) or when dropped.
 #[derive(Debug)]
-pub(crate) struct Server {
+pub struct Server {
     name: &'static str,
     child: Child,
     log: PathBuf,
     stopped: bool,
+    /// How it was started, to start it again the same way ([`Server::respawn`]).
+    prefix: Vec<OsString>,
+    binary: PathBuf,
+    args: Vec<OsString>,
 }
 
 impl Server {
     /// Starts `binary args` with stdout and stderr in `log`, killed when this process dies.
-    pub(crate) async fn spawn(
+    pub async fn spawn(
         name: &'static str,
         binary: &Path,
         args: Vec<OsString>,
         log: PathBuf,
     ) -> Result<Self> {
+        Self::spawn_with_prefix(name, &[], binary, args, log).await
+    }
+
+    /// Like [`spawn`](Self::spawn), with `prefix` run first: `setpriv --pdeathsig SIGKILL --
+    /// <prefix...> <binary> <args...>`. The prefix must exec or supervise the rest so that
+    /// killing it kills the server, e.g. `nsenter --target <pid> --net --mount --pid --
+    /// setpriv --pdeathsig SIGKILL --` to start the server inside another process's
+    /// namespaces.
+    pub async fn spawn_with_prefix(
+        name: &'static str,
+        prefix: &[OsString],
+        binary: &Path,
+        args: Vec<OsString>,
+        log: PathBuf,
+    ) -> Result<Self> {
         let out = File::create(&log).map_err(Error::io(format!("creating {}", log.display())))?;
-        let err = out
-            .try_clone()
-            .map_err(Error::io(format!("opening {}", log.display())))?;
-        let mut command = Command::new("setpriv");
-        command
-            .args(["--pdeathsig", "SIGKILL", "--"])
-            .arg(binary)
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(out)
-            .stderr(err)
-            // Its own process group: a Ctrl-C in the terminal goes to the foreground
-            // command, which then stops the servers in order.
-            .process_group(0);
-        let child = spawn_from_spawner_thread(command).await.map_err(|source| {
-            Error::Io {
-                context: format!(
-                    "starting {name} through `setpriv` (from util-linux; install it if it is missing)"
-                ),
-                source,
-            }
-        })?;
-        tracing::debug!(name, pid = child.id(), log = %log.display(), "started");
+        let child = spawn_server(name, prefix, binary, &args, out).await?;
         Ok(Self {
             name,
             child,
             log,
             stopped: false,
+            prefix: prefix.to_vec(),
+            binary: binary.to_owned(),
+            args,
         })
     }
 
-    /// The process id.
-    pub(crate) fn pid(&self) -> u32 {
+    /// Starts the process again with the same prefix, binary, arguments and log file
+    /// (appended to), after [`stop`](Self::stop). Does nothing if it is running.
+    pub async fn respawn(&mut self) -> Result<()> {
+        if !self.stopped {
+            return Ok(());
+        }
+        let out = fs::OpenOptions::new()
+            .append(true)
+            .open(&self.log)
+            .map_err(Error::io(format!("opening {}", self.log.display())))?;
+        self.child = spawn_server(self.name, &self.prefix, &self.binary, &self.args, out).await?;
+        self.stopped = false;
+        Ok(())
+    }
+
+    /// The process id of the process started (the prefix's, if there is one).
+    pub fn pid(&self) -> u32 {
         self.child.id()
     }
 
     /// Fails with [`Error::Exited`] if the process has exited.
-    pub(crate) fn check_running(&mut self) -> Result<()> {
+    pub fn check_running(&mut self) -> Result<()> {
         let status = match self.child.try_wait() {
             Ok(None) => return Ok(()),
             Ok(Some(status)) => status.to_string(),
@@ -146,22 +165,27 @@ impl Server {
     }
 
     /// The last lines of the log.
-    pub(crate) fn log_tail(&self) -> String {
+    pub fn log_tail(&self) -> String {
         log_tail(&self.log, 40)
     }
 
     /// The log file.
-    pub(crate) fn log_path(&self) -> &Path {
+    pub fn log_path(&self) -> &Path {
         &self.log
     }
 
-    /// `etcd` or `kube-apiserver`.
-    pub(crate) fn name(&self) -> &'static str {
+    /// The name it was started with, e.g. `etcd`.
+    pub fn name(&self) -> &'static str {
         self.name
     }
 
+    /// Whether [`stop`](Self::stop) was called since it was last started.
+    pub fn is_stopped(&self) -> bool {
+        self.stopped
+    }
+
     /// Kills the process and reaps it. Idempotent.
-    pub(crate) fn stop(&mut self) {
+    pub fn stop(&mut self) {
         if std::mem::replace(&mut self.stopped, true) {
             return;
         }
@@ -178,24 +202,63 @@ impl Drop for Server {
     }
 }
 
-/// The temporary directory holding certificates, etcd's data, kubeconfigs and logs.
+/// Starts `<prefix...> binary args` under a parent-death signal with stdout and stderr
+/// in `out`.
+async fn spawn_server(
+    name: &'static str,
+    prefix: &[OsString],
+    binary: &Path,
+    args: &[OsString],
+    out: File,
+) -> Result<Child> {
+    let err = out
+        .try_clone()
+        .map_err(Error::io(format!("opening the log of {name}")))?;
+    let mut command = Command::new("setpriv");
+    command
+        .args(["--pdeathsig", "SIGKILL", "--"])
+        .args(prefix)
+        .arg(binary)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(out)
+        .stderr(err)
+        // Its own process group: a Ctrl-C in the terminal goes to the foreground
+        // command, which then stops the servers in order.
+        .process_group(0);
+    let child = spawn_from_spawner_thread(command)
+        .await
+        .map_err(|source| Error::Io {
+            context: format!(
+                "starting {name} through `setpriv` (from util-linux; install it if it is missing)"
+            ),
+            source,
+        })?;
+    tracing::debug!(name, pid = child.id(), "started");
+    Ok(child)
+}
+
+/// A temporary directory (certificates, etcd's data, kubeconfigs, logs) that does not
+/// outlive this process.
 ///
-/// Removed on drop, and by a cleaner process when this process dies without dropping it.
+/// Removed on drop, and by a [`Cleaner`] when this process dies without dropping it, and
+/// failing that by the next run's sweep.
 #[derive(Debug)]
-pub(crate) struct DataDir {
+pub struct DataDir {
     path: PathBuf,
-    cleaner: Option<Child>,
+    cleaner: Option<Cleaner>,
 }
 
 impl DataDir {
-    /// Creates `$TMPDIR/leaderz-testenv-<pid>-<random>`, first sweeping the directories of
-    /// dead earlier runs.
-    pub(crate) fn create() -> Result<Self> {
-        sweep_stale_dirs(&std::env::temp_dir());
+    /// Creates `$TMPDIR/<prefix><pid>-<random>`, first sweeping the directories with the
+    /// same prefix of dead earlier runs. `prefix` ends with `-` by convention, e.g.
+    /// `leaderz-testenv-`.
+    pub fn create(prefix: &str) -> Result<Self> {
+        sweep_stale_dirs(&std::env::temp_dir(), prefix);
         let pid = std::process::id();
         let path = loop {
-            let path = std::env::temp_dir()
-                .join(format!("{DIR_PREFIX}{pid}-{:08x}", rand::random::<u32>()));
+            let path =
+                std::env::temp_dir().join(format!("{prefix}{pid}-{:08x}", rand::random::<u32>()));
             match fs::create_dir(&path) {
                 Ok(()) => break path,
                 Err(err) if err.kind() == io::ErrorKind::AlreadyExists => continue,
@@ -215,33 +278,26 @@ impl DataDir {
     }
 
     /// The directory.
-    pub(crate) fn path(&self) -> &Path {
+    pub fn path(&self) -> &Path {
         &self.path
     }
 
     /// Writes `contents` to `name` inside the directory, readable by the owner only.
-    pub(crate) fn write(&self, name: &str, contents: impl AsRef<[u8]>) -> Result<PathBuf> {
+    pub fn write(&self, name: &str, contents: impl AsRef<[u8]>) -> Result<PathBuf> {
         let path = self.path.join(name);
         write_private(&path, contents.as_ref())?;
         Ok(path)
     }
 
-    /// Starts `sh`, reading a pipe only this process writes to; at end-of-file (this
-    /// process is gone) it waits a moment for the servers' parent-death signal, then removes
+    /// A [`Cleaner`] that waits a moment for the servers' parent-death signal, then removes
     /// the directory.
-    fn spawn_cleaner(&self) -> Result<Child> {
-        const SCRIPT: &str = r#"while read -r _; do :; done
-sleep 1
-rm -rf -- "$1" 2>/dev/null || { sleep 2; rm -rf -- "$1"; }"#;
-        Command::new("sh")
-            .args(["-c", SCRIPT, "leaderz-testenv-cleaner"])
-            .arg(&self.path)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .process_group(0)
-            .spawn()
-            .map_err(Error::io("starting the data directory's cleaner (`sh`)"))
+    fn spawn_cleaner(&self) -> Result<Cleaner> {
+        Cleaner::spawn(
+            "leaderz-testenv-cleaner",
+            r#"sleep 1
+rm -rf -- "$1" 2>/dev/null || { sleep 2; rm -rf -- "$1"; }"#,
+            &[self.path.as_os_str().to_owned()],
+        )
     }
 }
 
@@ -250,15 +306,50 @@ impl Drop for DataDir {
         if let Err(err) = fs::remove_dir_all(&self.path) {
             tracing::warn!(dir = %self.path.display(), %err, "could not remove the data directory");
         }
-        if let Some(mut cleaner) = self.cleaner.take() {
-            let _ = cleaner.kill();
-            let _ = cleaner.wait();
+        if let Some(cleaner) = self.cleaner.take() {
+            cleaner.disarm();
         }
     }
 }
 
+/// An `sh` script that runs once this process is gone, however it ends: it first reads a
+/// pipe whose write end only this process holds, and end-of-file means the process died.
+///
+/// For what must not outlive a test process but is not a process: directories, cgroups.
+/// [`disarm`](Self::disarm) it once the normal teardown has done the work.
+#[derive(Debug)]
+pub struct Cleaner {
+    child: Child,
+}
+
+impl Cleaner {
+    /// Starts `sh -c '<wait for end-of-file>; <script>' <name> <args...>`: in `script`,
+    /// `$1`... are `args`. `name` is what `ps` shows for it.
+    pub fn spawn(name: &str, script: &str, args: &[OsString]) -> Result<Self> {
+        let script = format!("while read -r _; do :; done\n{script}");
+        let child = Command::new("sh")
+            .arg("-c")
+            .arg(script)
+            .arg(name)
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .process_group(0)
+            .spawn()
+            .map_err(Error::io(format!("starting the cleaner `{name}` (`sh`)")))?;
+        Ok(Self { child })
+    }
+
+    /// Stops the cleaner without running its script.
+    pub fn disarm(mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// Writes a file readable by its owner only (it may hold private keys).
-pub(crate) fn write_private(path: &Path, contents: &[u8]) -> Result<()> {
+pub fn write_private(path: &Path, contents: &[u8]) -> Result<()> {
     use std::{io::Write as _, os::unix::fs::OpenOptionsExt as _};
     let context = || format!("writing {}", path.display());
     fs::OpenOptions::new()
@@ -274,8 +365,8 @@ pub(crate) fn write_private(path: &Path, contents: &[u8]) -> Result<()> {
         })
 }
 
-/// Removes data directories under `tmp` whose owning process is gone.
-fn sweep_stale_dirs(tmp: &Path) {
+/// Removes data directories `<prefix><pid>-...` under `tmp` whose owning process is gone.
+fn sweep_stale_dirs(tmp: &Path, prefix: &str) {
     let Ok(entries) = fs::read_dir(tmp) else {
         return;
     };
@@ -283,7 +374,7 @@ fn sweep_stale_dirs(tmp: &Path) {
         let name = entry.file_name();
         let Some(pid) = name
             .to_str()
-            .and_then(|name| name.strip_prefix(DIR_PREFIX))
+            .and_then(|name| name.strip_prefix(prefix))
             .and_then(|rest| rest.split('-').next())
             .and_then(|pid| pid.parse::<u32>().ok())
         else {
@@ -323,30 +414,39 @@ fn owner_is_alive(dir: &Path, pid: u32) -> bool {
 
 /// The fields of `/proc/<pid>/stat` this crate needs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct ProcStat {
+#[non_exhaustive]
+pub struct ProcStat {
     /// `R`, `S`, `D`, `Z`, ...
-    pub(crate) state: char,
+    pub state: char,
+    /// The parent's process id.
+    pub ppid: u32,
     /// Start time in clock ticks after boot: with the pid, identifies a process.
-    pub(crate) start_time: u64,
+    pub start_time: u64,
 }
 
 /// Reads `/proc/<pid>/stat`; `None` if there is no such process.
-pub(crate) fn proc_stat(pid: u32) -> Option<ProcStat> {
+pub fn proc_stat(pid: u32) -> Option<ProcStat> {
     parse_proc_stat(&fs::read_to_string(format!("/proc/{pid}/stat")).ok()?)
 }
 
 fn parse_proc_stat(stat: &str) -> Option<ProcStat> {
     // `pid (comm) state ppid ...`; comm may hold spaces and parentheses, so split at the
-    // last `)`. After it, field 3 (state) is first and field 22 (starttime) is 20th.
+    // last `)`. After it, field 3 (state) is first, field 4 (ppid) second and field 22
+    // (starttime) 20th.
     let (_, rest) = stat.rsplit_once(')')?;
     let mut fields = rest.split_whitespace();
     let state = fields.next()?.chars().next()?;
-    let start_time = fields.nth(18)?.parse().ok()?;
-    Some(ProcStat { state, start_time })
+    let ppid = fields.next()?.parse().ok()?;
+    let start_time = fields.nth(17)?.parse().ok()?;
+    Some(ProcStat {
+        state,
+        ppid,
+        start_time,
+    })
 }
 
 /// Resident set size of `pid` in bytes, from `/proc/<pid>/status`.
-pub(crate) fn rss_bytes(pid: u32) -> Option<u64> {
+pub fn rss_bytes(pid: u32) -> Option<u64> {
     let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let kib: u64 = status
         .lines()
@@ -374,7 +474,7 @@ pub(crate) fn free_ports(n: usize) -> Result<Vec<u16>> {
 }
 
 /// The last `lines` lines of a log file (or why it cannot be read).
-pub(crate) fn log_tail(path: &Path, lines: usize) -> String {
+pub fn log_tail(path: &Path, lines: usize) -> String {
     match fs::read(path) {
         Ok(bytes) => {
             let text = String::from_utf8_lossy(&bytes);
@@ -397,6 +497,7 @@ mod tests {
             parse_proc_stat(line),
             Some(ProcStat {
                 state: 'S',
+                ppid: 1,
                 start_time: 98765
             })
         );
@@ -427,7 +528,7 @@ mod tests {
         fs::write(reused.join(OWNER_FILE), format!("{me} {}\n", my_start + 1)).unwrap();
         fs::write(alive.join(OWNER_FILE), format!("{me} {my_start}\n")).unwrap();
 
-        sweep_stale_dirs(&tmp);
+        sweep_stale_dirs(&tmp, DIR_PREFIX);
 
         assert!(!dead.exists());
         assert!(!reused.exists());

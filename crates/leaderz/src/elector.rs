@@ -145,6 +145,17 @@ impl<L: Lock> Driver<L> {
         let mut ended: Option<TermControl> = None;
         let mut announcement: Option<JoinHandle<()>> = None;
         let mut shutdown_seen = false;
+        // Coordinated mode: the LeaseCandidate, kept until the election stops (or this
+        // task is aborted: the guard stops it then too).
+        let candidate_stop = CancellationToken::new();
+        let _withdraw_on_abort = candidate_stop.clone().drop_guard();
+        let mut candidate: Option<JoinHandle<Result<(), LockError>>> =
+            self.config.coordinated.clone().map(|c| {
+                let lock = self.lock.clone();
+                let identity = self.config.identity.clone();
+                let stop = candidate_stop.clone();
+                tokio::spawn(async move { lock.keep_candidate(&identity, &c, stop).await })
+            });
         loop {
             while let Some(action) = m.poll_action() {
                 match action {
@@ -206,6 +217,11 @@ impl<L: Lock> Driver<L> {
                     Action::Stop(result) => {
                         self.publish(&m);
                         self.leader.send_if_modified(|l| l.take().is_some());
+                        // Withdraw the LeaseCandidate (bounded: it deletes with a timeout).
+                        candidate_stop.cancel();
+                        if let Some(c) = candidate.take() {
+                            let _ = c.await;
+                        }
                         // Let the "stopped leading" event out before the process exits.
                         if let Some(a) = announcement {
                             let _ = a.await;
@@ -233,6 +249,14 @@ impl<L: Lock> Driver<L> {
                 () = work_stopped(&mut ended) => {
                     ended = None;
                     Input::WorkStopped
+                }
+                done = poll_task(&mut candidate) => {
+                    candidate = None;
+                    match done {
+                        Ok(Ok(())) => continue,
+                        Ok(Err(e)) => Input::Failed(e),
+                        Err(e) => Input::Failed(LockError::Transport(Box::new(e))),
+                    }
                 }
                 () = sleep_until_some(wake) => Input::Tick,
             };
@@ -315,6 +339,13 @@ async fn next_watch(slot: &mut WatchSlot) -> Input {
                 Input::WatchEnded(None)
             }
         },
+    }
+}
+
+async fn poll_task<T>(task: &mut Option<JoinHandle<T>>) -> Result<T, tokio::task::JoinError> {
+    match task {
+        Some(t) => t.await,
+        None => std::future::pending().await,
     }
 }
 

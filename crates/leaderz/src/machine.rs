@@ -4,7 +4,7 @@
 //! This is where leaderz decides when to read, take, renew, step down and release, and
 //! with which record. It does no I/O and never reads a clock: the caller passes the time
 //! with every event, carries out the [`Action`]s (lock requests, watches, terms) and feeds
-//! their outcomes back as [`Input`]s. The tokio driver behind [`Elector::spawn`] is one
+//! their outcomes back as [`Input`]s. The tokio driver behind [`Elector::spawn`](crate::Elector::spawn) is one
 //! such caller; the simulation tests are another (they give every candidate a clock of its
 //! own, running at its own rate). Expiry itself is decided in
 //! [`Observed::expires_at`](crate::record::Observed::expires_at).
@@ -68,11 +68,11 @@ use crate::elector::ElectionError;
 use crate::handle::Status;
 use crate::lock::{LockError, LockEvent, Versioned};
 use crate::metrics::Metrics;
-use crate::record::{LeaderRecord, Observed, TakeoverError, now_micros};
+use crate::record::{Handoff, HandoffState, LeaderRecord, Observed, TakeoverError, now_micros};
 use crate::term::TermInfo;
 
 /// How long the API server keeps one watch open (`timeoutSeconds`). A watch still open
-/// [`WATCH_SLACK`] after this without having ended is taken for dead.
+/// 30 s after this without having ended is taken for dead.
 pub const WATCH_TIMEOUT: Duration = Duration::from_secs(290);
 
 /// See [`WATCH_TIMEOUT`].
@@ -108,6 +108,9 @@ pub enum Input {
     Shutdown,
     /// Every handle on the last term has been dropped: its work has stopped.
     WorkStopped,
+    /// Something the election depends on failed for good (coordinated mode: the
+    /// `LeaseCandidate` cannot be published): stop with this error.
+    Failed(LockError),
 }
 
 /// A successful answer to a [`Request`].
@@ -176,6 +179,7 @@ pub struct Request {
 /// A lock operation (see [`Lock`](crate::Lock)).
 #[derive(Debug)]
 #[non_exhaustive]
+#[allow(clippy::large_enum_variant)] // handed on at once, never stored in bulk
 pub enum Op {
     /// [`Lock::get`](crate::Lock::get).
     Get,
@@ -200,10 +204,12 @@ enum Purpose {
     RenewWrite,
     /// Shutting down: did a taking write whose answer was lost land?
     ResolveRead,
-    /// Shutting down: the read before the release.
-    ReleaseRead,
-    /// Shutting down: the release.
-    ReleaseWrite,
+    /// Giving the lease up: the read before the write.
+    GiveRead,
+    /// Giving the lease up: the release or transfer.
+    GiveWrite,
+    /// A follower accepting a handoff request addressed to it.
+    Accept,
 }
 
 #[derive(Debug)]
@@ -218,13 +224,40 @@ struct Inflight {
 enum Role {
     Follower,
     Leader(Leading),
-    /// A term ended; its work has not stopped yet. No campaigning until it has.
+    /// A term ended; its work has not stopped yet. No campaigning until it has; then
+    /// the lease is given up as `then` says, if at all.
     Draining {
         since: Instant,
         overdue: bool,
+        then: Option<Giving>,
     },
+    /// The term ended and its work stopped: giving the lease up (released, or
+    /// transferred to a handoff's candidate), if a fresh read shows it is still ours.
+    Giving(Giving),
     ShuttingDown(Closing),
     Stopped,
+}
+
+/// Giving up the lease of term `token` after its work stopped.
+#[derive(Debug)]
+struct Giving {
+    token: i32,
+    to: GiveTo,
+    /// Then stop (a shutdown), or campaign again.
+    stop_after: bool,
+    until: Instant,
+    retry_at: Option<Instant>,
+    /// The lease as just read, if it is still ours.
+    current: Option<Versioned>,
+}
+
+/// Whom the lease is given to.
+#[derive(Debug, Clone, PartialEq)]
+enum GiveTo {
+    /// Released: holder "", for whoever takes it first (or the controller assigns).
+    Nobody,
+    /// Transferred to the candidate that accepted handoff request `id`.
+    Candidate { to: String, id: String },
 }
 
 #[derive(Debug)]
@@ -246,13 +279,6 @@ enum Closing {
     },
     /// The term was ended; waiting for the work to stop.
     WaitingForWork { token: i32, until: Instant },
-    /// Releasing (only if a fresh read shows the lease is still this term's).
-    Releasing {
-        token: i32,
-        until: Instant,
-        retry_at: Option<Instant>,
-        current: Option<Versioned>,
-    },
 }
 
 /// A taking write whose outcome is not known yet.
@@ -317,6 +343,10 @@ pub struct Machine {
     /// While the Lease was absent, a read or the watch failed: we do not know whether it
     /// came back in between.
     absence_unsure: bool,
+    /// When the last read that found the Lease absent was sent.
+    absent_read_sent: Option<Instant>,
+    /// The longest lease duration any record on this Lease has had (as read).
+    longest_duration: Duration,
     /// The highest `leaseTransitions` seen on this Lease.
     highest_token: Option<i32>,
     /// Records this process wrote recently, answered or not.
@@ -349,6 +379,8 @@ pub struct Machine {
     reported_version: Option<String>,
     /// The holder last warned about as using our identity.
     clash_reported: Option<String>,
+    /// The id of the handoff request this process accepted last.
+    accepted: Option<String>,
     status: Status,
     /// The time of the last step: timers at or before it have been acted on.
     now: Instant,
@@ -394,6 +426,8 @@ impl Machine {
             tombstone: None,
             absent_since: None,
             absence_unsure: false,
+            absent_read_sent: None,
+            longest_duration: Duration::ZERO,
             highest_token: None,
             own_writes: VecDeque::new(),
             pending_take: None,
@@ -412,6 +446,7 @@ impl Machine {
             blocked_version: None,
             reported_version: None,
             clash_reported: None,
+            accepted: None,
             status: Status::default(),
             now,
             wall: WallClock(Arc::new(now_micros)),
@@ -469,10 +504,14 @@ impl Machine {
                     add(Some(l.next_renew));
                 }
             }
-            Role::Draining { since, overdue } => {
+            Role::Draining { since, overdue, .. } => {
                 if !overdue {
                     add(Some(*since + self.config.shutdown_grace));
                 }
+            }
+            Role::Giving(g) => {
+                add(Some(g.until));
+                add(g.retry_at);
             }
             Role::Follower => {
                 if self.inflight.is_none() {
@@ -491,12 +530,6 @@ impl Machine {
                     add(*retry_at);
                 }
                 Closing::WaitingForWork { until, .. } => add(Some(*until)),
-                Closing::Releasing {
-                    until, retry_at, ..
-                } => {
-                    add(Some(*until));
-                    add(*retry_at);
-                }
             },
             Role::Stopped => return None,
         }
@@ -545,6 +578,7 @@ impl Machine {
             Input::WatchEnded(error) => self.on_watch_ended(error, now),
             Input::Shutdown => self.on_shutdown(now),
             Input::WorkStopped => self.on_work_stopped(now),
+            Input::Failed(e) => self.fatal(e),
         }
         self.step(now);
     }
@@ -566,7 +600,8 @@ impl Machine {
                     self.send_renewal(now);
                 }
             }
-            Role::Draining { since, overdue } => {
+            Role::Giving(_) => self.giving_step(now),
+            Role::Draining { since, overdue, .. } => {
                 if !*overdue && now >= *since + self.config.shutdown_grace {
                     *overdue = true;
                     warn!(
@@ -600,11 +635,22 @@ impl Machine {
                 self.send(Purpose::Read, Op::Get, now);
                 return;
             }
-            if self.tombstone_expiry().is_some_and(|t| now < t) {
+            // In coordinated mode the controller creates it.
+            if self.config.coordinated.is_some() || self.tombstone_expiry().is_some_and(|t| now < t)
+            {
+                return;
+            }
+            // Create only on a fresh look: a Lease re-created and deleted again since an
+            // old one (a slow answer, a paused process) could still have a leader.
+            if self
+                .absent_read_sent
+                .is_none_or(|t| now > t + self.config.retry_period)
+            {
+                self.send(Purpose::Read, Op::Get, now);
                 return;
             }
             let token = self.create_token();
-            let record = self.taking_record(token);
+            let record = self.taking_record(token, None);
             self.send_take(None, record, now);
             return;
         }
@@ -619,10 +665,24 @@ impl Machine {
         let Some(observed) = &self.observed else {
             return;
         };
+        if let Some(accept) = self.handoff_to_accept(&observed.record) {
+            let base = Versioned {
+                record: observed.record.clone(),
+                version: observed.version.clone(),
+                lease: observed.lease.clone(),
+            };
+            let mut record = base.record.clone();
+            record.handoff = Some(accept);
+            self.send(Purpose::Accept, Op::Update(base, record), now);
+            return;
+        }
         if !self.can_take(observed, now) {
             return;
         }
-        let expired = observed.record.holder().is_some() && !self.is_own(&observed.record);
+        let given_to_us =
+            self.is_transfer_to_us(&observed.record) || self.is_assigned_to_us(&observed.record);
+        let expired =
+            observed.record.holder().is_some() && !self.is_own(&observed.record) && !given_to_us;
         if !self.just_read && (expired || !watching) {
             // Expired on what we saw some time ago: look again first. (Even with a
             // watch open: it may have stopped delivering, and after an etcd restore the
@@ -640,7 +700,7 @@ impl Machine {
         };
         match self.take_token(&base.record) {
             Ok(token) => {
-                let record = self.taking_record(token);
+                let record = self.taking_record(token, Some(&base.record));
                 self.send_take(Some(base), record, now);
             }
             Err(e) => {
@@ -654,9 +714,81 @@ impl Machine {
 
     /// Whether a follower may take `observed` at `now`.
     fn can_take(&self, observed: &Observed, now: Instant) -> bool {
-        observed.record.holder().is_none()
-            || !self.is_held(observed, now)
-            || self.is_own(&observed.record)
+        let r = &observed.record;
+        let identity = &self.config.identity;
+        // Handed to us: by a handoff's transfer, or by the coordinated controller.
+        if self.is_transfer_to_us(r) || self.is_assigned_to_us(r) {
+            return true;
+        }
+        if self.is_own(r) && !r.prefers_other_than(identity) {
+            return true;
+        }
+        // In coordinated mode, never on our own.
+        if self.config.coordinated.is_some() {
+            return false;
+        }
+        // A strategy that prefers someone else: that one's until the record expires,
+        // even when released (after that, anyone's).
+        if r.prefers_other_than(identity) {
+            let (own, max) = (self.config.lease_duration, self.config.max_record_duration);
+            return now >= observed.expires_at(own, max);
+        }
+        r.holder().is_none() || !self.is_held(observed, now)
+    }
+
+    /// The record was transferred to us by a handoff we accepted.
+    fn is_transfer_to_us(&self, r: &LeaderRecord) -> bool {
+        r.holder_identity == self.config.identity
+            && r.handoff.as_ref().is_some_and(|h| {
+                h.state == HandoffState::Transferred
+                    && h.to.as_deref() == Some(&self.config.identity)
+                    && self.accepted.as_deref() == Some(h.id.as_str())
+            })
+    }
+
+    /// Coordinated mode: the controller names us as the holder (and nobody else is
+    /// preferred), in a record we did not write.
+    fn is_assigned_to_us(&self, r: &LeaderRecord) -> bool {
+        self.config.coordinated.is_some()
+            && r.holder_identity == self.config.identity
+            && r.strategy.as_deref().is_some_and(|s| !s.is_empty())
+            && !r.prefers_other_than(&self.config.identity)
+            && !self.is_own(r)
+    }
+
+    /// A handoff request we should accept: addressed to us (or to anyone) on a lease
+    /// someone else holds, not yet accepted, and not under a coordinated strategy.
+    fn handoff_to_accept(&self, r: &LeaderRecord) -> Option<Handoff> {
+        let h = r.handoff.as_ref()?;
+        let identity = &self.config.identity;
+        let for_us = h.to.as_deref().is_none_or(|to| to == identity);
+        let held_by_other = r.holder().is_some_and(|holder| holder != identity);
+        let coordinated = r.strategy.as_deref().is_some_and(|s| !s.is_empty());
+        (h.state == HandoffState::Requested
+            && for_us
+            && held_by_other
+            && !coordinated
+            && self.config.coordinated.is_none())
+        .then(|| h.step(HandoffState::Accepted, identity))
+    }
+
+    fn on_accepted(&mut self, reply: Result<Answer, LockError>, now: Instant) {
+        match reply {
+            Ok(Answer::Wrote(v)) => {
+                if let Some(h) = &v.record.handoff {
+                    info!(id = %h.id, "accepted a handoff request; waiting for the holder");
+                    self.accepted = Some(h.id.clone());
+                }
+                self.observe(v, now);
+            }
+            Ok(_) => {}
+            Err(LockError::Conflict | LockError::NotFound) => self.stale = true,
+            Err(e) => {
+                self.api_failed("accept", &e, now);
+                self.stale = true;
+                self.back_off(now);
+            }
+        }
     }
 
     // ---- requests -------------------------------------------------------------------
@@ -667,7 +799,7 @@ impl Machine {
 
     /// Sends a request bounded by the request timeout, or by `limit` if sooner.
     fn send_until(&mut self, purpose: Purpose, op: Op, now: Instant, limit: Option<Instant>) {
-        let mut deadline = now + self.config.request_timeout;
+        let mut deadline = now + self.request_timeout();
         if let Some(limit) = limit {
             deadline = deadline.min(limit);
         }
@@ -712,7 +844,19 @@ impl Machine {
     }
 
     fn is_own(&self, record: &LeaderRecord) -> bool {
-        record.holder_identity == self.config.identity && self.own_writes.contains(record)
+        record.holder_identity == self.config.identity && self.wrote(record)
+    }
+
+    /// Whether this process wrote `record`: one of our writes with the same holder,
+    /// count and renewal time. (Fields someone else edited since — a handoff annotation,
+    /// a preferred holder, a duration — do not make it someone else's; another process
+    /// writing under our name writes its own renewal time.)
+    fn wrote(&self, record: &LeaderRecord) -> bool {
+        self.own_writes.iter().any(|w| {
+            w.holder_identity == record.holder_identity
+                && w.lease_transitions == record.lease_transitions
+                && w.renew_time == record.renew_time
+        })
     }
 
     // ---- replies --------------------------------------------------------------------
@@ -747,7 +891,7 @@ impl Machine {
             return;
         }
         match inflight.purpose {
-            Purpose::Read => self.on_read(reply, now),
+            Purpose::Read => self.on_read(reply, inflight.sent_at, now),
             Purpose::Take if matches!(self.role, Role::ShuttingDown(Closing::Resolving { .. })) => {
                 self.on_take_resolved(reply, now);
             }
@@ -756,12 +900,13 @@ impl Machine {
             Purpose::RenewWrite => self.on_renewed(reply, inflight.sent_at, false, now),
             Purpose::RenewRead => self.on_renew_read(reply, now),
             Purpose::ResolveRead => self.on_resolve_read(reply, now),
-            Purpose::ReleaseRead => self.on_release_read(reply, now),
-            Purpose::ReleaseWrite => self.on_released(reply, now),
+            Purpose::GiveRead => self.on_give_read(reply, now),
+            Purpose::GiveWrite => self.on_given(reply, now),
+            Purpose::Accept => self.on_accepted(reply, now),
         }
     }
 
-    fn on_read(&mut self, reply: Result<Answer, LockError>, now: Instant) {
+    fn on_read(&mut self, reply: Result<Answer, LockError>, sent_at: Instant, now: Instant) {
         match reply {
             Ok(Answer::Read(Some(v))) => {
                 self.stale = false;
@@ -785,6 +930,7 @@ impl Machine {
                 self.failures = 0;
                 self.read_due = Some(now + self.jitter(self.config.retry_period));
                 self.observe_absent(false, now);
+                self.absent_read_sent = Some(sent_at);
             }
             Ok(Answer::Wrote(_)) => debug!("a write answer to a read; ignored"),
             Err(e) => {
@@ -872,7 +1018,7 @@ impl Machine {
                 }
                 l.current = v;
                 l.last_ok = sent_at;
-                l.next_renew = sent_at + self.config.retry_period;
+                l.next_renew = sent_at + self.config.renew_every();
                 let deadline = sent_at + self.config.renew_deadline;
                 self.actions.push_back(Action::ExtendTerm(deadline));
                 if let Some(m) = &self.metrics {
@@ -927,7 +1073,34 @@ impl Machine {
                         && w.lease_transitions == token
                         && w.renew_time == v.record.renew_time
                 });
-                if ours && renewed_by_us {
+                let identity = self.config.identity.clone();
+                let accepted = v
+                    .record
+                    .handoff
+                    .as_ref()
+                    .and_then(|h| match (&h.to, h.state) {
+                        (Some(to), HandoffState::Accepted) if *to != identity => {
+                            Some(GiveTo::Candidate {
+                                to: to.clone(),
+                                id: h.id.clone(),
+                            })
+                        }
+                        _ => None,
+                    });
+                if ours && renewed_by_us && v.record.prefers_other_than(&identity) {
+                    let preferred = v.record.preferred_holder.clone().unwrap_or_default();
+                    self.lose_then(
+                        format!("the lease's strategy prefers {preferred}"),
+                        Some(GiveTo::Nobody),
+                        now,
+                    );
+                } else if let (true, true, Some(to)) = (ours, renewed_by_us, accepted) {
+                    let GiveTo::Candidate { to: target, .. } = &to else {
+                        return;
+                    };
+                    let reason = format!("handing over to {target}, which accepted");
+                    self.lose_then(reason, Some(to), now);
+                } else if ours && renewed_by_us {
                     let record = self.renewed(&v.record, token);
                     let Role::Leader(l) = &self.role else { return };
                     let limit = Some(l.last_ok + self.config.renew_deadline);
@@ -975,7 +1148,7 @@ impl Machine {
             token,
             current,
             last_ok: sent_at,
-            next_renew: sent_at + self.config.retry_period,
+            next_renew: sent_at + self.config.renew_every(),
         });
         self.actions.push_back(Action::StartTerm {
             token,
@@ -997,12 +1170,30 @@ impl Machine {
 
     /// Ends the term (the work is told at once) and waits for the work to stop.
     fn lose(&mut self, reason: String, now: Instant) {
+        self.lose_then(reason, None, now);
+    }
+
+    /// [`lose`](Self::lose), then give the lease to `to` once the work has stopped.
+    fn lose_then(&mut self, reason: String, to: Option<GiveTo>, now: Instant) {
         let Role::Leader(l) = &self.role else { return };
-        warn!(%reason, term = l.token, "stopped leading");
+        let token = l.token;
+        if to.is_some() {
+            info!(%reason, term = token, "stepping down");
+        } else {
+            warn!(%reason, term = token, "stopped leading");
+        }
         self.end_term();
         self.role = Role::Draining {
             since: now,
             overdue: false,
+            then: to.map(|to| Giving {
+                token,
+                to,
+                stop_after: false,
+                until: now,
+                retry_at: None,
+                current: None,
+            }),
         };
     }
 
@@ -1021,15 +1212,21 @@ impl Machine {
 
     fn on_work_stopped(&mut self, now: Instant) {
         self.status.work_overdue = false;
-        match &self.role {
-            Role::Draining { .. } => {
-                self.role = Role::Follower;
-            }
+        match &mut self.role {
+            Role::Draining { then, .. } => match then.take() {
+                Some(mut giving) => {
+                    giving.until = now + self.config.renew_deadline;
+                    self.role = Role::Giving(giving);
+                }
+                None => self.role = Role::Follower,
+            },
             Role::ShuttingDown(Closing::WaitingForWork { token, .. }) => {
                 let token = *token;
                 if self.config.release_on_cancel {
-                    self.role = Role::ShuttingDown(Closing::Releasing {
+                    self.role = Role::Giving(Giving {
                         token,
+                        to: GiveTo::Nobody,
+                        stop_after: true,
                         until: now + self.config.renew_deadline,
                         retry_at: None,
                         current: None,
@@ -1078,6 +1275,12 @@ impl Machine {
                     retry_at: Some(now),
                 });
             }
+            // Finish giving the lease up, then stop.
+            Role::Giving(_) => {
+                if let Role::Giving(g) = &mut self.role {
+                    g.stop_after = true;
+                }
+            }
             Role::ShuttingDown(_) | Role::Stopped => {}
             Role::Follower | Role::Draining { .. } => self.stop(Ok(())),
         }
@@ -1107,44 +1310,6 @@ impl Machine {
                         "the work did not stop in time: not releasing; the lease will expire"
                     );
                     self.stop(Ok(()));
-                }
-            }
-            Closing::Releasing {
-                until,
-                retry_at,
-                current,
-                ..
-            } => {
-                if now >= *until {
-                    warn!("could not release the lease in time; it will expire");
-                    self.stop(Ok(()));
-                    return;
-                }
-                if self.inflight.is_some() || retry_at.is_some_and(|t| now < t) {
-                    return;
-                }
-                *retry_at = None;
-                let until = *until;
-                match current.take() {
-                    None => self.send_until(Purpose::ReleaseRead, Op::Get, now, Some(until)),
-                    Some(fresh) => {
-                        let at = self.wall_now();
-                        let record = LeaderRecord {
-                            holder_identity: String::new(),
-                            lease_duration_seconds: Some(1),
-                            acquire_time: Some(at),
-                            renew_time: Some(at),
-                            lease_transitions: fresh.record.lease_transitions,
-                            preferred_holder: None,
-                            strategy: None,
-                        };
-                        self.send_until(
-                            Purpose::ReleaseWrite,
-                            Op::Update(fresh, record),
-                            now,
-                            Some(until),
-                        );
-                    }
                 }
             }
         }
@@ -1202,65 +1367,150 @@ impl Machine {
             return;
         }
         info!("our taking write landed as we shut down: releasing it");
-        self.role = Role::ShuttingDown(Closing::Releasing {
+        self.role = Role::Giving(Giving {
             token: v.record.lease_transitions,
+            to: GiveTo::Nobody,
+            stop_after: true,
             until: now + self.config.renew_deadline,
             retry_at: None,
             current: Some(v),
         });
     }
 
-    fn on_release_read(&mut self, reply: Result<Answer, LockError>, now: Instant) {
-        let Role::ShuttingDown(Closing::Releasing { token, .. }) = &self.role else {
+    // ---- giving the lease up: release, or transfer to a handoff's candidate ------------
+
+    /// Reads the lease; if it is still this term's, writes it away; bounded in time.
+    fn giving_step(&mut self, now: Instant) {
+        let at = self.wall_now();
+        let lease_seconds = self.config.lease_duration_seconds();
+        let Role::Giving(g) = &mut self.role else {
             return;
         };
-        let token = *token;
+        if now >= g.until {
+            warn!("could not give the lease up in time; it will expire");
+            self.given_up();
+            return;
+        }
+        if self.inflight.is_some() || g.retry_at.is_some_and(|t| now < t) {
+            return;
+        }
+        g.retry_at = None;
+        let until = g.until;
+        match g.current.take() {
+            None => self.send_until(Purpose::GiveRead, Op::Get, now, Some(until)),
+            Some(fresh) => {
+                let base = &fresh.record;
+                let record = match &g.to {
+                    GiveTo::Nobody => LeaderRecord {
+                        holder_identity: String::new(),
+                        lease_duration_seconds: Some(1),
+                        acquire_time: Some(at),
+                        renew_time: Some(at),
+                        lease_transitions: base.lease_transitions,
+                        preferred_holder: base.preferred_holder.clone(),
+                        strategy: base.strategy.clone(),
+                        handoff: None,
+                    },
+                    GiveTo::Candidate { to, id } => LeaderRecord {
+                        holder_identity: to.clone(),
+                        lease_duration_seconds: Some(lease_seconds),
+                        acquire_time: Some(at),
+                        renew_time: Some(at),
+                        // The new holder's term: the next token.
+                        lease_transitions: base.lease_transitions.saturating_add(1),
+                        preferred_holder: None,
+                        strategy: base.strategy.clone(),
+                        handoff: Some(Handoff {
+                            state: HandoffState::Transferred,
+                            to: Some(to.clone()),
+                            id: id.clone(),
+                        }),
+                    },
+                };
+                self.send_until(
+                    Purpose::GiveWrite,
+                    Op::Update(fresh, record),
+                    now,
+                    Some(until),
+                );
+            }
+        }
+    }
+
+    fn on_give_read(&mut self, reply: Result<Answer, LockError>, now: Instant) {
         match reply {
             Ok(Answer::Read(Some(v))) => {
                 self.observe(v.clone(), now);
-                let ours = v.record.holder_identity == self.config.identity
-                    && v.record.lease_transitions == token;
-                if ours {
-                    if let Role::ShuttingDown(Closing::Releasing { current, .. }) = &mut self.role {
-                        *current = Some(v);
-                    }
-                } else {
-                    debug!("the lease is no longer ours; nothing to release");
-                    self.stop(Ok(()));
+                let identity = self.config.identity.clone();
+                let Role::Giving(g) = &mut self.role else {
+                    return;
+                };
+                let ours =
+                    v.record.holder_identity == identity && v.record.lease_transitions == g.token;
+                if !ours {
+                    debug!("the lease is no longer ours; nothing to give up");
+                    self.given_up();
+                    return;
                 }
+                if let GiveTo::Candidate { id, .. } = &g.to {
+                    let still_accepted = v
+                        .record
+                        .handoff
+                        .as_ref()
+                        .is_some_and(|h| h.state == HandoffState::Accepted && &h.id == id);
+                    if !still_accepted {
+                        info!("the handoff was withdrawn; releasing the lease instead");
+                        g.to = GiveTo::Nobody;
+                    }
+                }
+                g.current = Some(v);
             }
-            Ok(_) => self.stop(Ok(())),
+            Ok(_) => self.given_up(),
             Err(e) => {
                 self.api_failed("release", &e, now);
-                self.release_retry(now);
+                self.give_retry(now);
             }
         }
     }
 
-    fn on_released(&mut self, reply: Result<Answer, LockError>, now: Instant) {
+    fn on_given(&mut self, reply: Result<Answer, LockError>, now: Instant) {
         match reply {
             Ok(Answer::Wrote(v)) => {
                 let token = v.record.lease_transitions;
+                match v.record.holder() {
+                    Some(to) => info!(term = token, to, "handed the lease over"),
+                    None => info!(term = token, "released the lease"),
+                }
                 self.observe(v, now);
-                info!(term = token, "released the lease");
-                self.stop(Ok(()));
+                self.given_up();
             }
-            Ok(_) => self.stop(Ok(())),
+            Ok(_) => self.given_up(),
             Err(LockError::Conflict) => {
                 // Read again at once: a late write of ours, or someone else's.
             }
-            Err(LockError::NotFound) => self.stop(Ok(())),
+            Err(LockError::NotFound) => self.given_up(),
             Err(e) => {
                 self.api_failed("release", &e, now);
-                self.release_retry(now);
+                self.give_retry(now);
             }
         }
     }
 
-    fn release_retry(&mut self, now: Instant) {
+    fn give_retry(&mut self, now: Instant) {
         let pause = self.config.retry_period / 4;
-        if let Role::ShuttingDown(Closing::Releasing { retry_at, .. }) = &mut self.role {
-            *retry_at = Some(now + pause);
+        if let Role::Giving(g) = &mut self.role {
+            g.retry_at = Some(now + pause);
+        }
+    }
+
+    /// Done giving the lease up (or it was no longer ours): stop, or campaign again.
+    fn given_up(&mut self) {
+        let Role::Giving(g) = &self.role else { return };
+        if g.stop_after {
+            self.stop(Ok(()));
+        } else {
+            self.stale = true;
+            self.role = Role::Follower;
         }
     }
 
@@ -1330,7 +1580,7 @@ impl Machine {
         self.actions.push_back(Action::Watch {
             after: after.clone(),
             timeout: WATCH_TIMEOUT,
-            open_by: now + self.config.request_timeout,
+            open_by: now + self.request_timeout(),
         });
         self.watch = Watch::Opening { after };
     }
@@ -1461,7 +1711,10 @@ impl Machine {
         if w.checked {
             return None;
         }
-        let (gap, last) = (self.renew_gap?, self.last_change_at?);
+        // Until the watch has shown two renewals, expect the holder to renew as often as
+        // we would.
+        let gap = self.renew_gap.unwrap_or_else(|| self.config.renew_every());
+        let last = self.last_change_at?;
         let observed = self.observed.as_ref()?;
         observed.record.holder()?;
         let expected = last.max(w.opened_at) + gap * 2 + Duration::from_secs(1);
@@ -1475,7 +1728,12 @@ impl Machine {
     /// holder's lease alive. Versions are opaque: any version is news.
     fn observe(&mut self, v: Versioned, now: Instant) {
         let (own, max) = (self.config.lease_duration, self.config.max_record_duration);
-        let changed = self.observed.as_ref().is_none_or(|o| o.record != v.record);
+        // A handoff annotation coming or going is not a renewal: it keeps the time.
+        let same = same_but_handoff;
+        let changed = self
+            .observed
+            .as_ref()
+            .is_none_or(|o| !same(&o.record, &v.record));
         if changed {
             if self
                 .observed
@@ -1487,7 +1745,7 @@ impl Machine {
             self.last_change_at = Some(now);
         }
         let (observed_at, carried) = match &self.observed {
-            Some(o) if o.record == v.record => (o.observed_at, o.carried),
+            Some(o) if same(&o.record, &v.record) => (o.observed_at, o.carried),
             // A holder replaced by another without a release, or its record edited
             // without a renewal (an admin, garbage): the holder we saw may still lead
             // for as long as the duration we saw allows. Only a renewal by the holder
@@ -1502,11 +1760,22 @@ impl Machine {
             }
             _ => (now, Duration::ZERO),
         };
+        // Back after a deletion: whoever led the deleted Lease may lead until the wait
+        // for re-creating it is over; this record (someone else's re-creation, or an
+        // admin's) is valid at least that long.
+        let carried = match self.tombstone_expiry() {
+            Some(t) => carried.max(t.saturating_duration_since(now)),
+            None => carried,
+        };
         self.absent = false;
         self.tombstone = None;
         self.absent_since = None;
         let t = v.record.lease_transitions;
         self.highest_token = Some(self.highest_token.map_or(t, |h| h.max(t)));
+        if v.record.holder().is_some() {
+            let d = v.record.effective_duration(own, max);
+            self.longest_duration = self.longest_duration.max(d);
+        }
         if self.blocked_version.as_ref() != Some(&v.version) {
             self.blocked_version = None;
             if matches!(self.role, Role::Follower)
@@ -1555,10 +1824,11 @@ impl Machine {
     /// - Never seen before: at once (nothing is known; see the README's limits).
     /// - Found deleted by its leader (us): at once; nobody else wrote it after us.
     /// - Otherwise: once the last record we saw has expired, and a whole lease duration
-    ///   after we learned of the deletion — someone may have taken the Lease after what
-    ///   we saw and lead until the deletion; their term ends within `renew_deadline` of
-    ///   their last renewal, which came before the deletion. (Waiting from the
-    ///   deletion costs at most a retry period more than waiting out the last record.)
+    ///   (the longest seen on this Lease) after we learned of the deletion — someone may
+    ///   have taken the Lease after what we saw and lead until the deletion; their term
+    ///   ends within `renew_deadline` of their last renewal, which came before the
+    ///   deletion. (Waiting from the deletion costs at most a retry period more than
+    ///   waiting out the last record.)
     fn tombstone_expiry(&self) -> Option<Instant> {
         if !self.absent {
             return None;
@@ -1569,16 +1839,21 @@ impl Machine {
             return None;
         }
         let (own, max) = (self.config.lease_duration, self.config.max_record_duration);
-        let unknown = learned + t.duration(own, max);
+        // Whoever may have taken it unseen could have any candidate's duration: wait the
+        // longest one seen on this Lease.
+        let unknown = learned + t.duration(own, max).max(self.longest_duration);
         let held = t.record.holder().is_some() && !self.is_own(&t.record);
         let expiry = held.then(|| t.expires_at(own, max));
         Some(expiry.map_or(unknown, |e| e.max(unknown)))
     }
 
-    /// When the observed holder's lease expires, if someone else holds it.
+    /// When the observed holder's lease expires, if someone else holds it (or a
+    /// strategy prefers someone else).
     fn observed_expiry(&self) -> Option<Instant> {
         let o = self.observed.as_ref()?;
-        o.record.holder()?;
+        if o.record.holder().is_none() && !o.record.prefers_other_than(&self.config.identity) {
+            return None;
+        }
         if self.is_own(&o.record) {
             return None;
         }
@@ -1605,7 +1880,9 @@ impl Machine {
 
     fn report_clash(&mut self, record: &LeaderRecord) {
         let clash = record.holder_identity == self.config.identity
-            && !self.own_writes.contains(record)
+            && !self.wrote(record)
+            && !self.is_transfer_to_us(record)
+            && !self.is_assigned_to_us(record)
             && !matches!(self.role, Role::Leader(_));
         if !clash {
             if record.holder_identity != self.config.identity {
@@ -1627,6 +1904,10 @@ impl Machine {
 
     /// The token of a new term taken over from `base`: one above the highest seen.
     fn take_token(&self, base: &LeaderRecord) -> Result<i32, TakeoverError> {
+        // A transfer already raised the count for our term.
+        if self.is_transfer_to_us(base) {
+            return Ok(base.lease_transitions);
+        }
         let highest = self
             .highest_token
             .map_or(base.lease_transitions, |h| h.max(base.lease_transitions));
@@ -1655,9 +1936,12 @@ impl Machine {
         }
     }
 
-    /// The record that starts a term: us, now, with `token`. client-go's
-    /// non-coordinated writes clear `preferredHolder` and `strategy`; so do we.
-    fn taking_record(&self, token: i32) -> LeaderRecord {
+    /// The record that starts a term on `base` (none: a new Lease): us, now, with
+    /// `token`. The `strategy` a coordinated controller set is kept (client-go's
+    /// non-coordinated writes clear it, which fights the controller); `preferredHolder`
+    /// is cleared (we take only when it is us, or after it went unused for a lease
+    /// duration), and so is a handoff (it is done, or stale).
+    fn taking_record(&self, token: i32, base: Option<&LeaderRecord>) -> LeaderRecord {
         let at = self.wall_now();
         LeaderRecord {
             holder_identity: self.config.identity.clone(),
@@ -1666,12 +1950,14 @@ impl Machine {
             renew_time: Some(at),
             lease_transitions: token,
             preferred_holder: None,
-            strategy: None,
+            strategy: base.and_then(|b| b.strategy.clone()),
+            handoff: None,
         }
     }
 
     /// The renewal of `from`: renewTime now (a different value than before, so that
-    /// followers see a change), everything else kept.
+    /// followers see a change), everything else kept as read — strategy, preferred
+    /// holder and a pending handoff too.
     fn renewed(&self, from: &LeaderRecord, token: i32) -> LeaderRecord {
         LeaderRecord {
             holder_identity: self.config.identity.clone(),
@@ -1679,8 +1965,9 @@ impl Machine {
             acquire_time: from.acquire_time,
             renew_time: Some(renew_time(from.renew_time, self.wall_now())),
             lease_transitions: token,
-            preferred_holder: None,
-            strategy: None,
+            preferred_holder: from.preferred_holder.clone(),
+            strategy: from.strategy.clone(),
+            handoff: from.handoff.clone(),
         }
     }
 
@@ -1737,6 +2024,15 @@ impl Machine {
         self.not_before = Some(now + self.jitter(wait));
     }
 
+    /// The time limit of one call: the configured request timeout, but at most half the
+    /// renew deadline — a call slower than that is failing in effect, and waiting longer
+    /// on a silently dead connection would only delay the retry on a new one.
+    fn request_timeout(&self) -> Duration {
+        self.config
+            .request_timeout
+            .min(self.config.renew_deadline / 2)
+    }
+
     fn count(&self, kind: &str) {
         if let Some(m) = &self.metrics {
             m.api_error(&self.metric_name(), kind);
@@ -1761,6 +2057,17 @@ impl Machine {
     fn jitter(&mut self, d: Duration) -> Duration {
         d.mul_f64(1.0 + self.rng.random::<f64>() * 0.2)
     }
+}
+
+/// Whether two records are the same but for the handoff annotation.
+fn same_but_handoff(a: &LeaderRecord, b: &LeaderRecord) -> bool {
+    a.holder_identity == b.holder_identity
+        && a.lease_duration_seconds == b.lease_duration_seconds
+        && a.acquire_time == b.acquire_time
+        && a.renew_time == b.renew_time
+        && a.lease_transitions == b.lease_transitions
+        && a.preferred_holder == b.preferred_holder
+        && a.strategy == b.strategy
 }
 
 /// The renewTime to write: now, unless that equals the previous value (then one

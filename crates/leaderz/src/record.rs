@@ -49,11 +49,88 @@ pub struct LeaderRecord {
     pub renew_time: Option<Timestamp>,
     /// How many times the lease changed hands (`leaseTransitions`); leaderz's fencing token.
     pub lease_transitions: i32,
-    /// `preferredHolder` and `strategy` (coordinated election), as read. leaderz's own
-    /// writes clear both, as client-go's non-coordinated writes do.
+    /// `preferredHolder` (coordinated election): whom the Lease's `strategy` wants to
+    /// hold it. A holder that is not it steps down. leaderz keeps it as read on renewals.
     pub preferred_holder: Option<String>,
-    /// See [`LeaderRecord::preferred_holder`].
+    /// `strategy` (coordinated election): set by the coordinated-election controller.
+    /// leaderz keeps it as read on every write (client-go's non-coordinated writes clear
+    /// it, which fights a running controller).
     pub strategy: Option<String>,
+    /// A planned handover in progress (the Lease's `leaderz.io/handoff` annotation; see
+    /// [`Handoff`]).
+    pub handoff: Option<Handoff>,
+}
+
+/// The annotation that carries a planned handover ([`Handoff`]).
+pub const HANDOFF_ANNOTATION: &str = "leaderz.io/handoff";
+
+/// A planned handover (`leaderz handoff`), carried in the Lease's
+/// [`leaderz.io/handoff`](HANDOFF_ANNOTATION) annotation as JSON, e.g.
+/// `{"state":"requested","to":"pod-b","id":"4f2a…"}`.
+///
+/// 1. Someone **requests** it (`to`: the candidate to hand over to, or none for any).
+/// 2. That candidate, watching the Lease, **accepts** it (`to` is then its identity):
+///    proof that it is alive and a leaderz candidate of this Lease.
+/// 3. The holder ends its term, waits for its work to stop, and **transfers** the Lease:
+///    it writes the accepted candidate as holder, with the next `leaseTransitions`.
+/// 4. The new holder starts its term with its first write (which clears the annotation).
+///
+/// Candidates that do not know the protocol (client-go) ignore the annotation and keep
+/// it on their writes; a transferred Lease names a valid holder to them, so they wait.
+/// If the new holder never writes, the transferred record expires like any other.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[non_exhaustive]
+pub struct Handoff {
+    /// How far the handover has come.
+    pub state: HandoffState,
+    /// The candidate to hand over to (none: any candidate may accept a request).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to: Option<String>,
+    /// The request's id, so that steps of different requests are never mixed up.
+    pub id: String,
+}
+
+/// The steps of a [`Handoff`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+#[non_exhaustive]
+pub enum HandoffState {
+    /// Asked for; no candidate has accepted yet.
+    Requested,
+    /// A candidate accepted; waiting for the holder to transfer the Lease.
+    Accepted,
+    /// The holder wrote the accepted candidate as the new holder.
+    Transferred,
+}
+
+impl Handoff {
+    /// A new request to hand over to `to` (none: any candidate).
+    pub fn request(to: Option<String>, id: impl Into<String>) -> Self {
+        Self {
+            state: HandoffState::Requested,
+            to,
+            id: id.into(),
+        }
+    }
+
+    /// Reads the annotation's value; `None` if it is not one (garbage is ignored).
+    pub fn parse(value: &str) -> Option<Self> {
+        serde_json::from_str(value).ok()
+    }
+
+    /// The annotation's value.
+    pub fn to_annotation(&self) -> String {
+        serde_json::to_string(self).unwrap_or_default()
+    }
+
+    /// This handover moved on to `state`, for candidate `to`.
+    pub fn step(&self, state: HandoffState, to: &str) -> Self {
+        Self {
+            state,
+            to: Some(to.to_owned()),
+            id: self.id.clone(),
+        }
+    }
 }
 
 impl LeaderRecord {
@@ -75,7 +152,32 @@ impl LeaderRecord {
             lease_transitions: spec.lease_transitions.unwrap_or(0).max(0),
             preferred_holder: spec.preferred_holder.clone(),
             strategy: spec.strategy.clone(),
+            handoff: None,
         }
+    }
+
+    /// Reads a whole Lease: the spec, and the [handoff](Handoff) annotation.
+    pub fn from_lease(lease: &Lease) -> Self {
+        let handoff = lease
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(HANDOFF_ANNOTATION))
+            .and_then(|v| Handoff::parse(v));
+        Self {
+            handoff,
+            ..Self::from_spec(lease.spec.as_ref())
+        }
+    }
+
+    /// Whether `identity` is asked to step down: the Lease has a strategy (coordinated
+    /// election, or a third-party controller) whose preferred holder is someone else.
+    pub fn prefers_other_than(&self, identity: &str) -> bool {
+        self.strategy.as_deref().is_some_and(|s| !s.is_empty())
+            && self
+                .preferred_holder
+                .as_deref()
+                .is_some_and(|p| !p.is_empty() && p != identity)
     }
 
     /// Writes the record as client-go does: every field set, times in microseconds,
@@ -230,6 +332,7 @@ mod tests {
             lease_transitions: 3,
             preferred_holder: None,
             strategy: None,
+            handoff: None,
         };
         let json = serde_json::to_value(rec.to_spec()).unwrap();
         assert_eq!(
@@ -340,6 +443,7 @@ mod tests {
                 lease_transitions: transitions,
                 preferred_holder: None,
                 strategy: None,
+                handoff: None,
             };
             let spec = rec.to_spec();
             prop_assert_eq!(LeaderRecord::from_spec(Some(&spec)), rec.clone());

@@ -688,3 +688,31 @@ async fn acquired_never_returns_an_ended_term() {
     let again = tokio::time::timeout(secs(1), a.acquired()).await;
     assert!(again.is_err(), "must wait for a new term");
 }
+
+/// Issue 9: with a renew interval the leader writes once per interval while renewals
+/// succeed, and retries a failed one every retry period until the deadline.
+#[tokio::test(start_paused = true)]
+async fn renew_interval_spaces_renewals_and_failures_are_retried_sooner() {
+    let mem = MemoryLock::new("l");
+    let faulty = FaultyLock::new(mem.clone(), 9);
+    let a = Elector::new(faulty.clone(), config("a").renew_interval(secs(6)))
+        .unwrap()
+        .spawn();
+    let term = a.acquired().await.unwrap();
+    let t0 = Instant::now();
+    let v0: u64 = mem.peek().unwrap().version.parse().unwrap();
+    sleep(secs(60) - Duration::from_millis(1)).await;
+    let v1: u64 = mem.peek().unwrap().version.parse().unwrap();
+    assert_eq!(v1 - v0, 9, "one write per 6 s interval");
+    // The renewal at 60 s fails; the retry 2 s later (not 6 s) succeeds.
+    faulty.set(Faults {
+        fail_before: 1.0,
+        ..Faults::default()
+    });
+    sleep(Duration::from_millis(1001)).await; // 61 s: the attempt at 60 s failed
+    assert_eq!(term.deadline(), t0 + secs(54) + secs(10));
+    faulty.set(Faults::default());
+    sleep(Duration::from_millis(1001)).await; // 62 s
+    assert_eq!(term.deadline(), t0 + secs(62) + secs(10), "renewed at 62 s");
+    assert!(term.is_active());
+}

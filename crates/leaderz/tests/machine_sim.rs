@@ -3,12 +3,14 @@
 //! clock of its own for every candidate, running at its own rate.
 //!
 //! The world: one Lease (a compare-and-swap register with versions and watches), five
-//! candidates with different lease durations, and every fault the model has — latency,
+//! candidates with different lease durations (half of them with a renew interval longer
+//! than their retry period), and every fault the model has — latency,
 //! requests failing before or after they apply (lost answers), hangs, writes landing long
 //! after their caller gave up, refused requests (401/403 episodes), refused, ending and
 //! stalling watches, crashes and restarts, graceful stops with slow work, electors
 //! paused while their work keeps running, Lease deletion, garbage written by an admin,
-//! and resourceVersions going backwards (an etcd restore).
+//! resourceVersions going backwards (an etcd restore), planned handovers requested to a
+//! random candidate or to any, and a controller preferring another holder.
 //!
 //! Checked on every run:
 //! - **no overlap**: the intervals in which each term's work may act (from the term's
@@ -36,6 +38,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use leaderz::machine::{Action, Answer, Input, Machine, Op, Request};
+use leaderz::record::Handoff;
 use leaderz::{ElectionConfig, LeaderRecord, LockError, LockEvent, Versioned};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
@@ -197,6 +200,7 @@ impl Store {
     }
 }
 
+#[allow(clippy::large_enum_variant)]
 enum Ev {
     Tick {
         node: usize,
@@ -522,6 +526,10 @@ impl Sim {
 
     fn feed(&mut self, i: usize, input: Input) {
         self.trace(|| format!("node {i} <- {input:?}"));
+        if self.nodes[i].paused_until.is_some() {
+            self.nodes[i].backlog.push(input);
+            return;
+        }
         if let Input::Reply(Ok(Answer::Read(Some(v)) | Answer::Wrote(v)))
         | Input::WatchEvent(LockEvent::Changed(v)) = &input
         {
@@ -529,10 +537,6 @@ impl Sim {
             node.seen_lease = true;
             let t = v.record.lease_transitions;
             node.max_seen = Some(node.max_seen.map_or(t, |m| m.max(t)));
-        }
-        if self.nodes[i].paused_until.is_some() {
-            self.nodes[i].backlog.push(input);
-            return;
         }
         let now = self.local_instant(i);
         let Some(m) = self.nodes[i].machine.as_mut() else {
@@ -1024,12 +1028,18 @@ fn config(i: usize, rng: &mut SmallRng) -> ElectionConfig {
     // a fifth of the deadline.
     let ld = rng.random_range(3..=15u64);
     let rd = Duration::from_millis(ld * 2000 / 3);
-    ElectionConfig::new(format!("c{i}"))
+    let c = ElectionConfig::new(format!("c{i}"))
         .lease_duration(Duration::from_secs(ld))
         .renew_deadline(rd)
         .retry_period(rd / 5)
         .request_timeout(Duration::from_secs(2))
-        .shutdown_grace(Duration::from_secs(10))
+        .shutdown_grace(Duration::from_secs(10));
+    // Half the candidates renew less often than they retry (up to the limit).
+    if rng.random_bool(0.5) {
+        c.renew_interval(rd.mul_f64(rng.random_range(0.2..0.75)))
+    } else {
+        c
+    }
 }
 
 fn random_faults(rng: &mut SmallRng) -> Faults {
@@ -1099,15 +1109,21 @@ fn simulate(seed: u64, max_rate: f64) -> Result<(usize, Ns), String> {
         let t = sim.now + rng.random_range(0..8000) * MS;
         sim.run_until(t);
         let i = rng.random_range(0..NODES);
-        match rng.random_range(0..20) {
+        match rng.random_range(0..23) {
             0..=2 if sim.running(i) => sim.crash(i),
             3..=5 if sim.running(i) => {
                 let lag = rng.random_range(0..15_000) * MS;
                 sim.shutdown(i, lag);
             }
-            // A new process (same identity) starts; not while the Lease is deleted: one
-            // that never saw the Lease re-creates it at once (a documented limit).
-            _ if !sim.running(i) && sim.store.current.is_some() => sim.start(i, rng.random()),
+            // A new process (same identity) starts; not while the Lease is deleted or
+            // holds an admin's garbage: one that never saw the real holder re-creates it
+            // at once, or trusts the garbage (documented limits).
+            _ if !sim.running(i)
+                && sim.store.current.is_some()
+                && sim.store.writes.last().is_some_and(|w| w.by.is_some()) =>
+            {
+                sim.start(i, rng.random());
+            }
             6 => sim.pause(i, rng.random_range(1000..40_000) * MS),
             // An admin deletes the Lease, now and then (not again within twice the
             // longest lease duration: deleting a re-created Lease again while a
@@ -1119,7 +1135,10 @@ fn simulate(seed: u64, max_rate: f64) -> Result<(usize, Ns), String> {
                 last_delete = sim.now;
                 sim.write(None, None);
             }
-            8 => {
+            // An admin writes garbage — only while every running candidate has seen the
+            // Lease: one that never saw it trusts whatever the garbage says (a holder or
+            // a duration shorter than the real holder's), a documented limit.
+            8 if (0..NODES).all(|n| !sim.running(n) || sim.nodes[n].seen_lease) => {
                 // An admin writes garbage (never lowering the count below what the
                 // Lease ever had: tokens must rise).
                 let t = sim
@@ -1137,12 +1156,16 @@ fn simulate(seed: u64, max_rate: f64) -> Result<(usize, Ns), String> {
                         lease_transitions: t + 1,
                         ..Default::default()
                     },
-                    // The current record with its duration edited. (Not a record
-                    // without holder: an admin who clears holderIdentity releases the
-                    // lease by force while its holder leads — a documented limit.)
+                    // The current record with its duration edited, longer. (Shortening
+                    // it by hand can fool a follower that missed the holder's last
+                    // renewal before the edit, and clearing holderIdentity releases the
+                    // lease by force while its holder leads: documented limits.)
                     1 => match sim.store.current.clone() {
                         Some(v) => LeaderRecord {
-                            lease_duration_seconds: Some(rng.random_range(-5..30)),
+                            lease_duration_seconds: Some(
+                                v.record.lease_duration_seconds.unwrap_or(0).max(1)
+                                    + rng.random_range(0..15),
+                            ),
                             ..v.record
                         },
                         None => LeaderRecord {
@@ -1158,6 +1181,35 @@ fn simulate(seed: u64, max_rate: f64) -> Result<(usize, Ns), String> {
                     },
                 };
                 sim.write(None, Some(record));
+            }
+            10 | 11 => {
+                // Someone asks for a planned handover, to a random candidate or to any.
+                if let Some(v) = sim.store.current.clone()
+                    && v.record.holder().is_some()
+                {
+                    let to = rng
+                        .random_bool(0.7)
+                        .then(|| format!("c{}", rng.random_range(0..NODES)));
+                    let id = format!("h{}", rng.random::<u32>());
+                    let record = LeaderRecord {
+                        handoff: Some(Handoff::request(to, id)),
+                        ..v.record
+                    };
+                    sim.write(None, Some(record));
+                }
+            }
+            12 => {
+                // A controller prefers another holder (a strategy with a preferred holder).
+                if let Some(v) = sim.store.current.clone()
+                    && v.record.holder().is_some()
+                {
+                    let record = LeaderRecord {
+                        strategy: Some("example.com/strategy".into()),
+                        preferred_holder: Some(format!("c{}", rng.random_range(0..NODES))),
+                        ..v.record
+                    };
+                    sim.write(None, Some(record));
+                }
             }
             9 => {
                 // An etcd restore: the same record, at an older version.
@@ -1191,13 +1243,23 @@ fn simulate(seed: u64, max_rate: f64) -> Result<(usize, Ns), String> {
         // The longest any candidate may wait after healing: the longest lease duration
         // (a holder that just renewed, then died) on the slowest clock, plus a backoff
         // (4 retry periods, jittered), plus the slowest request.
+        // (Garbage may name longer durations than anyone's own: those count too.)
+        let longest_record = sim
+            .store
+            .writes
+            .iter()
+            .filter_map(|w| w.record.as_ref()?.lease_duration_seconds)
+            .filter_map(|d| u64::try_from(d).ok())
+            .max()
+            .unwrap_or(0)
+            * SEC;
         let bound = sim
             .nodes
             .iter()
             .map(|n| {
                 let c = &n.config;
-                (ns(c.lease_duration) + ns(c.retry_period) * 5 + ns(c.request_timeout)) as f64
-                    / n.clock.rate.min(1.0)
+                let ld = ns(c.lease_duration).max(longest_record);
+                (ld + ns(c.retry_period) * 5 + ns(c.request_timeout)) as f64 / n.clock.rate.min(1.0)
             })
             .fold(0.0, f64::max) as Ns
             + 2 * SEC;

@@ -32,6 +32,14 @@ struct Args {
     /// client (HTTP/1.1), to compare.
     #[arg(long, default_value = "leaderz")]
     client: String,
+    /// Coordinated leader election: publish a LeaseCandidate, let the controller elect.
+    #[arg(long)]
+    coordinated: bool,
+    #[arg(long, default_value = "1.34.0")]
+    binary_version: String,
+    /// [default: the binary version]
+    #[arg(long)]
+    emulation_version: Option<String>,
 }
 
 fn log(id: &str, event: &str, extra: Option<(&str, serde_json::Value)>) {
@@ -58,7 +66,19 @@ async fn main() -> anyhow::Result<()> {
         .renew_deadline(args.renew_deadline)
         .retry_period(args.retry_period)
         .release_on_cancel(args.release_on_cancel);
-    let handle =
+    let config = if args.coordinated {
+        let emulation = args
+            .emulation_version
+            .clone()
+            .unwrap_or_else(|| args.binary_version.clone());
+        config.coordinated(
+            leaderz::config::Coordinated::new(args.binary_version.clone())
+                .emulation_version(emulation),
+        )
+    } else {
+        config
+    };
+    let mut handle =
         Elector::new(LeaseLock::new(client, &args.namespace, &args.lease), config)?.spawn();
     let id = args.id.as_str();
 
@@ -86,13 +106,19 @@ async fn main() -> anyhow::Result<()> {
             term.cancelled().await;
             log(id, "stopped_leading", None);
         }
-        std::future::pending::<()>().await;
     };
     let mut sigterm = signal(SignalKind::terminate())?;
     let was_leading = tokio::select! {
         _ = sigterm.recv() => handle.is_leader(),
         () = report => false,
-        () = work => false,
+        () = work => {
+            // The elector stopped by itself: say why.
+            if let Err(e) = handle.join().await {
+                eprintln!("error: {e}");
+                std::process::exit(1);
+            }
+            false
+        }
     };
     // The work future is gone; log its end before the release goes out.
     if was_leading {

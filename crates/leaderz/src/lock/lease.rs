@@ -11,7 +11,7 @@ use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::{Api, Client};
 
 use super::{Lock, LockError, LockEvent, SharedLeaseWatch, Versioned};
-use crate::record::LeaderRecord;
+use crate::record::{HANDOFF_ANNOTATION, LeaderRecord};
 
 /// A [`Lock`] on a Lease in one namespace.
 ///
@@ -129,9 +129,25 @@ impl LeaseLock {
     }
 }
 
+/// Writes the record's handoff into the Lease's annotation, or removes the annotation.
+fn set_handoff(lease: &mut Lease, record: &LeaderRecord) {
+    let annotations = lease.metadata.annotations.get_or_insert_default();
+    match &record.handoff {
+        Some(h) => {
+            annotations.insert(HANDOFF_ANNOTATION.to_owned(), h.to_annotation());
+        }
+        None => {
+            annotations.remove(HANDOFF_ANNOTATION);
+        }
+    }
+    if annotations.is_empty() {
+        lease.metadata.annotations = None;
+    }
+}
+
 pub(super) fn versioned(lease: Lease) -> Versioned {
     Versioned {
-        record: LeaderRecord::from_spec(lease.spec.as_ref()),
+        record: LeaderRecord::from_lease(&lease),
         version: lease.metadata.resource_version.clone().unwrap_or_default(),
         lease: Some(Arc::new(lease)),
     }
@@ -146,7 +162,7 @@ impl Lock for LeaseLock {
     }
 
     async fn create(&self, record: &LeaderRecord) -> Result<Versioned, LockError> {
-        let lease = Lease {
+        let mut lease = Lease {
             metadata: ObjectMeta {
                 name: Some(self.name.clone()),
                 namespace: Some(self.namespace.clone()),
@@ -155,6 +171,7 @@ impl Lock for LeaseLock {
             },
             spec: Some(record.to_spec()),
         };
+        set_handoff(&mut lease, record);
         match self.api.create(&PostParams::default(), &lease).await {
             Ok(lease) => Ok(versioned(lease)),
             Err(e) => Err(self.error("create", e)),
@@ -182,6 +199,7 @@ impl Lock for LeaseLock {
         lease.metadata.resource_version = Some(current.version.clone());
         lease.metadata.managed_fields = None;
         lease.spec = Some(record.to_spec());
+        set_handoff(&mut lease, record);
         match self
             .api
             .replace(&self.name, &PostParams::default(), &lease)
@@ -236,6 +254,22 @@ impl Lock for LeaseLock {
 
     fn describe(&self) -> String {
         format!("{}/{}", self.namespace, self.name)
+    }
+
+    async fn keep_candidate(
+        &self,
+        identity: &str,
+        coordinated: &crate::config::Coordinated,
+        stop: tokio_util::sync::CancellationToken,
+    ) -> Result<(), LockError> {
+        let candidate = super::candidate::Candidate {
+            api: Api::namespaced(self.api.clone().into_client(), &self.namespace),
+            namespace: self.namespace.clone(),
+            name: identity.to_owned(),
+            lease: self.name.clone(),
+            spec: coordinated.clone(),
+        };
+        candidate.keep(stop).await
     }
 
     async fn announce(&self, identity: &str, leading: bool) {

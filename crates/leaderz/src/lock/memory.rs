@@ -175,6 +175,18 @@ impl Lock for MemoryLock {
     fn describe(&self) -> String {
         format!("memory/{}", self.name)
     }
+
+    /// Nothing to publish in memory: waits until `stop`, so that coordinated mode's
+    /// decisions can be tested with a fake controller writing the record.
+    async fn keep_candidate(
+        &self,
+        _identity: &str,
+        _coordinated: &crate::config::Coordinated,
+        stop: tokio_util::sync::CancellationToken,
+    ) -> Result<(), LockError> {
+        stop.cancelled().await;
+        Ok(())
+    }
 }
 
 #[cfg(test)]

@@ -17,6 +17,7 @@ use k8s_openapi::api::coordination::v1::Lease;
 
 use crate::record::LeaderRecord;
 
+mod candidate;
 mod lease;
 mod memory;
 mod shared;
@@ -39,6 +40,7 @@ pub struct Versioned {
 
 /// A change seen by [`Lock::watch`].
 #[derive(Clone, Debug, PartialEq)]
+#[allow(clippy::large_enum_variant)] // handed on at once, never stored in bulk
 pub enum LockEvent {
     /// The record was created or changed.
     Changed(Versioned),
@@ -76,6 +78,22 @@ pub trait Lock: Send + Sync + 'static {
 
     /// A short description for logs and metrics labels, e.g. `default/my-lock`.
     fn describe(&self) -> String;
+
+    /// Publishes `identity` as a candidate for coordinated leader election and keeps the
+    /// publication fresh (for a Lease: a `LeaseCandidate` answering the controller's
+    /// pings) until `stop` is cancelled, then withdraws it. Returns an error only when
+    /// coordinated election cannot work at all (the API is not served, access refused
+    /// at the start); passing trouble is retried. Locks without coordinated election
+    /// (the default) refuse with [`LockError::Unsupported`].
+    fn keep_candidate(
+        &self,
+        identity: &str,
+        coordinated: &crate::config::Coordinated,
+        stop: tokio_util::sync::CancellationToken,
+    ) -> impl Future<Output = Result<(), LockError>> + Send {
+        let _ = (identity, coordinated, stop);
+        async { Err(LockError::Unsupported) }
+    }
 
     /// Tells the world that `identity` started (`leading`) or stopped leading, for
     /// example as a Kubernetes Event on the Lease. Best effort: failures are only
@@ -116,6 +134,18 @@ pub enum LockError {
         /// The API server's message.
         message: String,
     },
+    /// RBAC denied a request on this candidate's `LeaseCandidate` (coordinated mode).
+    #[error(
+        "forbidden: grant `{verb}` on `leasecandidates.coordination.k8s.io` in namespace `{namespace}` (see kube/coordinated/): {message}"
+    )]
+    CandidateForbidden {
+        /// The verb that was denied.
+        verb: &'static str,
+        /// The namespace.
+        namespace: String,
+        /// The API server's message.
+        message: String,
+    },
     /// The credentials were refused (HTTP 401).
     #[error("unauthorized: the API server refused our credentials: {0}")]
     Unauthorized(String),
@@ -126,6 +156,15 @@ pub enum LockError {
     /// etcd compaction): read again and watch from the fresh version.
     #[error("the watched version is gone: {0}")]
     Gone(String),
+    /// This lock cannot do what was asked (e.g. coordinated election on an in-memory
+    /// lock).
+    #[error("this lock does not support coordinated leader election")]
+    Unsupported,
+    /// Coordinated leader election is not served by the API server.
+    #[error(
+        "coordinated leader election is not served by this API server: start kube-apiserver with --feature-gates=CoordinatedLeaderElection=true --runtime-config=coordination.k8s.io/v1beta1=true ({0})"
+    )]
+    CoordinatedNotServed(String),
     /// The API server answered with another error (HTTP 5xx, 429, 410, ...).
     #[error("API error {code} {reason}: {message}")]
     Api {
@@ -149,10 +188,12 @@ impl LockError {
             LockError::AlreadyExists => "already_exists",
             LockError::NotFound => "not_found",
             LockError::NamespaceNotFound(_) => "namespace_not_found",
-            LockError::Forbidden { .. } => "forbidden",
+            LockError::Forbidden { .. } | LockError::CandidateForbidden { .. } => "forbidden",
             LockError::Unauthorized(_) => "unauthorized",
             LockError::Timeout(_) => "timeout",
             LockError::Gone(_) => "gone",
+            LockError::Unsupported => "unsupported",
+            LockError::CoordinatedNotServed(_) => "coordinated_not_served",
             LockError::Api { .. } => "api",
             LockError::Transport(_) => "transport",
         }
@@ -166,8 +207,11 @@ impl LockError {
         matches!(
             self,
             LockError::Forbidden { .. }
+                | LockError::CandidateForbidden { .. }
                 | LockError::Unauthorized(_)
                 | LockError::NamespaceNotFound(_)
+                | LockError::CoordinatedNotServed(_)
+                | LockError::Unsupported
         )
     }
 
