@@ -101,7 +101,11 @@ fn options(args: &Args) -> Result<Options> {
             .unwrap_or(Duration::from_secs(if q { 10 } else { 20 })),
         rest: Duration::from_secs(2),
         many: if args.many.is_empty() {
-            if q { vec![100] } else { vec![100, 1000, 3000, 10000] }
+            if q {
+                vec![100]
+            } else {
+                vec![100, 1000, 3000, 10000]
+            }
         } else {
             args.many.iter().copied().filter(|&n| n > 0).collect()
         },
@@ -384,10 +388,7 @@ async fn main() -> Result<()> {
         }
         if peer.spec.name == "leaderz" {
             step(started, "leaderz serve: RSS of the sidecar binary");
-            match bench
-                .serve_rss(&paths.release_dir.join("leaderz"))
-                .await
-            {
+            match bench.serve_rss(&paths.release_dir.join("leaderz")).await {
                 Ok(rss) => {
                     println!("  {rss:.1} MiB");
                     report.serve_rss = Some(rss);

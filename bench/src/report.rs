@@ -627,16 +627,13 @@ fn markdown(r: &Report, analysis: &str) -> String {
         }
         let _ = write!(
             line,
-            " {:.0} | {} | {} | {} | {} | {} | {} |",
+            " {:.0} | {} | {} | {} ({}) | {} | {} | {} |",
             m.open_watches - r.baseline_watches,
             fmt(m.process.map(|c| c.rss_mib), 1),
             fmt(m.process.map(|c| c.cpu_pct), 1),
-            format!(
-                "{} ({})",
-                m.sockets.map_or_else(|| "-".to_owned(), |s| s.to_string()),
-                m.peak_sockets
-                    .map_or_else(|| "-".to_owned(), |s| s.to_string())
-            ),
+            m.sockets.map_or_else(|| "-".to_owned(), |s| s.to_string()),
+            m.peak_sockets
+                .map_or_else(|| "-".to_owned(), |s| s.to_string()),
             fmt(m.apiserver.map(|c| c.cpu_pct), 1),
             fmt(m.etcd.map(|c| c.cpu_pct), 1),
             m.lost
@@ -867,7 +864,8 @@ fn many_targets(w: &mut String, r: &Report) {
         w,
         "| {n} leases: ≤ 16 connections to the API server | {} at the end (peak {}) | {} |",
         lz.sockets.map_or_else(|| "-".to_owned(), |s| s.to_string()),
-        lz.peak_sockets.map_or_else(|| "-".to_owned(), |s| s.to_string()),
+        lz.peak_sockets
+            .map_or_else(|| "-".to_owned(), |s| s.to_string()),
         verdict(lz.sockets.map(|s| s <= 16))
     );
     let _ = writeln!(

@@ -209,9 +209,19 @@ impl Bench {
             .new_namespace("lz-serve")
             .await
             .context("creating a namespace")?;
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
         let mut child = Command::new(program)
-            .args(["serve", "--lease", LEASE, "--namespace", &ns, "--identity", "serve-0"])
+            .args([
+                "serve",
+                "--lease",
+                LEASE,
+                "--namespace",
+                &ns,
+                "--identity",
+                "serve-0",
+            ])
             .args(["--http", &format!("127.0.0.1:{port}")])
             .args(TIMING_FLAGS)
             .env("KUBECONFIG", self.cp.kubeconfig_path())
