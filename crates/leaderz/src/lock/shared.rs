@@ -51,7 +51,11 @@ const SUBSCRIBER_BUFFER: usize = 64;
 const VERSIONS_KEPT: usize = 16;
 
 /// One watch on the Leases of a namespace, shared by the [`LeaseLock`]s made from it.
-/// See the [module docs](self).
+///
+/// RBAC: besides what every lock needs (`get`, `create`, `update` on its Leases), the
+/// shared watch needs **`list` and `watch` on `leases.coordination.k8s.io` in the
+/// namespace** (a label selector narrows what is sent, not what must be granted). If they
+/// are denied, each election falls back to polling and says why in its status.
 ///
 /// ```no_run
 /// # async fn doc(client: kube::Client) -> Result<(), Box<dyn std::error::Error>> {
