@@ -81,9 +81,12 @@ pub(crate) enum CliError {
         /// Its namespace.
         namespace: String,
     },
-    /// An API call of `status` or `watch` failed.
+    /// An API call of `status`, `watch` or `handoff` failed.
     #[error("{0}")]
     Api(String),
+    /// A handoff was refused, or could not complete (`handoff`).
+    #[error("{0}")]
+    Handoff(String),
     /// Anything else (signal handlers, stdout).
     #[error("{0}")]
     Io(String),

@@ -124,6 +124,9 @@ pub struct TrialData {
     pub timings: Option<Timings>,
     /// The Lease's versions, as an admin's watch received them.
     pub history: Vec<LeaseVersion>,
+    /// Windows in which the admin's watch may have missed versions (Unix ns; see
+    /// [`LeaseRecorder::gaps`](crate::history::LeaseRecorder::gaps)).
+    pub history_gaps: Vec<(u64, u64)>,
     /// resourceVersions written by the test's admin (garbage, repairs): not a candidate's.
     pub admin_versions: HashSet<String>,
     /// The ledger's writes for this trial's resource.
@@ -186,6 +189,10 @@ pub struct Figures {
     /// The same for client-go terms, measured for comparison only (client-go's deadline
     /// counts from the start of its renew round).
     pub clientgo_lateness_ms: Vec<f64>,
+    /// Step-downs that looked late against the last renewal the admin's watch saw, but
+    /// whose later renewals may have been lost to it (a gap across an API server
+    /// restart), and which were in time against the end of that gap: not judged.
+    pub unverifiable_stops: usize,
     /// (d): from the last heal to the first write of a leader (ms).
     pub leaderless_ms: Option<f64>,
     /// Graceful release to the next holder (ms).
@@ -293,7 +300,7 @@ pub fn check(data: &TrialData) -> Verdict {
             && !below
         {
             below = true;
-            v.findings.push(Finding {
+            let finding = Finding {
                 invariant: "a",
                 detail: format!(
                     "leaseTransitions went down from {t} (holder `{}`) to {} (holder `{}`) at {} (once per drop)",
@@ -302,7 +309,13 @@ pub fn check(data: &TrialData) -> Verdict {
                     h.holder,
                     rel(h.received_ns)
                 ),
-            });
+            };
+            // client-go re-creates a deleted Lease from 0 (leaderz continues the count).
+            if is_clientgo(&h.holder) {
+                v.clientgo.push(finding);
+            } else {
+                v.findings.push(finding);
+            }
         }
         if highest.is_none_or(|(t, _)| h.transitions >= t) {
             highest = Some((h.transitions, h));
@@ -325,7 +338,7 @@ pub fn check(data: &TrialData) -> Verdict {
             } else {
                 "was taken by a second holder"
             };
-            v.findings.push(Finding {
+            let finding = Finding {
                 invariant: "a",
                 detail: format!(
                     "token {} {what}: `{}` after `{}`, at {}",
@@ -334,7 +347,12 @@ pub fn check(data: &TrialData) -> Verdict {
                     earlier.holder,
                     rel(h.received_ns)
                 ),
-            });
+            };
+            if is_clientgo(&h.holder) {
+                v.clientgo.push(finding);
+            } else {
+                v.findings.push(finding);
+            }
         }
         segments.push(Segment {
             holder: &h.holder,
@@ -575,6 +593,13 @@ pub fn check(data: &TrialData) -> Verdict {
         let Some(last_renewal) = last_renewal else {
             continue;
         };
+        let last_seen = segments
+            .iter()
+            .flat_map(|seg| seg.versions.iter())
+            .filter(|h| h.renew_ns == Some(last_renewal))
+            .map(|h| h.received_ns)
+            .max()
+            .unwrap_or(0);
         // renewTime is the writer's wall clock; under faketime it runs `rate` times as fast
         // from the moment the process started.
         let rate = if c.rate > 0.0 { c.rate } else { 1.0 };
@@ -585,6 +610,19 @@ pub fn check(data: &TrialData) -> Verdict {
         match c.kind {
             Some(Kind::ClientGo) => v.figures.clientgo_lateness_ms.push(lateness),
             _ => {
+                // A renewal after the last one seen may have been lost to the admin's
+                // watch: in time against the end of that gap, it cannot be judged.
+                let deadline_ns = timings.renew_deadline.as_nanos() as u64;
+                let slack_ns = timings.stop_slack.as_nanos() as u64;
+                let unseen = data.history_gaps.iter().any(|&(from, to)| {
+                    from + slack_ns >= last_seen
+                        && from <= stop
+                        && stop <= to + deadline_ns + slack_ns
+                });
+                if lateness > timings.stop_slack.as_secs_f64() * 1e3 && unseen {
+                    v.figures.unverifiable_stops += 1;
+                    continue;
+                }
                 v.figures.lateness_ms.push(lateness);
                 if lateness > timings.stop_slack.as_secs_f64() * 1e3 {
                     v.findings.push(Finding {
@@ -869,6 +907,26 @@ mod tests {
             candidates: vec![candidate("a", a_rate), candidate("b", 1.0)],
             ..TrialData::default()
         }
+    }
+
+    #[test]
+    fn a_late_looking_stop_across_a_history_gap_is_not_judged_but_one_past_it_is() {
+        // a's last seen renewal at 1500 (deadline 3500); the watch lost versions from
+        // 1600 to 2000 (a renewal may have landed then): a stop at 3800 is in time
+        // against the gap's end.
+        let mut data = handover(3800, 1.0);
+        data.history_gaps = vec![(1600 * 1_000_000, 2000 * 1_000_000)];
+        let v = check(&data);
+        assert!(!v.failed(), "{:?}", v.findings);
+        assert_eq!(v.figures.unverifiable_stops, 1);
+        // Past the gap's end + renew_deadline: a finding still.
+        let mut data = handover(4500, 1.0);
+        data.history_gaps = vec![(1600 * 1_000_000, 2000 * 1_000_000)];
+        let v = check(&data);
+        assert!(v.findings.iter().any(|f| f.invariant == "c"), "{v:?}");
+        // No gap: the 3800 stop is late.
+        let v = check(&handover(3800, 1.0));
+        assert!(v.findings.iter().any(|f| f.invariant == "c"), "{v:?}");
     }
 
     #[test]

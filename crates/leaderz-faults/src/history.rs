@@ -2,7 +2,9 @@
 //! (and every deletion) with the wall-clock time it arrived.
 //!
 //! The watch survives API server and etcd restarts: it resumes from the last version it
-//! saw, and after `410 Gone` starts again from a fresh list.
+//! saw, and after `410 Gone` starts again from a fresh list. Versions written between the
+//! watch breaking and that list are lost to it (a restarted API server's watch cache
+//! starts at the current version): such windows are recorded as [gaps](LeaseRecorder::gaps).
 
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
@@ -60,6 +62,7 @@ impl LeaseVersion {
 #[derive(Debug)]
 pub struct LeaseRecorder {
     versions: Arc<Mutex<Vec<LeaseVersion>>>,
+    gaps: Arc<Mutex<Vec<(u64, u64)>>>,
     stop: CancellationToken,
 }
 
@@ -68,17 +71,31 @@ impl LeaseRecorder {
     /// established (or after 10 s of trying).
     pub async fn start(api: Api<Lease>, name: &str) -> Self {
         let versions = Arc::new(Mutex::new(Vec::new()));
+        let gaps = Arc::new(Mutex::new(Vec::new()));
         let stop = CancellationToken::new();
         let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
         tokio::spawn(record(
             api,
             name.to_owned(),
-            versions.clone(),
+            (versions.clone(), gaps.clone()),
             stop.clone(),
             ready_tx,
         ));
         let _ = tokio::time::timeout(Duration::from_secs(10), ready_rx).await;
-        Self { versions, stop }
+        Self {
+            versions,
+            gaps,
+            stop,
+        }
+    }
+
+    /// Windows (Unix ns, from the watch breaking to the fresh list after `410 Gone`) in
+    /// which versions may have been written that the recorder never received.
+    pub fn gaps(&self) -> Vec<(u64, u64)> {
+        self.gaps
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
     /// Every version recorded so far, in arrival order.
@@ -105,14 +122,19 @@ impl Drop for LeaseRecorder {
     }
 }
 
+#[allow(clippy::type_complexity)]
 async fn record(
     api: Api<Lease>,
     name: String,
-    versions: Arc<Mutex<Vec<LeaseVersion>>>,
+    (versions, gaps): (Arc<Mutex<Vec<LeaseVersion>>>, Arc<Mutex<Vec<(u64, u64)>>>),
     stop: CancellationToken,
     ready: tokio::sync::oneshot::Sender<()>,
 ) {
     let mut ready = Some(ready);
+    // When the watch last broke without having delivered anything since.
+    let mut broke_at: Option<u64> = None;
+    // A 410 made us list afresh: versions since `broke_at` may be lost.
+    let mut lost_since: Option<u64> = None;
     let push = |v: LeaseVersion| {
         let mut all = versions.lock().unwrap_or_else(PoisonError::into_inner);
         // A version seen again (a re-list after a restart) is not a new version.
@@ -138,6 +160,11 @@ async fn record(
                 };
                 match listed {
                     Ok(list) => {
+                        if let Some(since) = lost_since.take() {
+                            gaps.lock()
+                                .unwrap_or_else(PoisonError::into_inner)
+                                .push((since, now_ns()));
+                        }
                         for lease in &list.items {
                             push(LeaseVersion::of(lease, false));
                         }
@@ -155,9 +182,17 @@ async fn record(
             () = stop.cancelled() => return,
             s = api.watch(&params, &version) => s,
         };
-        let Ok(stream) = stream else {
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            continue;
+        let stream = match stream {
+            Ok(s) => s,
+            Err(kube::Error::Api(e)) if e.code == 410 => {
+                lost_since = Some(broke_at.unwrap_or_else(now_ns));
+                from = None;
+                continue;
+            }
+            Err(_) => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
         };
         if let Some(ready) = ready.take() {
             let _ = ready.send(());
@@ -171,10 +206,12 @@ async fn record(
             };
             match event {
                 Some(Ok(WatchEvent::Added(l) | WatchEvent::Modified(l))) => {
+                    broke_at = None;
                     from.clone_from(&l.metadata.resource_version);
                     push(LeaseVersion::of(&l, false));
                 }
                 Some(Ok(WatchEvent::Deleted(l))) => {
+                    broke_at = None;
                     from.clone_from(&l.metadata.resource_version);
                     push(LeaseVersion::of(&l, true));
                 }
@@ -182,10 +219,14 @@ async fn record(
                     from = Some(b.metadata.resource_version);
                 }
                 Some(Ok(WatchEvent::Error(e))) if e.code == 410 => {
+                    lost_since = Some(broke_at.unwrap_or_else(now_ns));
                     from = None;
                     break;
                 }
-                Some(Ok(WatchEvent::Error(_)) | Err(_)) | None => break,
+                Some(Ok(WatchEvent::Error(_)) | Err(_)) | None => {
+                    broke_at.get_or_insert_with(now_ns);
+                    break;
+                }
             }
         }
         tokio::time::sleep(Duration::from_millis(20)).await;

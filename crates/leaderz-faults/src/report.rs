@@ -31,6 +31,8 @@ pub struct Tally {
     pub clientgo_findings: usize,
     /// Worst (c) lateness of a leaderz term (ms).
     pub worst_lateness_ms: Option<f64>,
+    /// Step-downs not judged: the admin's watch may have lost the last renewal.
+    pub unverifiable_stops: usize,
     /// Worst (d) leaderless time (ms).
     pub worst_leaderless_ms: Option<f64>,
     /// Worst graceful handover (ms).
@@ -57,6 +59,7 @@ impl Tally {
         self.paused_overlaps += f.paused_overlaps;
         self.stale_rejected += f.stale_rejected;
         self.clientgo_findings += o.verdict.clientgo.len();
+        self.unverifiable_stops += f.unverifiable_stops;
         self.worst_lateness_ms = max(
             self.worst_lateness_ms,
             f.lateness_ms.iter().copied().reduce(f64::max),
@@ -154,6 +157,11 @@ pub fn markdown(
         "| worst step-down lateness after last renewal + renew_deadline (ms) | {} | ≤ {} (signal delivery) |",
         fmt_ms(all.worst_lateness_ms),
         timings.stop_slack.as_millis()
+    );
+    let _ = writeln!(
+        md,
+        "| step-downs not judged (the admin's watch lost versions across an API server restart; in time against the end of that gap) | {} | – |",
+        all.unverifiable_stops
     );
     let _ = writeln!(
         md,

@@ -676,6 +676,7 @@ pub async fn run_trial(env: Env<'_>, spec: TrialSpec) -> anyhow::Result<TrialOut
         }
     }
     let history = recorder.versions();
+    let history_gaps = recorder.gaps();
     drop(recorder);
 
     admin_versions.extend(
@@ -687,6 +688,7 @@ pub async fn run_trial(env: Env<'_>, spec: TrialSpec) -> anyhow::Result<TrialOut
         name: spec.name.clone(),
         timings: Some(timings),
         history,
+        history_gaps,
         admin_versions,
         writes: ledger.writes(&resource),
         workers: read_log(&worker_log),

@@ -255,6 +255,9 @@ impl ElectionConfig {
         if self.max_record_duration < self.lease_duration {
             return Err(MaxRecordDurationTooShort(self.max_record_duration));
         }
+        if self.shutdown_grace.as_secs() > MAX_LEASE_SECONDS {
+            return Err(ShutdownGraceTooLong(self.shutdown_grace));
+        }
         if let Some(c) = &self.coordinated {
             if !is_object_name(&self.identity) {
                 return Err(IdentityNotAnObjectName(self.identity.clone()));
@@ -358,6 +361,9 @@ pub enum ConfigError {
         /// The configured retry period.
         retry_period: Duration,
     },
+    /// A shutdown grace longer than any lease (beyond what a clock can add).
+    #[error("shutdown grace {0:?} is longer than {MAX_LEASE_SECONDS}s")]
+    ShutdownGraceTooLong(Duration),
     /// `max_record_duration` below `lease_duration` would let us shorten other holders' leases.
     #[error("max record duration ({0:?}) must be at least the lease duration")]
     MaxRecordDurationTooShort(Duration),
@@ -496,6 +502,19 @@ mod tests {
             );
         }
         assert_eq!(ElectionConfig::new("pod-a.example_1").validate(), Ok(()));
+    }
+
+    #[test]
+    fn an_absurd_shutdown_grace_is_refused_not_overflowed() {
+        let e = ElectionConfig::new("a")
+            .shutdown_grace(Duration::MAX)
+            .validate();
+        assert!(
+            matches!(e, Err(ConfigError::ShutdownGraceTooLong(_))),
+            "{e:?}"
+        );
+        let day = ElectionConfig::new("a").shutdown_grace(secs(86_400.0));
+        assert_eq!(day.validate(), Ok(()));
     }
 
     #[test]

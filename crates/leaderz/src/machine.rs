@@ -210,6 +210,9 @@ enum Purpose {
     GiveWrite,
     /// A follower accepting a handoff request addressed to it.
     Accept,
+    /// Coordinated mode: a follower giving back an assignment the controller took back
+    /// (it now prefers someone else) before the follower took it.
+    Decline,
 }
 
 #[derive(Debug)]
@@ -218,6 +221,8 @@ struct Inflight {
     sent_at: Instant,
     /// The role the request was sent in has ended: only its record still counts.
     orphaned: bool,
+    /// The record this request writes, if it writes one.
+    writes: Option<LeaderRecord>,
 }
 
 #[derive(Debug)]
@@ -268,6 +273,37 @@ struct Leading {
     /// The send time of the last successful write: the term ends RD later.
     last_ok: Instant,
     next_renew: Instant,
+    /// A handoff this leader asked for itself ([`Machine::hand_over`]).
+    handing: Option<Handing>,
+}
+
+/// A handoff request of the leader's own, written with its renewals until a candidate
+/// accepts it or `withdraw_at` passes.
+#[derive(Debug)]
+struct Handing {
+    request: Handoff,
+    withdraw_at: Instant,
+}
+
+/// Why [`Machine::hand_over`] refused.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum HandOverError {
+    /// Only the leader can hand its lease over.
+    #[error("this process does not lead: only the leader can hand the lease over")]
+    NotLeading,
+    /// A handoff is pending already.
+    #[error("a handoff is pending already (request {0})")]
+    Pending(String),
+    /// The Lease is run by coordinated election: its controller picks the holder.
+    #[error("the lease is run by coordinated leader election: its controller picks the holder")]
+    Coordinated,
+    /// The target is this process.
+    #[error("cannot hand the lease over to ourselves")]
+    ToSelf,
+    /// The election has stopped.
+    #[error("the election has stopped")]
+    Stopped,
 }
 
 #[derive(Debug)]
@@ -311,6 +347,8 @@ struct OpenWatch {
     version: String,
     /// A read was made to check this watch since its last event.
     checked: bool,
+    /// When the last such read was made.
+    checked_at: Option<Instant>,
 }
 
 /// A streak of failed API calls (an outage), logged once when it starts and once when
@@ -381,6 +419,9 @@ pub struct Machine {
     clash_reported: Option<String>,
     /// The id of the handoff request this process accepted last.
     accepted: Option<String>,
+    /// Coordinated mode: the observed record assigns the lease to us; when the holder it
+    /// replaced (if any) is over in our eyes, so that we may start.
+    assigned_safe_at: Option<Instant>,
     status: Status,
     /// The time of the last step: timers at or before it have been acted on.
     now: Instant,
@@ -447,6 +488,7 @@ impl Machine {
             reported_version: None,
             clash_reported: None,
             accepted: None,
+            assigned_safe_at: None,
             status: Status::default(),
             now,
             wall: WallClock(Arc::new(now_micros)),
@@ -521,6 +563,7 @@ impl Machine {
                     }
                     add(self.observed_expiry());
                     add(self.tombstone_expiry());
+                    add(self.assigned_safe_at);
                     add(self.watch_check_at());
                 }
             }
@@ -657,6 +700,7 @@ impl Machine {
         let check_watch = self.watch_check_at().is_some_and(|t| now >= t);
         if check_watch && let Watch::Open(w) = &mut self.watch {
             w.checked = true;
+            w.checked_at = Some(now);
         }
         if self.observed.is_none() || self.stale || check_watch || poll_due {
             self.send(Purpose::Read, Op::Get, now);
@@ -671,9 +715,29 @@ impl Machine {
                 version: observed.version.clone(),
                 lease: observed.lease.clone(),
             };
+            // Known as ours from the moment it is sent: if the answer is lost but the
+            // write landed, the holder's transfer to us names this id (nobody else writes
+            // an acceptance in our name).
+            self.accepted = Some(accept.id.clone());
             let mut record = base.record.clone();
             record.handoff = Some(accept);
             self.send(Purpose::Accept, Op::Update(base, record), now);
+            return;
+        }
+        if self.is_withdrawn_assignment(&observed.record) {
+            // We never led under it: give it back at once, so that the preferred
+            // candidate need not wait for it to expire.
+            let base = Versioned {
+                record: observed.record.clone(),
+                version: observed.version.clone(),
+                lease: observed.lease.clone(),
+            };
+            let record = LeaderRecord {
+                holder_identity: String::new(),
+                ..base.record.clone()
+            };
+            info!("the controller named us and then preferred another; giving the lease back");
+            self.send(Purpose::Decline, Op::Update(base, record), now);
             return;
         }
         if !self.can_take(observed, now) {
@@ -716,9 +780,14 @@ impl Machine {
     fn can_take(&self, observed: &Observed, now: Instant) -> bool {
         let r = &observed.record;
         let identity = &self.config.identity;
-        // Handed to us: by a handoff's transfer, or by the coordinated controller.
-        if self.is_transfer_to_us(r) || self.is_assigned_to_us(r) {
+        // Handed to us: by a handoff's transfer (the holder wrote it after its work
+        // stopped), or by the coordinated controller (once the holder it replaced is
+        // over in our own eyes: the controller judges expiry by its wall clock).
+        if self.is_transfer_to_us(r) {
             return true;
+        }
+        if self.is_assigned_to_us(r) {
+            return self.assigned_safe_at.is_none_or(|t| now >= t);
         }
         if self.is_own(r) && !r.prefers_other_than(identity) {
             return true;
@@ -747,13 +816,46 @@ impl Machine {
     }
 
     /// Coordinated mode: the controller names us as the holder (and nobody else is
-    /// preferred), in a record we did not write.
+    /// preferred), in a record we did not write. The controller writes an assignment
+    /// without `acquireTime` (every candidate's own write has one): a renewal by another
+    /// process under our identity is not an assignment.
     fn is_assigned_to_us(&self, r: &LeaderRecord) -> bool {
-        self.config.coordinated.is_some()
+        self.controller_wrote(r)
             && r.holder_identity == self.config.identity
-            && r.strategy.as_deref().is_some_and(|s| !s.is_empty())
             && !r.prefers_other_than(&self.config.identity)
             && !self.is_own(r)
+    }
+
+    /// Coordinated mode: the controller named us and then, before we took the lease,
+    /// preferred someone else.
+    fn is_withdrawn_assignment(&self, r: &LeaderRecord) -> bool {
+        self.controller_wrote(r)
+            && r.holder_identity == self.config.identity
+            && r.prefers_other_than(&self.config.identity)
+            && !self.is_own(r)
+    }
+
+    /// Coordinated mode: the record is the controller's assignment (a strategy, and no
+    /// `acquireTime`, which every candidate writes).
+    fn controller_wrote(&self, r: &LeaderRecord) -> bool {
+        self.config.coordinated.is_some()
+            && r.acquire_time.is_none()
+            && r.strategy.as_deref().is_some_and(|s| !s.is_empty())
+    }
+
+    /// When an assignment `new` (seen at `now`) may be started, given the record it
+    /// replaced: at once after a release, our own record or an absent Lease; after the
+    /// replaced holder's record expired in our eyes; and, when we never saw what it
+    /// replaced, after the assignment's own duration.
+    fn assignment_safe_at(&self, new: &LeaderRecord, carried: Duration, now: Instant) -> Instant {
+        let (own, max) = (self.config.lease_duration, self.config.max_record_duration);
+        match &self.observed {
+            Some(o) if same_but_handoff(&o.record, new) => self.assigned_safe_at.unwrap_or(now),
+            Some(o) if o.record.holder().is_none() || self.is_own(&o.record) => now,
+            Some(o) => o.expires_at(own, max),
+            None if self.absent => now + carried,
+            None => now + new.effective_duration(own, max),
+        }
     }
 
     /// A handoff request we should accept: addressed to us (or to anyone) on a lease
@@ -803,13 +905,18 @@ impl Machine {
         if let Some(limit) = limit {
             deadline = deadline.min(limit);
         }
-        if let Op::Create(r) | Op::Update(_, r) = &op {
+        let writes = match &op {
+            Op::Create(r) | Op::Update(_, r) => Some(r.clone()),
+            Op::Get => None,
+        };
+        if let Some(r) = &writes {
             self.remember_write(r);
         }
         self.inflight = Some(Inflight {
             purpose,
             sent_at: now,
             orphaned: false,
+            writes,
         });
         self.actions
             .push_back(Action::Send(Request { op, deadline }));
@@ -829,11 +936,73 @@ impl Machine {
     }
 
     fn send_renewal(&mut self, now: Instant) {
+        let Role::Leader(l) = &mut self.role else {
+            return;
+        };
+        // Our own handoff request rides on the renewals until a candidate accepts it;
+        // unanswered by `withdraw_at`, it is taken off again.
+        let mut handoff = l.current.record.handoff.clone();
+        if let Some(h) = &l.handing {
+            let ours = handoff.as_ref().is_some_and(|x| x.id == h.request.id);
+            if now >= h.withdraw_at {
+                if ours && handoff.as_ref().map(|x| x.state) == Some(HandoffState::Requested) {
+                    info!(id = %h.request.id, "no candidate accepted the handoff; withdrawing it");
+                    handoff = None;
+                }
+                l.handing = None;
+            } else if handoff.is_none() {
+                handoff = Some(h.request.clone());
+            }
+        }
         let Role::Leader(l) = &self.role else { return };
-        let record = self.renewed(&l.current.record, l.token);
+        let mut record = self.renewed(&l.current.record, l.token);
+        record.handoff = handoff;
         let op = Op::Update(l.current.clone(), record);
         let limit = Some(l.last_ok + self.config.renew_deadline);
         self.send_until(Purpose::Renew, op, now, limit);
+    }
+
+    /// The leader asks to hand its lease over to `to` (none: any leaderz candidate):
+    /// the request goes out with a renewal at once; a candidate that watches the Lease
+    /// accepts it, and the leader then ends its term, waits for its work to stop and
+    /// transfers the Lease to that candidate (see [`Handoff`]). If no candidate accepts
+    /// within a lease duration the request is withdrawn and this process keeps leading.
+    /// Returns the request's id.
+    pub fn hand_over(&mut self, to: Option<String>, now: Instant) -> Result<String, HandOverError> {
+        let wall = self.wall_now();
+        let suffix: u32 = self.rng.random();
+        let identity = &self.config.identity;
+        let Role::Leader(l) = &mut self.role else {
+            return Err(HandOverError::NotLeading);
+        };
+        if to.as_deref() == Some(identity.as_str()) {
+            return Err(HandOverError::ToSelf);
+        }
+        if l.current
+            .record
+            .strategy
+            .as_deref()
+            .is_some_and(|s| !s.is_empty())
+        {
+            return Err(HandOverError::Coordinated);
+        }
+        if let Some(h) = l.handing.as_ref().map(|h| &h.request).or(l
+            .current
+            .record
+            .handoff
+            .as_ref())
+        {
+            return Err(HandOverError::Pending(h.id.clone()));
+        }
+        let id = format!("{}-{suffix:x}", wall.strftime("%Y-%m-%dT%H:%M:%S%.6fZ"));
+        info!(to = to.as_deref().unwrap_or("any candidate"), %id, "handing the lease over");
+        l.handing = Some(Handing {
+            request: Handoff::request(to, id.clone()),
+            withdraw_at: now + self.config.lease_duration,
+        });
+        l.next_renew = now;
+        self.step(now);
+        Ok(id)
     }
 
     fn remember_write(&mut self, record: &LeaderRecord) {
@@ -841,6 +1010,15 @@ impl Machine {
             self.own_writes.pop_front();
         }
         self.own_writes.push_back(record.clone());
+    }
+
+    /// A write the API server refused outright (a conflict, or no such Lease) never
+    /// landed: forget it, so that it cannot push out of memory a write whose outcome is
+    /// unknown (and which may be the record on the Lease now).
+    fn forget_write(&mut self, record: &LeaderRecord) {
+        if let Some(i) = self.own_writes.iter().position(|w| w == record) {
+            self.own_writes.remove(i);
+        }
     }
 
     fn is_own(&self, record: &LeaderRecord) -> bool {
@@ -878,6 +1056,13 @@ impl Machine {
                     self.fatal(e);
                     return;
                 }
+                if let (
+                    LockError::Conflict | LockError::AlreadyExists | LockError::NotFound,
+                    Some(w),
+                ) = (&e, &inflight.writes)
+                {
+                    self.forget_write(w);
+                }
                 Err(e)
             }
         };
@@ -903,6 +1088,15 @@ impl Machine {
             Purpose::GiveRead => self.on_give_read(reply, now),
             Purpose::GiveWrite => self.on_given(reply, now),
             Purpose::Accept => self.on_accepted(reply, now),
+            Purpose::Decline => match reply {
+                Ok(Answer::Wrote(v)) => self.observe(v, now),
+                Ok(_) | Err(LockError::Conflict | LockError::NotFound) => self.stale = true,
+                Err(e) => {
+                    self.api_failed("decline", &e, now);
+                    self.stale = true;
+                    self.back_off(now);
+                }
+            },
         }
     }
 
@@ -1149,6 +1343,7 @@ impl Machine {
             current,
             last_ok: sent_at,
             next_renew: sent_at + self.config.renew_every(),
+            handing: None,
         });
         self.actions.push_back(Action::StartTerm {
             token,
@@ -1400,7 +1595,15 @@ impl Machine {
             None => self.send_until(Purpose::GiveRead, Op::Get, now, Some(until)),
             Some(fresh) => {
                 let base = &fresh.record;
-                let record = match &g.to {
+                // A transfer gives the next token; with none left, release instead (the
+                // next holder's take then reports the exhausted count).
+                let nobody = GiveTo::Nobody;
+                let to = if base.lease_transitions == i32::MAX {
+                    &nobody
+                } else {
+                    &g.to
+                };
+                let record = match to {
                     GiveTo::Nobody => LeaderRecord {
                         holder_identity: String::new(),
                         lease_duration_seconds: Some(1),
@@ -1417,7 +1620,7 @@ impl Machine {
                         acquire_time: Some(at),
                         renew_time: Some(at),
                         // The new holder's term: the next token.
-                        lease_transitions: base.lease_transitions.saturating_add(1),
+                        lease_transitions: base.lease_transitions + 1,
                         preferred_holder: None,
                         strategy: base.strategy.clone(),
                         handoff: Some(Handoff {
@@ -1442,11 +1645,18 @@ impl Machine {
             Ok(Answer::Read(Some(v))) => {
                 self.observe(v.clone(), now);
                 let identity = self.config.identity.clone();
+                let Role::Giving(g) = &self.role else {
+                    return;
+                };
+                // Ours only if we wrote it: another process renewing under our identity
+                // (a client-go peer) writes its own renewal time, and is not ours to
+                // release.
+                let ours = v.record.holder_identity == identity
+                    && v.record.lease_transitions == g.token
+                    && self.wrote(&v.record);
                 let Role::Giving(g) = &mut self.role else {
                     return;
                 };
-                let ours =
-                    v.record.holder_identity == identity && v.record.lease_transitions == g.token;
                 if !ours {
                     debug!("the lease is no longer ours; nothing to give up");
                     self.given_up();
@@ -1605,6 +1815,7 @@ impl Machine {
                     opened_at: now,
                     version: after.clone(),
                     checked: false,
+                    checked_at: None,
                 });
                 self.status.watching = true;
                 self.status.polling = None;
@@ -1708,6 +1919,15 @@ impl Machine {
         let Watch::Open(w) = &self.watch else {
             return None;
         };
+        let observed = self.observed.as_ref()?;
+        // Coordinated mode, nobody holding: the next event is the controller's
+        // assignment, which a dead watch would hide until it is replaced. Look once per
+        // lease duration.
+        if self.config.coordinated.is_some() && observed.record.holder().is_none() {
+            let last = self.last_change_at.unwrap_or(w.opened_at);
+            let since = last.max(w.opened_at).max(w.checked_at.unwrap_or(last));
+            return Some(since + self.config.lease_duration);
+        }
         if w.checked {
             return None;
         }
@@ -1715,7 +1935,6 @@ impl Machine {
         // we would.
         let gap = self.renew_gap.unwrap_or_else(|| self.config.renew_every());
         let last = self.last_change_at?;
-        let observed = self.observed.as_ref()?;
         observed.record.holder()?;
         let expected = last.max(w.opened_at) + gap * 2 + Duration::from_secs(1);
         Some(expected.min(self.observed_expiry().unwrap_or(expected)))
@@ -1767,6 +1986,9 @@ impl Machine {
             Some(t) => carried.max(t.saturating_duration_since(now)),
             None => carried,
         };
+        self.assigned_safe_at = self
+            .is_assigned_to_us(&v.record)
+            .then(|| self.assignment_safe_at(&v.record, carried, now));
         self.absent = false;
         self.tombstone = None;
         self.absent_since = None;
@@ -1822,7 +2044,8 @@ impl Machine {
     /// When a deleted Lease may be re-created (`None`: at once).
     ///
     /// - Never seen before: at once (nothing is known; see the README's limits).
-    /// - Found deleted by its leader (us): at once; nobody else wrote it after us.
+    /// - Found deleted by its leader (us): at once (within a retry period of finding
+    ///   out); nobody else wrote it after us.
     /// - Otherwise: once the last record we saw has expired, and a whole lease duration
     ///   (the longest seen on this Lease) after we learned of the deletion — someone may
     ///   have taken the Lease after what we saw and lead until the deletion; their term
@@ -1835,7 +2058,10 @@ impl Machine {
         }
         let t = self.tombstone.as_ref()?;
         let (learned, leading) = self.absent_since?;
-        if leading {
+        // Only right after finding out: a process that finds the Lease gone and then
+        // drains (blind) for a while may meet a Lease that others re-created (after
+        // their wait) and deleted again meanwhile.
+        if leading && self.now <= learned + self.config.retry_period {
             return None;
         }
         let (own, max) = (self.config.lease_duration, self.config.max_record_duration);
@@ -1882,7 +2108,7 @@ impl Machine {
         let clash = record.holder_identity == self.config.identity
             && !self.wrote(record)
             && !self.is_transfer_to_us(record)
-            && !self.is_assigned_to_us(record)
+            && !self.controller_wrote(record)
             && !matches!(self.role, Role::Leader(_));
         if !clash {
             if record.holder_identity != self.config.identity {
