@@ -1,11 +1,14 @@
 #!/usr/bin/env python3
-"""Draws the benchmark chart from results.csv (written by leaderz-bench).
+"""Draws the benchmark charts from results.csv (written by leaderz-bench): the chart,
+and scaling.png beside it (many leases in one process: leases -> RSS, CPU, connections,
+API-server CPU).
 
     python3 -m pip install matplotlib      # once
     python3 bench/plot.py bench/results/results.csv bench/results/chart.png
 """
 
 import csv
+import os
 import sys
 from collections import defaultdict
 
@@ -188,8 +191,8 @@ def main():
         if n in fv:
             ax.bar(i + width / 2, fv[n], width, color=COLORS.get(peer, "gray"), alpha=0.45, hatch="//")
             ax.text(i + width / 2, fv[n], f"{fv[n]:.1f}", ha="center", va="bottom", fontsize=7)
-    ax.axhline(15, color="red", linewidth=0.8, linestyle=":")
-    ax.text(len(peers) - 0.5, 15, "15 MiB target", color="red", fontsize=7, ha="right", va="bottom")
+    ax.axhline(6, color="red", linewidth=0.8, linestyle=":")
+    ax.text(len(peers) - 0.5, 6, "6 MiB target", color="red", fontsize=7, ha="right", va="bottom")
     ax.set_xticks(range(len(peers)))
     ax.set_xticklabels(peers, rotation=25, ha="right", fontsize=8)
     ax.set_ylabel("VmRSS (MiB)", fontsize=9)
@@ -197,31 +200,29 @@ def main():
     ax.grid(axis="y", alpha=0.3)
 
     ax = axes[1][2]
-    many = defaultdict(dict)
-    for r in rows:
-        if r["scenario"].startswith("many_") and r["value"] is not None and "verb" not in r["param"]:
-            many[r["peer"]][r["scenario"]] = r["value"]
-            many[r["peer"]]["n"] = int(params(r["param"])["n"])
+    many = many_by_n(rows)
+    shown = 1000 if any(1000 in v for v in many.values()) else None
+    if shown is None:
+        shown = max((n for v in many.values() for n in v), default=None)
     metrics = [
         ("many_rss", "RSS MiB"),
         ("many_cpu", "CPU %core"),
         ("many_requests_total", "lease req/s"),
         ("many_cpu_apiserver", "apiserver CPU %"),
-        ("many_sockets", "open sockets"),
+        ("many_sockets", "connections"),
     ]
-    names = [p for p in peers if p in many]
+    names = [p for p in peers if shown in many.get(p, {})]
     if names:
         width = 0.8 / len(names)
         for j, peer in enumerate(names):
-            values = [many[peer].get(m) or 0 for m, _ in metrics]
+            values = [many[peer][shown].get(m) or 0 for m, _ in metrics]
             xs = [k + (j - (len(names) - 1) / 2) * width for k in range(len(metrics))]
             ax.bar(xs, values, width, color=COLORS.get(peer, "gray"), label=peer)
             for x, v in zip(xs, values):
                 ax.text(x, v, f"{v:.0f}", ha="center", va="bottom", fontsize=7)
         ax.set_xticks(range(len(metrics)))
         ax.set_xticklabels([label for _, label in metrics], fontsize=8)
-        n = many[names[0]].get("n", "?")
-        ax.set_title(f"e. {n} leases in one process", fontsize=10)
+        ax.set_title(f"e. {shown} leases in one process (all counts: scaling.png)", fontsize=10)
         ax.legend(fontsize=8)
         ax.grid(axis="y", alpha=0.3)
     else:
@@ -230,6 +231,64 @@ def main():
     fig.suptitle("leaderz side by side: one kube-apiserver 1.34 + etcd on loopback", fontsize=12)
     fig.tight_layout()
     fig.savefig(sys.argv[2], dpi=110)
+    scaling(rows, peers, os.path.join(os.path.dirname(sys.argv[2]) or ".", "scaling.png"))
+
+
+def many_by_n(rows):
+    """peer -> n -> many_* scenario -> value."""
+    out = defaultdict(lambda: defaultdict(dict))
+    for r in rows:
+        if r["scenario"].startswith("many_") and r["value"] is not None and "verb" not in r["param"]:
+            out[r["peer"]][int(params(r["param"])["n"])][r["scenario"]] = r["value"]
+    return out
+
+
+def scaling(rows, peers, path):
+    """Many leases in one process: leases -> RSS, CPU, connections, API-server CPU."""
+    many = many_by_n(rows)
+    names = [p for p in peers if many.get(p)]
+    if not names:
+        return
+    panels = [
+        ("many_rss", "process RSS (MiB)"),
+        ("many_cpu", "process CPU (% of a core)"),
+        ("many_sockets", "TCP connections to the API server"),
+        ("many_cpu_apiserver", "kube-apiserver CPU (% of a core)"),
+    ]
+    fig, axes = plt.subplots(1, len(panels), figsize=(18, 4.6))
+    for ax, (metric, title) in zip(axes, panels):
+        for peer in names:
+            pts = sorted((n, v[metric]) for n, v in many[peer].items() if metric in v)
+            if not pts:
+                continue
+            ax.plot(
+                [n for n, _ in pts],
+                [max(v, 0.5) for _, v in pts],
+                marker="o",
+                label=peer,
+                color=COLORS.get(peer, "gray"),
+            )
+            for n, v in pts:
+                lost = many[peer][n].get("many_lost")
+                note = f"{v:.0f}" + (f"\n{lost:.0f} lost" if lost else "")
+                ax.annotate(note, (n, max(v, 0.5)), fontsize=7, textcoords="offset points",
+                            xytext=(0, 5), ha="center", color=COLORS.get(peer, "gray"))
+        counts = sorted({n for p in names for n in many[p]})
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xticks(counts)
+        ax.xaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.xaxis.set_minor_formatter(ticker.NullFormatter())
+        ax.yaxis.set_major_locator(ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+        ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.yaxis.set_minor_formatter(ticker.NullFormatter())
+        ax.set_xlabel("leases (one elector each) in one process", fontsize=9)
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
+    fig.suptitle("Many leases in one process: leaderz vs client-go (annotations: value, losses)", fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 if __name__ == "__main__":

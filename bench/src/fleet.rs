@@ -191,12 +191,37 @@ fn schedstat_secs(pid: u32) -> Option<f64> {
     any.then(|| total_ns as f64 / 1e9)
 }
 
-/// How many sockets `pid` has open (its TCP connections to the API server, here).
-pub(crate) fn sockets(pid: u32) -> Option<usize> {
+/// How many established TCP connections `pid` has to `port` on the local machine (its
+/// connections to the API server): its socket inodes matched against `/proc/net/tcp{,6}`.
+pub(crate) fn api_connections(pid: u32, port: u16) -> Option<usize> {
     let dir = std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?;
-    Some(
-        dir.filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
-            .filter(|target| target.to_string_lossy().starts_with("socket:"))
-            .count(),
-    )
+    let inodes: std::collections::HashSet<String> = dir
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .filter_map(|target| {
+            let t = target.to_string_lossy();
+            Some(t.strip_prefix("socket:[")?.strip_suffix(']')?.to_owned())
+        })
+        .collect();
+    let mut count = 0;
+    for table in ["/proc/net/tcp", "/proc/net/tcp6"] {
+        let Ok(text) = std::fs::read_to_string(table) else {
+            continue;
+        };
+        // "sl local_address rem_address st ... inode": ports in hex, state 01 = ESTABLISHED.
+        for line in text.lines().skip(1) {
+            let cols: Vec<&str> = line.split_whitespace().collect();
+            let Some(remote) = cols.get(2) else { continue };
+            let remote_port = remote
+                .rsplit(':')
+                .next()
+                .and_then(|p| u16::from_str_radix(p, 16).ok());
+            if remote_port == Some(port)
+                && cols.get(3) == Some(&"01")
+                && cols.get(9).is_some_and(|i| inodes.contains(*i))
+            {
+                count += 1;
+            }
+        }
+    }
+    Some(count)
 }

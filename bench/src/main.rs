@@ -60,9 +60,14 @@ struct Args {
     /// From "a leader exists" to the window (default 10s; quick 4s).
     #[arg(long, value_parser = humantime::parse_duration)]
     settle: Option<Duration>,
-    /// Leases in the many-leases scenario, 0 to skip (default 1000; quick 100).
-    #[arg(long)]
-    many: Option<usize>,
+    /// Lease counts of the many-leases scenario, 0 to skip (default 100,1000,3000,10000;
+    /// quick 100).
+    #[arg(long, value_delimiter = ',')]
+    many: Vec<usize>,
+    /// The many-leases window over which losses, CPU and requests are counted (default
+    /// 120s; quick 20s).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    many_window: Option<Duration>,
     /// Lease duration, renew deadline and retry period of the many-leases scenario.
     #[arg(long, value_delimiter = ',', default_value = "15s,10s,2s")]
     many_timings: Vec<String>,
@@ -95,7 +100,18 @@ fn options(args: &Args) -> Result<Options> {
             .window
             .unwrap_or(Duration::from_secs(if q { 10 } else { 20 })),
         rest: Duration::from_secs(2),
-        many: args.many.unwrap_or(if q { 100 } else { 1000 }),
+        many: if args.many.is_empty() {
+            if q {
+                vec![100]
+            } else {
+                vec![100, 1000, 3000, 10000]
+            }
+        } else {
+            args.many.iter().copied().filter(|&n| n > 0).collect()
+        },
+        many_window: args
+            .many_window
+            .unwrap_or(Duration::from_secs(if q { 20 } else { 120 })),
         many_timings: timings,
     })
 }
@@ -256,7 +272,7 @@ async fn main() -> Result<()> {
             }
         }
     }
-    let clientgo_many = if opts.many > 0 {
+    let clientgo_many = if !opts.many.is_empty() {
         match peers::build_go(
             &paths,
             &paths.bench.join("build-go.sh"),
@@ -312,6 +328,7 @@ async fn main() -> Result<()> {
         baseline_watches,
         peers: results,
         many: Vec::new(),
+        serve_rss: None,
         chart: None,
         csv: relative(&csv_path, &report_dir),
     };
@@ -369,12 +386,22 @@ async fn main() -> Result<()> {
                     .push(format!("takeovers: {}", first_line(&e)));
             }
         }
+        if peer.spec.name == "leaderz" {
+            step(started, "leaderz serve: RSS of the sidecar binary");
+            match bench.serve_rss(&paths.release_dir.join("leaderz")).await {
+                Ok(rss) => {
+                    println!("  {rss:.1} MiB");
+                    report.serve_rss = Some(rss);
+                }
+                Err(e) => println!("  failed: {e:#}"),
+            }
+        }
         report.run_secs = started.elapsed().as_secs_f64();
         report::write_csv(&csv_path, &report)?;
     }
 
     // Many leases in one process.
-    if opts.many > 0 {
+    if !opts.many.is_empty() {
         let mut programs = Vec::new();
         if ready.iter().any(|p| p.spec.name == "leaderz") {
             programs.push(("leaderz", paths.release_dir.join("leaderz-many")));
@@ -384,27 +411,32 @@ async fn main() -> Result<()> {
         {
             programs.push(("client-go", p));
         }
-        for (name, program) in programs {
-            step(
-                started,
-                &format!("{name}: {} leases in one process", opts.many),
-            );
-            match bench.many(name, &program).await {
-                Ok(m) => {
-                    println!(
-                        "  ramp {:?} s, {:.1} lease req/s {:?}, process {:?}{}",
-                        m.ramp_secs,
-                        m.rates.values().sum::<f64>(),
-                        m.rates,
-                        m.process,
-                        m.problem
-                            .as_ref()
-                            .map(|p| format!("; PROBLEM: {p}"))
-                            .unwrap_or_default()
-                    );
-                    report.many.push((name.to_owned(), m));
+        for &n in &opts.many {
+            for (name, program) in &programs {
+                step(started, &format!("{name}: {n} leases in one process"));
+                match bench.many(name, program, n).await {
+                    Ok(m) => {
+                        println!(
+                            "  ramp {:?} s, {:.1} lease req/s {:?}, process {:?}, \
+                             connections {:?} (peak {:?}), losses {}{}",
+                            m.ramp_secs,
+                            m.rates.values().sum::<f64>(),
+                            m.rates,
+                            m.process,
+                            m.sockets,
+                            m.peak_sockets,
+                            m.lost,
+                            m.problem
+                                .as_ref()
+                                .map(|p| format!("; PROBLEM: {p}"))
+                                .unwrap_or_default()
+                        );
+                        report.many.push(((*name).to_owned(), m));
+                    }
+                    Err(e) => println!("  failed: {e:#}"),
                 }
-                Err(e) => println!("  failed: {e:#}"),
+                report.run_secs = started.elapsed().as_secs_f64();
+                report::write_csv(&csv_path, &report)?;
             }
         }
     }

@@ -188,6 +188,10 @@ pub(crate) fn build_workspace_bins(paths: &Paths) -> Result<()> {
         "leaderz-bench",
         "--bin",
         "leaderz-many",
+        "-p",
+        "leaderz-cli",
+        "--bin",
+        "leaderz",
     ]);
     run_logged(
         command,

@@ -41,8 +41,10 @@ pub(crate) struct Options {
     pub(crate) window: Duration,
     /// After a restart, before the next takeover trial.
     pub(crate) rest: Duration,
-    /// Leases in the many-leases scenario.
-    pub(crate) many: usize,
+    /// Lease counts of the many-leases scenario (one run per count and program).
+    pub(crate) many: Vec<usize>,
+    /// The many-leases window: leadership losses, CPU and requests are counted over it.
+    pub(crate) many_window: Duration,
     /// `--lease-duration`, `--renew-deadline`, `--retry-period` of the many-leases scenario.
     pub(crate) many_timings: [String; 3],
 }
@@ -127,8 +129,10 @@ pub(crate) struct Many {
     pub(crate) etcd: Option<Cost>,
     /// Leadership losses reported during the settle and window.
     pub(crate) lost: usize,
-    /// Sockets the process has open at the end of the window.
+    /// The process's TCP connections to the API server at the end of the window.
     pub(crate) sockets: Option<usize>,
+    /// The most of them seen at once (sampled every second from the start).
+    pub(crate) peak_sockets: Option<usize>,
     pub(crate) problem: Option<String>,
 }
 
@@ -146,6 +150,16 @@ fn short(peer: &Peer) -> &'static str {
 }
 
 impl Bench {
+    /// The API server's port on 127.0.0.1.
+    fn api_port(&self) -> u16 {
+        self.cp
+            .server_url()
+            .rsplit(':')
+            .next()
+            .and_then(|p| p.parse().ok())
+            .unwrap_or(0)
+    }
+
     fn leases(&self, ns: &str) -> Api<Lease> {
         Api::namespaced(self.admin.clone(), ns)
     }
@@ -185,6 +199,63 @@ impl Bench {
             fleet::sample(self.cp.apiserver_pid(), self.ticks),
             fleet::sample(self.cp.etcd_pid(), self.ticks),
         )
+    }
+
+    /// `leaderz serve` (the sidecar binary) leading one Lease: its RSS once it has led for
+    /// `settle` and answered `/` and `/metrics`.
+    pub(crate) async fn serve_rss(&self, program: &std::path::Path) -> Result<f64> {
+        let ns = self
+            .cp
+            .new_namespace("lz-serve")
+            .await
+            .context("creating a namespace")?;
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let mut child = Command::new(program)
+            .args([
+                "serve",
+                "--lease",
+                LEASE,
+                "--namespace",
+                &ns,
+                "--identity",
+                "serve-0",
+            ])
+            .args(["--http", &format!("127.0.0.1:{port}")])
+            .args(TIMING_FLAGS)
+            .env("KUBECONFIG", self.cp.kubeconfig_path())
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("starting {}", program.display()))?;
+        let pid = child.id().context("leaderz serve exited at once")?;
+        let api = self.leases(&ns);
+        lease::wait_for_holder(&api, LEASE, Duration::from_secs(30), |h| h == "serve-0")
+            .await
+            .context("leaderz serve did not lead within 30 s")?;
+        sleep(self.opts.settle).await;
+        for path in ["/", "/metrics"] {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+            s.write_all(format!("GET {path} HTTP/1.0\r\n\r\n").as_bytes())
+                .await?;
+            let mut sink = Vec::new();
+            timeout(Duration::from_secs(5), s.read_to_end(&mut sink)).await??;
+        }
+        sleep(Duration::from_secs(1)).await;
+        let rss = fleet::sample(pid, self.ticks)
+            .map(|s| s.rss_mib)
+            .context("leaderz serve exited")?;
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(pid)?);
+        nix::sys::signal::kill(pid, Signal::SIGTERM).ok();
+        if timeout(STOP_GRACE, child.wait()).await.is_err() {
+            child.start_kill().ok();
+        }
+        Ok(rss)
     }
 
     /// Lease requests/s with nothing of ours running, over `window`.
@@ -374,20 +445,24 @@ impl Bench {
         Ok(out)
     }
 
-    /// `program` (leaderz-many or clientgo-many) running `opts.many` electors, one per
-    /// Lease, in one process: once all lead, wait `settle`, then measure over `window`.
-    pub(crate) async fn many(&self, name: &str, program: &std::path::Path) -> Result<Many> {
-        let n = self.opts.many;
+    /// `program` (leaderz-many or clientgo-many) running `n` electors, one per Lease, in
+    /// one process: once all lead, wait `settle`, then measure over `many_window`.
+    pub(crate) async fn many(
+        &self,
+        name: &str,
+        program: &std::path::Path,
+        n: usize,
+    ) -> Result<Many> {
         let ns = self
             .cp
-            .new_namespace(&format!("many-{name}"))
+            .new_namespace(&format!("many-{name}-{n}"))
             .await
             .context("creating a namespace")?;
         let [ld, rd, rp] = &self.opts.many_timings;
         let stderr = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(self.logs.join(format!("many-{name}.stderr.log")))
+            .open(self.logs.join(format!("many-{name}-{n}.stderr.log")))
             .context("opening the many-leases log")?;
         let mut child = Command::new(program)
             .args(["--count", &n.to_string(), "--namespace", &ns])
@@ -423,6 +498,20 @@ impl Bench {
             ..Many::default()
         };
         let started = Instant::now();
+        // Connections to the API server, sampled every second while this runs.
+        let api_port = self.api_port();
+        let peak = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let sampler = {
+            let peak = peak.clone();
+            tokio::spawn(async move {
+                loop {
+                    if let Some(n) = fleet::api_connections(pid, api_port) {
+                        peak.fetch_max(n, std::sync::atomic::Ordering::Relaxed);
+                    }
+                    sleep(Duration::from_secs(1)).await;
+                }
+            })
+        };
         let ramp_limit = Duration::from_secs(300);
         let all_leading = timeout(ramp_limit, async {
             while let Some(event) = events.recv().await {
@@ -442,10 +531,10 @@ impl Bench {
             let proc_before = fleet::sample(pid, self.ticks);
             let (api_before, etcd_before) = self.sample_servers();
             let window_start = Instant::now();
-            sleep(self.opts.window).await;
+            sleep(self.opts.many_window).await;
             let after = apimetrics::scrape(&self.admin).await?;
             let proc_after = fleet::sample(pid, self.ticks);
-            result.sockets = fleet::sockets(pid);
+            result.sockets = fleet::api_connections(pid, api_port);
             let (api_after, etcd_after) = self.sample_servers();
             let window = window_start.elapsed();
             result.rates = apimetrics::net(&apimetrics::rates(&before, &after), &self.baseline);
@@ -459,6 +548,8 @@ impl Bench {
                 }
             }
         }
+        sampler.abort();
+        result.peak_sockets = Some(peak.load(std::sync::atomic::Ordering::Relaxed));
         let pid = nix::unistd::Pid::from_raw(i32::try_from(pid).context("pid out of range")?);
         nix::sys::signal::kill(pid, Signal::SIGTERM).ok();
         if timeout(Duration::from_secs(60), child.wait())

@@ -55,7 +55,7 @@ async fn main() -> anyhow::Result<()> {
     if let Some(url) = args.sidecar {
         return sidecar::run(url, args.node_id).await;
     }
-    let client = kube::Client::try_default()
+    let client = leaderz::client::infer()
         .await
         .context("no Kubernetes client configuration")?;
     let config = ElectionConfig::new(args.node_id.clone())

@@ -34,6 +34,10 @@ struct Args {
     renew_deadline: Duration,
     #[arg(long, default_value = "2s", value_parser = humantime::parse_duration)]
     retry_period: Duration,
+    /// `leaderz`: `leaderz::client` (HTTP/2, TCP_NODELAY); `kube`: kube-rs's default
+    /// client (HTTP/1.1), to compare.
+    #[arg(long, default_value = "leaderz")]
+    client: String,
 }
 
 fn log(event: &str, extra: Option<(&str, serde_json::Value)>) {
@@ -51,7 +55,10 @@ fn log(event: &str, extra: Option<(&str, serde_json::Value)>) {
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let client = kube::Client::try_default().await?;
+    let client = match args.client.as_str() {
+        "kube" => kube::Client::try_default().await?,
+        _ => leaderz::client::infer().await?,
+    };
     let leading = Arc::new(AtomicUsize::new(0));
     let mut handles = Vec::with_capacity(args.count);
     for i in 0..args.count {

@@ -149,7 +149,9 @@ fn is_dns_label(s: &str) -> bool {
 /// Nothing is written before this succeeds.
 pub(crate) async fn connect(config: kube::Config) -> Result<Client, CliError> {
     let url = config.cluster_url.to_string();
-    let client = Client::try_from(config).map_err(|e| CliError::KubeConfig(chain(&e)))?;
+    // HTTP/2 with keepalive pings and TCP_NODELAY (see `leaderz::client`).
+    let client =
+        leaderz::client::from_config(config).map_err(|e| CliError::KubeConfig(chain(&e)))?;
     match timeout(REACHABILITY_TIMEOUT, client.apiserver_version()).await {
         Ok(Ok(_)) => Ok(client),
         Ok(Err(kube::Error::Api(status))) if status.code == 401 => Err(CliError::Unauthorized {

@@ -8,7 +8,7 @@
 //! use leaderz::{ElectionConfig, Elector, LeaseLock};
 //!
 //! # async fn doc() -> Result<(), Box<dyn std::error::Error>> {
-//! let client = kube::Client::try_default().await?;
+//! let client = leaderz::client::infer().await?;
 //! let identity = std::env::var("POD_NAME")?;
 //! let lock = LeaseLock::new(client, "default", "my-lock");
 //! let mut handle = Elector::new(lock, ElectionConfig::new(identity))?.spawn();
@@ -66,6 +66,7 @@
 //! [`Metrics`].
 
 pub mod callbacks;
+pub mod client;
 pub mod config;
 mod elector;
 pub mod handle;

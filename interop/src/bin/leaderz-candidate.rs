@@ -28,6 +28,10 @@ struct Args {
     retry_period: Duration,
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     release_on_cancel: bool,
+    /// `leaderz`: `leaderz::client` (HTTP/2, TCP_NODELAY); `kube`: kube-rs's default
+    /// client (HTTP/1.1), to compare.
+    #[arg(long, default_value = "leaderz")]
+    client: String,
     /// Coordinated leader election: publish a LeaseCandidate, let the controller elect.
     #[arg(long)]
     coordinated: bool,
@@ -53,7 +57,10 @@ fn log(id: &str, event: &str, extra: Option<(&str, serde_json::Value)>) {
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let client = kube::Client::try_default().await?;
+    let client = match args.client.as_str() {
+        "kube" => kube::Client::try_default().await?,
+        _ => leaderz::client::infer().await?,
+    };
     let config = ElectionConfig::new(args.id.clone())
         .lease_duration(args.lease_duration)
         .renew_deadline(args.renew_deadline)

@@ -10,7 +10,7 @@ use kube::api::{ObjectMeta, PostParams, WatchEvent, WatchParams};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::{Api, Client};
 
-use super::{Lock, LockError, LockEvent, Versioned};
+use super::{Lock, LockError, LockEvent, SharedLeaseWatch, Versioned};
 use crate::record::{HANDOFF_ANNOTATION, LeaderRecord};
 
 /// A [`Lock`] on a Lease in one namespace.
@@ -18,7 +18,8 @@ use crate::record::{HANDOFF_ANNOTATION, LeaderRecord};
 /// Reads with `get`, creates with `create`, and writes with `replace` carrying the
 /// `resourceVersion` that was read, so a concurrent write fails with 409 instead of
 /// being overwritten. Watches use a single-object watch (`fieldSelector=metadata.name=`),
-/// which RBAC can restrict to the lease's `resourceNames`; no `list` is needed.
+/// which RBAC can restrict to the lease's `resourceNames`; no `list` is needed. Locks
+/// made by [`SharedLeaseWatch::lock`] share one watch on many Leases instead.
 ///
 /// ```no_run
 /// # async fn doc() -> Result<(), kube::Error> {
@@ -32,6 +33,8 @@ pub struct LeaseLock {
     namespace: String,
     name: String,
     events: Option<Recorder>,
+    labels: std::collections::BTreeMap<String, String>,
+    pub(super) shared: Option<SharedLeaseWatch>,
 }
 
 impl std::fmt::Debug for LeaseLock {
@@ -51,7 +54,23 @@ impl LeaseLock {
             namespace: namespace.to_owned(),
             name: name.to_owned(),
             events: None,
+            labels: Default::default(),
+            shared: None,
         }
+    }
+
+    /// Labels for the Lease when this lock creates it (e.g. for a
+    /// [`SharedLeaseWatch::labels`] selector). A Lease that already exists keeps its own.
+    #[must_use]
+    pub fn with_labels<K: Into<String>, V: Into<String>>(
+        mut self,
+        labels: impl IntoIterator<Item = (K, V)>,
+    ) -> Self {
+        self.labels = labels
+            .into_iter()
+            .map(|(k, v)| (k.into(), v.into()))
+            .collect();
+        self
     }
 
     /// Also records Kubernetes Events on the Lease when this process starts and stops
@@ -126,7 +145,7 @@ fn set_handoff(lease: &mut Lease, record: &LeaderRecord) {
     }
 }
 
-fn versioned(lease: Lease) -> Versioned {
+pub(super) fn versioned(lease: Lease) -> Versioned {
     Versioned {
         record: LeaderRecord::from_lease(&lease),
         version: lease.metadata.resource_version.clone().unwrap_or_default(),
@@ -147,6 +166,7 @@ impl Lock for LeaseLock {
             metadata: ObjectMeta {
                 name: Some(self.name.clone()),
                 namespace: Some(self.namespace.clone()),
+                labels: (!self.labels.is_empty()).then(|| self.labels.clone()),
                 ..Default::default()
             },
             spec: Some(record.to_spec()),
@@ -195,6 +215,9 @@ impl Lock for LeaseLock {
         version: &str,
         timeout: std::time::Duration,
     ) -> Result<BoxStream<'static, Result<LockEvent, LockError>>, LockError> {
+        if let Some(shared) = &self.shared {
+            return shared.subscribe(&self.name, version, timeout).await;
+        }
         let secs = u32::try_from(timeout.as_secs()).unwrap_or(u32::MAX).max(1);
         let params = WatchParams::default()
             .fields(&format!("metadata.name={}", self.name))

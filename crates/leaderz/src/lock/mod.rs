@@ -4,7 +4,8 @@
 //! only succeeds if the record is still at the version the caller read. The
 //! Kubernetes implementation is [`LeaseLock`] (a `coordination.k8s.io/v1` Lease,
 //! written with `replace` carrying the `resourceVersion`); [`MemoryLock`] is an
-//! in-process one for deterministic tests and simulations.
+//! in-process one for deterministic tests and simulations. [`SharedLeaseWatch`] lets
+//! many Lease locks in one process share a single watch.
 //!
 //! Implementations do not time out on their own: the elector bounds every call.
 
@@ -19,9 +20,11 @@ use crate::record::LeaderRecord;
 mod candidate;
 mod lease;
 mod memory;
+mod shared;
 
 pub use lease::LeaseLock;
 pub use memory::MemoryLock;
+pub use shared::SharedLeaseWatch;
 
 /// A record and the version it was read at.
 #[derive(Clone, Debug, PartialEq)]

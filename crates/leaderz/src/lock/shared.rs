@@ -1,0 +1,480 @@
+//! One watch over many Leases, shared by their locks.
+//!
+//! A follower watches its Lease with a single-object watch: one long-running request per
+//! election. A process that follows many Leases (a shard set, one election per shard)
+//! would hold as many watches. [`SharedLeaseWatch`] holds one instead — on every Lease of
+//! a namespace, optionally only those with given labels — and hands each lock made with
+//! [`SharedLeaseWatch::lock`] the events of its own Lease.
+//!
+//! RBAC: besides what every lock needs (`get`, `create`, `update` on its Leases), the
+//! shared watch needs **`list` and `watch` on `leases.coordination.k8s.io` in the
+//! namespace** — for all Leases there: a label selector narrows what is sent, not what
+//! must be granted. If they are denied, each election falls back to polling (and says
+//! why in its status), as it does when its own watch is denied.
+//!
+//! How it keeps each election's view right:
+//! - the watch is kube-runtime's `watcher` (list, then watch; re-listed after a `410
+//!   Gone` or an error, with backoff); after every (re-)list, each lock is told of its
+//!   Lease's changes (or deletion) since the previous one;
+//! - a lock that starts watching after version `v` is given the Lease's latest state at
+//!   once if the shared watch has already delivered something newer than `v` (it saw `v`
+//!   earlier, or — versions being opaque — cannot tell and `v` does not compare as an
+//!   older integer); what it has not delivered yet arrives as it comes;
+//! - a lock's stream ends after the timeout it asked for, as a server-side watch would;
+//!   a lock that does not keep up with its events (64 behind) has its stream ended, and
+//!   watches anew.
+//!
+//! A stale event never makes an election unsafe: it can only make the election wait
+//! longer, or try a write that the API server refuses (the write names the version read).
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use futures::StreamExt;
+use futures::stream::BoxStream;
+use k8s_openapi::api::coordination::v1::Lease;
+use kube::runtime::watcher::{self, Event};
+use kube::runtime::{WatchStreamExt, watcher as watch_leases};
+use kube::{Api, Client};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tracing::{debug, warn};
+
+use super::lease::versioned;
+use super::{LeaseLock, LockError, LockEvent, Versioned};
+
+/// Events a lock may fall behind by before its stream is ended.
+const SUBSCRIBER_BUFFER: usize = 64;
+
+/// Versions remembered per Lease, to tell that a lock's version is older than ours.
+const VERSIONS_KEPT: usize = 16;
+
+/// One watch on the Leases of a namespace, shared by the [`LeaseLock`]s made from it.
+///
+/// RBAC: besides what every lock needs (`get`, `create`, `update` on its Leases), the
+/// shared watch needs **`list` and `watch` on `leases.coordination.k8s.io` in the
+/// namespace** (a label selector narrows what is sent, not what must be granted). If they
+/// are denied, each election falls back to polling and says why in its status.
+///
+/// ```no_run
+/// # async fn doc(client: kube::Client) -> Result<(), Box<dyn std::error::Error>> {
+/// use leaderz::lock::SharedLeaseWatch;
+/// use leaderz::{ElectionConfig, Elector};
+///
+/// let leases = SharedLeaseWatch::new(client, "shards");
+/// let handles: Vec<_> = (0..64)
+///     .map(|shard| {
+///         let lock = leases.lock(&format!("shard-{shard}"));
+///         Ok(Elector::new(lock, ElectionConfig::new("pod-a"))?.spawn())
+///     })
+///     .collect::<Result<_, leaderz::ConfigError>>()?;
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct SharedLeaseWatch {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for SharedLeaseWatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SharedLeaseWatch")
+            .field("namespace", &self.inner.namespace)
+            .field("labels", &self.inner.labels)
+            .finish()
+    }
+}
+
+struct Inner {
+    client: Client,
+    namespace: String,
+    labels: Option<String>,
+    hub: Arc<Hub>,
+    /// The watching task, started by the first lock that watches.
+    task: OnceLock<JoinHandle<()>>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        if let Some(task) = self.task.get() {
+            task.abort();
+        }
+    }
+}
+
+impl SharedLeaseWatch {
+    /// A watch on every Lease in `namespace`. Nothing is sent until a lock made from it
+    /// starts watching.
+    pub fn new(client: Client, namespace: &str) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                client,
+                namespace: namespace.to_owned(),
+                labels: None,
+                hub: Arc::new(Hub::new()),
+                task: OnceLock::new(),
+            }),
+        }
+    }
+
+    /// Only the Leases matching this label selector (e.g. `app=shards`). Leases that
+    /// do not match are never seen: their elections then notice nothing but what they
+    /// read themselves. Create the Leases with the labels (see
+    /// [`LeaseLock::with_labels`]).
+    #[must_use]
+    pub fn labels(self, selector: &str) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                client: self.inner.client.clone(),
+                namespace: self.inner.namespace.clone(),
+                labels: Some(selector.to_owned()),
+                hub: Arc::new(Hub::new()),
+                task: OnceLock::new(),
+            }),
+        }
+    }
+
+    /// A lock on Lease `name` in this watch's namespace, watching through it.
+    pub fn lock(&self, name: &str) -> LeaseLock {
+        let mut lock = LeaseLock::new(self.inner.client.clone(), &self.inner.namespace, name);
+        lock.shared = Some(self.clone());
+        lock
+    }
+
+    /// The namespace watched.
+    pub fn namespace(&self) -> &str {
+        &self.inner.namespace
+    }
+
+    fn start(&self) {
+        self.inner.task.get_or_init(|| {
+            let api: Api<Lease> = Api::namespaced(self.inner.client.clone(), &self.inner.namespace);
+            let mut config = watcher::Config::default();
+            if let Some(labels) = &self.inner.labels {
+                config = config.labels(labels);
+            }
+            tokio::spawn(run(self.inner.hub.clone(), api, config))
+        });
+    }
+
+    /// Changes of Lease `name` after `version`, ending after `timeout`.
+    pub(super) async fn subscribe(
+        &self,
+        name: &str,
+        version: &str,
+        timeout: Duration,
+    ) -> Result<BoxStream<'static, Result<LockEvent, LockError>>, LockError> {
+        self.start();
+        let hub = &self.inner.hub;
+        let mut phase = hub.phase.subscribe();
+        loop {
+            match &*phase.borrow_and_update() {
+                Phase::Ready => break,
+                Phase::Failed(failure) => {
+                    return Err(failure.error(&self.inner.namespace, name));
+                }
+                Phase::Starting => {}
+            }
+            if phase.changed().await.is_err() {
+                return Err(LockError::Transport(
+                    "the shared Lease watch stopped".into(),
+                ));
+            }
+        }
+        let (tx, rx) = mpsc::channel(SUBSCRIBER_BUFFER);
+        {
+            let mut state = hub.lock();
+            if let Some(first) = state.catch_up(name, version) {
+                // The channel is new and empty: this cannot fail.
+                let _ = tx.try_send(Ok(first));
+            }
+            let subscribers = state.subscribers.entry(name.to_owned()).or_default();
+            subscribers.retain(|s| !s.is_closed());
+            subscribers.push(tx);
+        }
+        let events = futures::stream::unfold(rx, |mut rx| async move {
+            rx.recv().await.map(|event| (event, rx))
+        });
+        Ok(events.take_until(tokio::time::sleep(timeout)).boxed())
+    }
+}
+
+/// Where the watching task leaves what it saw, and the locks' subscriptions.
+struct Hub {
+    state: Mutex<State>,
+    phase: tokio::sync::watch::Sender<Phase>,
+}
+
+#[derive(Clone)]
+enum Phase {
+    /// The first list has not finished.
+    Starting,
+    Ready,
+    /// The first list failed (and is being retried).
+    Failed(Arc<Failure>),
+}
+
+/// Why the shared watch could not start.
+struct Failure {
+    code: Option<u16>,
+    reason: String,
+    message: String,
+}
+
+impl Failure {
+    fn from_error(e: &watcher::Error) -> Self {
+        let api = match e {
+            watcher::Error::InitialListFailed(kube::Error::Api(s))
+            | watcher::Error::WatchStartFailed(kube::Error::Api(s))
+            | watcher::Error::WatchFailed(kube::Error::Api(s)) => Some(s.as_ref()),
+            watcher::Error::WatchError(s) => Some(s.as_ref()),
+            _ => None,
+        };
+        match api {
+            Some(status) => Failure {
+                code: Some(status.code),
+                reason: status.reason.clone(),
+                message: status.message.clone(),
+            },
+            None => Failure {
+                code: None,
+                reason: String::new(),
+                message: e.to_string(),
+            },
+        }
+    }
+
+    fn error(&self, namespace: &str, name: &str) -> LockError {
+        match self.code {
+            Some(403) => LockError::Forbidden {
+                verb: "list",
+                namespace: namespace.to_owned(),
+                name: name.to_owned(),
+                message: format!(
+                    "a shared Lease watch needs `list` and `watch` on leases in the namespace: {}",
+                    self.message
+                ),
+            },
+            Some(401) => LockError::Unauthorized(self.message.clone()),
+            Some(code) => LockError::Api {
+                code,
+                reason: self.reason.clone(),
+                message: self.message.clone(),
+            },
+            None => LockError::Transport(self.message.clone().into()),
+        }
+    }
+}
+
+#[derive(Default)]
+struct State {
+    leases: HashMap<String, Entry>,
+    subscribers: HashMap<String, Vec<mpsc::Sender<Result<LockEvent, LockError>>>>,
+    /// Leases listed since the watch (re)started, until the list is complete.
+    relisting: Option<HashMap<String, Versioned>>,
+}
+
+/// What the shared watch knows of one Lease.
+#[derive(Default)]
+struct Entry {
+    /// Its latest state; `None` once deleted.
+    current: Option<Versioned>,
+    /// The versions it was seen at, latest last.
+    seen: VecDeque<String>,
+}
+
+impl Entry {
+    fn saw(&mut self, version: &str) {
+        if self.seen.back().is_some_and(|v| v == version) {
+            return;
+        }
+        if self.seen.len() == VERSIONS_KEPT {
+            self.seen.pop_front();
+        }
+        self.seen.push_back(version.to_owned());
+    }
+
+    /// Whether `version` is older than what this entry holds (or held when deleted).
+    fn is_past(&self, version: &str) -> bool {
+        let latest = self.seen.back().map(String::as_str).unwrap_or_default();
+        if latest == version {
+            return false;
+        }
+        if self.seen.iter().any(|v| v == version) {
+            return true;
+        }
+        // Not seen here: compare as integers if both are (etcd's are); when they are not,
+        // take ours as the newer.
+        match (version.parse::<u64>(), latest.parse::<u64>()) {
+            (Ok(theirs), Ok(ours)) => theirs < ours,
+            _ => true,
+        }
+    }
+}
+
+impl Hub {
+    fn new() -> Self {
+        Self {
+            state: Mutex::new(State::default()),
+            phase: tokio::sync::watch::Sender::new(Phase::Starting),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn apply(&self, v: Versioned) {
+        let Some(name) = lease_name(&v) else { return };
+        let mut state = self.lock();
+        let entry = state.leases.entry(name.clone()).or_default();
+        if entry
+            .current
+            .as_ref()
+            .is_some_and(|c| c.version == v.version)
+        {
+            return;
+        }
+        entry.saw(&v.version);
+        entry.current = Some(v.clone());
+        state.deliver(&name, LockEvent::Changed(v));
+    }
+
+    fn delete(&self, name: &str) {
+        let mut state = self.lock();
+        let Some(entry) = state.leases.get_mut(name) else {
+            return;
+        };
+        if entry.current.take().is_some() {
+            state.deliver(name, LockEvent::Deleted);
+        }
+    }
+
+    /// A (re-)list finished: tell each lock what changed since the previous one.
+    fn relisted(&self) {
+        let mut state = self.lock();
+        let Some(listed) = state.relisting.take() else {
+            return;
+        };
+        let gone: Vec<String> = state
+            .leases
+            .iter()
+            .filter(|(name, e)| e.current.is_some() && !listed.contains_key(*name))
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in gone {
+            if let Some(e) = state.leases.get_mut(&name) {
+                e.current = None;
+            }
+            state.deliver(&name, LockEvent::Deleted);
+        }
+        for (name, v) in listed {
+            let entry = state.leases.entry(name.clone()).or_default();
+            if entry
+                .current
+                .as_ref()
+                .is_some_and(|c| c.version == v.version)
+            {
+                continue;
+            }
+            entry.saw(&v.version);
+            entry.current = Some(v.clone());
+            state.deliver(&name, LockEvent::Changed(v));
+        }
+        // Forget deleted Leases nobody listens to.
+        let State {
+            leases,
+            subscribers,
+            ..
+        } = &mut *state;
+        leases.retain(|name, e| e.current.is_some() || subscribers.contains_key(name));
+    }
+}
+
+impl State {
+    /// What a lock that starts watching `name` after `version` must be told first.
+    fn catch_up(&self, name: &str, version: &str) -> Option<LockEvent> {
+        let entry = self.leases.get(name)?;
+        match &entry.current {
+            Some(current) if current.version != version && entry.is_past(version) => {
+                Some(LockEvent::Changed(current.clone()))
+            }
+            None if !version.is_empty() && entry.is_past(version) => Some(LockEvent::Deleted),
+            _ => None,
+        }
+    }
+
+    fn deliver(&mut self, name: &str, event: LockEvent) {
+        let Some(subscribers) = self.subscribers.get_mut(name) else {
+            return;
+        };
+        subscribers.retain(|tx| match tx.try_send(Ok(event.clone())) {
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                debug!(
+                    lease = name,
+                    "a lock fell behind the shared watch; ending its stream"
+                );
+                false
+            }
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+        });
+        if subscribers.is_empty() {
+            self.subscribers.remove(name);
+        }
+    }
+}
+
+fn lease_name(v: &Versioned) -> Option<String> {
+    v.lease.as_ref().and_then(|l| l.metadata.name.clone())
+}
+
+/// The watching task: feeds what kube-runtime's watcher sees into the hub.
+async fn run(hub: Arc<Hub>, api: Api<Lease>, config: watcher::Config) {
+    let mut events = watch_leases(api, config).default_backoff().boxed();
+    let mut failing = false;
+    while let Some(event) = events.next().await {
+        match event {
+            Ok(event) => {
+                if failing {
+                    debug!("the shared Lease watch works again");
+                    failing = false;
+                }
+                match event {
+                    Event::Init => hub.lock().relisting = Some(HashMap::new()),
+                    Event::InitApply(lease) => {
+                        let v = versioned(lease);
+                        if let (Some(name), Some(listed)) =
+                            (lease_name(&v), hub.lock().relisting.as_mut())
+                        {
+                            listed.insert(name, v);
+                        }
+                    }
+                    Event::InitDone => {
+                        hub.relisted();
+                        hub.phase.send_replace(Phase::Ready);
+                    }
+                    Event::Apply(lease) => hub.apply(versioned(lease)),
+                    Event::Delete(lease) => {
+                        if let Some(name) = lease.metadata.name {
+                            hub.delete(&name);
+                        }
+                    }
+                }
+            }
+            Err(e) => {
+                if !failing {
+                    warn!(error = %e, "the shared Lease watch failed; retrying");
+                    failing = true;
+                }
+                hub.phase.send_if_modified(|phase| match phase {
+                    Phase::Ready => false,
+                    _ => {
+                        *phase = Phase::Failed(Arc::new(Failure::from_error(&e)));
+                        true
+                    }
+                });
+            }
+        }
+    }
+}
