@@ -10,6 +10,7 @@
 use std::time::Duration;
 
 use leaderz::Term;
+use leaderz::routing::Routes;
 use nix::sys::signal::Signal;
 use tracing::{info, warn};
 
@@ -24,7 +25,7 @@ use crate::supervise::WhileStopped;
 
 /// How long after SIGKILL the command may take to be reaped before the library calls its
 /// work overdue.
-const KILL_SLACK: Duration = Duration::from_secs(5);
+pub(crate) const KILL_SLACK: Duration = Duration::from_secs(5);
 
 /// How long before another candidate may take the lease over a lost term's command gets
 /// SIGKILL at the latest (less if the lease duration is barely above the renew deadline).
@@ -36,7 +37,7 @@ const TAKEOVER_MARGIN: Duration = Duration::from_millis(500);
 /// deadline; a follower that saw that renewal waits a lease duration from then, so it
 /// cannot take over before `deadline + (lease_duration - renew_deadline)` on a clock
 /// that runs at ours. SIGKILL comes shortly before that, however long `--grace` is.
-fn takeover_slack(lease_duration: Duration, renew_deadline: Duration) -> Duration {
+pub(crate) fn takeover_slack(lease_duration: Duration, renew_deadline: Duration) -> Duration {
     let gap = lease_duration.saturating_sub(renew_deadline);
     gap - TAKEOVER_MARGIN.min(gap / 2)
 }
@@ -49,7 +50,11 @@ fn takeover_slack(lease_duration: Duration, renew_deadline: Duration) -> Duratio
 /// then, as leaderz would, and
 /// SIGKILL `slack` later, before another candidate may take over. The supervisor sees
 /// the stop up to 100 ms late, which the takeover margin covers.
-fn while_stopped(renew_deadline: Duration, renew_every: Duration, slack: Duration) -> WhileStopped {
+pub(crate) fn while_stopped(
+    renew_deadline: Duration,
+    renew_every: Duration,
+    slack: Duration,
+) -> WhileStopped {
     let term_after = renew_deadline.saturating_sub(renew_every);
     WhileStopped {
         term_after,
@@ -59,6 +64,9 @@ fn while_stopped(renew_deadline: Duration, renew_every: Duration, slack: Duratio
 
 /// Runs `leaderz run`; returns the exit code.
 pub(crate) async fn run(args: RunArgs) -> Result<u8, CliError> {
+    if let Some(shards) = args.shards {
+        return crate::shards::run(args, shards).await;
+    }
     // A command that cannot be executed fails like a shell would, before anything is
     // written (the supervisor checks again when it starts it).
     if let Some(program) = args.command.first() {
@@ -72,7 +80,10 @@ pub(crate) async fn run(args: RunArgs) -> Result<u8, CliError> {
     // The library warns (and /healthz fails) when a lost term's work outlives this; the
     // command gets `grace` and then SIGKILL, so only a command SIGKILL cannot end does.
     let overdue = args.grace + KILL_SLACK;
-    let mut election = Election::start(&args.election, |c| c.shutdown_grace(overdue)).await?;
+    let (mut election, routes) = Election::start_routed(&args.election, Some(&args.routes), |c| {
+        c.shutdown_grace(overdue)
+    })
+    .await?;
     let slack = takeover_slack(args.election.lease_duration, args.election.renew_deadline);
     let while_stopped = while_stopped(
         args.election.renew_deadline,
@@ -116,6 +127,13 @@ pub(crate) async fn run(args: RunArgs) -> Result<u8, CliError> {
             fencing_token = term.fencing_token(),
             "leading: started the command"
         );
+        // Traffic to this pod (--label-pod, --leader-endpoints) alongside the command.
+        let lead = (!routes.is_empty()).then(|| {
+            let (routes, term) = (routes.clone(), term.clone());
+            tokio::spawn(async move {
+                let _ = routes.lead(&term).await;
+            })
+        });
 
         let token = term.token();
         let limit = KillLimit {
@@ -128,6 +146,7 @@ pub(crate) async fn run(args: RunArgs) -> Result<u8, CliError> {
                 child.kill_leftovers();
                 let code = exit_code(status);
                 info!(code, "the command exited: releasing the lease");
+                step_down(&routes, lead).await;
                 drop(term);
                 finish(election).await;
                 return Ok(code);
@@ -135,6 +154,7 @@ pub(crate) async fn run(args: RunArgs) -> Result<u8, CliError> {
             () = token.cancelled() => {
                 warn!("lost leadership: stopping the command");
                 let (status, signal) = child.stop(Signal::SIGTERM, limit, &mut signals, 0).await;
+                step_down(&routes, lead).await;
                 drop(term);
                 if let Some(signal) = signal {
                     info!(%signal, "asked to stop while stopping the command: shutting down");
@@ -151,11 +171,22 @@ pub(crate) async fn run(args: RunArgs) -> Result<u8, CliError> {
             signal = signals.recv() => {
                 info!(%signal, "forwarding to the command, then releasing the lease");
                 let (status, _) = child.stop(signal, limit, &mut signals, 1).await;
+                step_down(&routes, lead).await;
                 drop(term);
                 finish(election).await;
                 return Ok(exit_code(status));
             }
         }
+    }
+}
+
+/// The command has stopped: stop pointing traffic here (the term is still held, so the
+/// Lease is released only afterwards).
+async fn step_down(routes: &Routes, lead: Option<tokio::task::JoinHandle<()>>) {
+    if let Some(lead) = lead {
+        lead.abort();
+        let _ = lead.await;
+        let _ = routes.step_down().await;
     }
 }
 

@@ -9,6 +9,7 @@ use crate::cli::{Output, StatusArgs};
 use crate::cluster;
 use crate::error::CliError;
 use crate::leases::{LeaseView, call, table};
+use crate::shardmap::ShardMap;
 
 /// Prints the Lease(s) to stdout; returns the exit code.
 pub(crate) async fn status(args: StatusArgs) -> Result<u8, CliError> {
@@ -19,6 +20,21 @@ pub(crate) async fn status(args: StatusArgs) -> Result<u8, CliError> {
     let namespace = cluster::namespace(args.namespace.namespace.as_deref(), &config)?;
     let api: Api<Lease> = Api::namespaced(cluster::connect(config).await?, &namespace);
     let format = args.output.format;
+    if let Some(set) = &args.shards {
+        let selector = format!("{}={set}", leaderz::shards::SET_LABEL);
+        let list = call("list", &namespace, api.list(&ListParams::default().labels(&selector))).await?;
+        let map = ShardMap::new(set, &namespace, &list.items, Timestamp::now());
+        let text = match format {
+            Output::Json => to_json(&map)?,
+            Output::Table if list.items.is_empty() => {
+                eprintln!("No Leases of shard set `{set}` in namespace `{namespace}`.");
+                return Ok(0);
+            }
+            Output::Table => map.table(),
+        };
+        print!("{text}");
+        return Ok(0);
+    }
     let text = match &args.name {
         Some(name) => {
             let lease = call("get", &namespace, api.get_opt(name))
@@ -45,7 +61,18 @@ pub(crate) async fn status(args: StatusArgs) -> Result<u8, CliError> {
                     eprintln!("No leases found in namespace `{namespace}`.");
                     return Ok(0);
                 }
-                Output::Table => table(&views),
+                Output::Table => {
+                    let mut text = table(&views);
+                    let now = Timestamp::now();
+                    for set in ShardMap::sets(&list.items) {
+                        let map = ShardMap::new(&set, &namespace, &list.items, now);
+                        text.push_str(&format!(
+                            "{} (leaderz status --shards {set})\n",
+                            map.summary()
+                        ));
+                    }
+                    text
+                }
             }
         }
     };

@@ -1,5 +1,6 @@
 //! The Kubernetes lock: one `coordination.k8s.io/v1` Lease, written as client-go does.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use futures::stream::BoxStream;
@@ -32,6 +33,7 @@ pub struct LeaseLock {
     namespace: String,
     name: String,
     events: Option<Recorder>,
+    labels: BTreeMap<String, String>,
 }
 
 impl std::fmt::Debug for LeaseLock {
@@ -51,6 +53,28 @@ impl LeaseLock {
             namespace: namespace.to_owned(),
             name: name.to_owned(),
             events: None,
+            labels: BTreeMap::new(),
+        }
+    }
+
+    /// Also carries these labels: set when the Lease is created, and added on every
+    /// write if someone removed them (other labels are kept), as client-go's
+    /// `LeaseLock.Labels` does. A [shard set](crate::shards) labels its Leases so that
+    /// its members can find each other with one label selector.
+    #[must_use]
+    pub fn with_labels(mut self, labels: BTreeMap<String, String>) -> Self {
+        self.labels = labels;
+        self
+    }
+
+    /// Adds this lock's labels to `lease`, keeping the ones it has.
+    fn label(&self, lease: &mut Lease) {
+        if self.labels.is_empty() {
+            return;
+        }
+        let labels = lease.metadata.labels.get_or_insert_default();
+        for (k, v) in &self.labels {
+            labels.insert(k.clone(), v.clone());
         }
     }
 
@@ -126,7 +150,7 @@ fn set_handoff(lease: &mut Lease, record: &LeaderRecord) {
     }
 }
 
-fn versioned(lease: Lease) -> Versioned {
+pub(crate) fn versioned(lease: Lease) -> Versioned {
     Versioned {
         record: LeaderRecord::from_lease(&lease),
         version: lease.metadata.resource_version.clone().unwrap_or_default(),
@@ -152,6 +176,7 @@ impl Lock for LeaseLock {
             spec: Some(record.to_spec()),
         };
         set_handoff(&mut lease, record);
+        self.label(&mut lease);
         match self.api.create(&PostParams::default(), &lease).await {
             Ok(lease) => Ok(versioned(lease)),
             Err(e) => Err(self.error("create", e)),
@@ -180,6 +205,7 @@ impl Lock for LeaseLock {
         lease.metadata.managed_fields = None;
         lease.spec = Some(record.to_spec());
         set_handoff(&mut lease, record);
+        self.label(&mut lease);
         match self
             .api
             .replace(&self.name, &PostParams::default(), &lease)

@@ -21,6 +21,7 @@ mod lease;
 mod memory;
 
 pub use lease::LeaseLock;
+pub(crate) use lease::versioned;
 pub use memory::MemoryLock;
 
 /// A record and the version it was read at.
