@@ -121,41 +121,11 @@ impl ElectionArgs {
     }
 }
 
-/// Where traffic to the leader is pointed (`run` and `serve`).
-#[derive(Debug, Args)]
-pub(crate) struct RouteArgs {
-    /// While leading, label this pod KEY=VALUE, for a Service that selects it. Set after
-    /// the term starts, removed before leadership is given up (work stops, label removed,
-    /// then the release); a stale label on this pod is removed at startup. Needs `get`
-    /// and `patch` on pods (kube/label-pod/).
-    #[arg(long, env = "LEADERZ_LABEL_POD", value_name = "KEY=VALUE")]
-    pub(crate) label_pod: Option<String>,
-
-    /// While leading, point the EndpointSlice `<SERVICE>-leader` of this selector-less
-    /// Service at this pod's IP; emptied before leadership is given up, and taken over
-    /// by the next leader. Needs the pod IP (--pod-ip) and kube/leader-endpoints/.
-    #[arg(long, env = "LEADERZ_LEADER_ENDPOINTS", value_name = "SERVICE")]
-    pub(crate) leader_endpoints: Option<String>,
-
-    /// This pod's name, for --label-pod and --leader-endpoints. [default: $POD_NAME,
-    /// else the identity]
-    #[arg(long, env = "LEADERZ_POD_NAME", value_name = "NAME")]
-    pub(crate) pod_name: Option<String>,
-
-    /// This pod's IP, for --leader-endpoints (the downward API's `status.podIP`).
-    /// [default: $POD_IP]
-    #[arg(long, env = "LEADERZ_POD_IP", value_name = "IP")]
-    pub(crate) pod_ip: Option<String>,
-}
-
 /// `leaderz run`.
 #[derive(Debug, Args)]
 pub(crate) struct RunArgs {
     #[command(flatten)]
     pub(crate) election: ElectionArgs,
-
-    #[command(flatten)]
-    pub(crate) routes: RouteArgs,
 
     /// Join the shard set named by --lease with this many shards instead of leading one
     /// Lease: CMD runs from the start and is told which shards this member owns, in the
@@ -165,7 +135,7 @@ pub(crate) struct RunArgs {
     /// shard is released only then (SIGKILL if it does not within --grace, or before
     /// another member may take the shard). See README "Sharded leases".
     #[arg(long, env = "LEADERZ_SHARDS", value_name = "S",
-          conflicts_with_all = ["label_pod", "leader_endpoints", "exit_on_loss", "http"])]
+          conflicts_with_all = ["exit_on_loss", "http"])]
     pub(crate) shards: Option<u32>,
 
     /// Where --shards writes the shard file (the ack file is the same path with `.ack`
@@ -197,9 +167,6 @@ pub(crate) struct RunArgs {
 pub(crate) struct ServeArgs {
     #[command(flatten)]
     pub(crate) election: ElectionArgs,
-
-    #[command(flatten)]
-    pub(crate) routes: RouteArgs,
 
     /// Address to serve HTTP on. Use `0.0.0.0:4040` for kubelet probes.
     #[arg(

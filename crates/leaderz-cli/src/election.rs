@@ -3,12 +3,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use leaderz::routing::Routes;
 use leaderz::{ElectionConfig, ElectionHandle, Elector, LeaseLock, Metrics};
 use prometheus_client::registry::Registry;
 use tracing::debug;
 
-use crate::cli::{ElectionArgs, RouteArgs};
+use crate::cli::ElectionArgs;
 use crate::cluster;
 use crate::error::CliError;
 
@@ -48,16 +47,6 @@ impl Election {
         args: &ElectionArgs,
         tune: impl FnOnce(ElectionConfig) -> ElectionConfig,
     ) -> Result<Self, CliError> {
-        Ok(Self::start_routed(args, None, tune).await?.0)
-    }
-
-    /// [`Election::start`], and the routes `routes` asks for, from which what a previous
-    /// incarnation of this pod left has been removed before campaigning starts.
-    pub(crate) async fn start_routed(
-        args: &ElectionArgs,
-        routes: Option<&RouteArgs>,
-        tune: impl FnOnce(ElectionConfig) -> ElectionConfig,
-    ) -> Result<(Self, Routes), CliError> {
         cluster::check_lease_name(&args.lease)?;
         let identity = cluster::identity(args.identity.as_deref())?;
         let config = tune(args.election_config(identity));
@@ -65,12 +54,6 @@ impl Election {
         let kube_config = cluster::load_config().await?;
         let namespace = cluster::namespace(args.namespace.namespace.as_deref(), &kube_config)?;
         let client = cluster::connect(kube_config).await?;
-        let routes = match routes {
-            Some(r) => crate::routes::from_args(r, &client, &namespace, &config.identity)?,
-            None => Routes::new(),
-        };
-        // Before campaigning: a restarted container keeps its pod's label and IP.
-        routes.clear_stale().await?;
 
         let mut lock = LeaseLock::new(client.clone(), &namespace, &args.lease);
         if args.events {
@@ -87,12 +70,11 @@ impl Election {
         };
         debug!(lease = %info.lease, namespace = %info.namespace, identity = %info.identity, "campaigning");
         let handle = Elector::new(lock, config)?.metrics(metrics).spawn();
-        let election = Self {
+        Ok(Self {
             handle,
             info: Arc::new(info),
             registry: Arc::new(registry),
-        };
-        Ok((election, routes))
+        })
     }
 
     /// Completes when the elector has stopped by itself (a fatal error).

@@ -81,10 +81,6 @@ pub(crate) enum CliError {
         /// Its namespace.
         namespace: String,
     },
-    /// Pointing traffic at the leader (`--label-pod`, `--leader-endpoints`) failed at
-    /// startup: RBAC, a missing pod or Service.
-    #[error("{0}")]
-    Route(#[from] leaderz::routing::RouteError),
     /// The shard set's configuration was refused, or it stopped with an error.
     #[error("{0}")]
     Shards(#[from] leaderz::shards::ShardSetError),

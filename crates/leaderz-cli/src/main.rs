@@ -19,7 +19,6 @@ mod exec;
 mod http;
 mod leases;
 mod logging;
-mod routes;
 mod run;
 mod serve;
 mod shardmap;

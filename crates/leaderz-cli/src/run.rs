@@ -10,7 +10,6 @@
 use std::time::Duration;
 
 use leaderz::Term;
-use leaderz::routing::Routes;
 use nix::sys::signal::Signal;
 use tracing::{info, warn};
 
@@ -80,10 +79,7 @@ pub(crate) async fn run(args: RunArgs) -> Result<u8, CliError> {
     // The library warns (and /healthz fails) when a lost term's work outlives this; the
     // command gets `grace` and then SIGKILL, so only a command SIGKILL cannot end does.
     let overdue = args.grace + KILL_SLACK;
-    let (mut election, routes) = Election::start_routed(&args.election, Some(&args.routes), |c| {
-        c.shutdown_grace(overdue)
-    })
-    .await?;
+    let mut election = Election::start(&args.election, |c| c.shutdown_grace(overdue)).await?;
     let slack = takeover_slack(args.election.lease_duration, args.election.renew_deadline);
     let while_stopped = while_stopped(
         args.election.renew_deadline,
@@ -127,13 +123,6 @@ pub(crate) async fn run(args: RunArgs) -> Result<u8, CliError> {
             fencing_token = term.fencing_token(),
             "leading: started the command"
         );
-        // Traffic to this pod (--label-pod, --leader-endpoints) alongside the command.
-        let lead = (!routes.is_empty()).then(|| {
-            let (routes, term) = (routes.clone(), term.clone());
-            tokio::spawn(async move {
-                let _ = routes.lead(&term).await;
-            })
-        });
 
         let token = term.token();
         let limit = KillLimit {
@@ -146,7 +135,6 @@ pub(crate) async fn run(args: RunArgs) -> Result<u8, CliError> {
                 child.kill_leftovers();
                 let code = exit_code(status);
                 info!(code, "the command exited: releasing the lease");
-                step_down(&routes, lead).await;
                 drop(term);
                 finish(election).await;
                 return Ok(code);
@@ -154,7 +142,6 @@ pub(crate) async fn run(args: RunArgs) -> Result<u8, CliError> {
             () = token.cancelled() => {
                 warn!("lost leadership: stopping the command");
                 let (status, signal) = child.stop(Signal::SIGTERM, limit, &mut signals, 0).await;
-                step_down(&routes, lead).await;
                 drop(term);
                 if let Some(signal) = signal {
                     info!(%signal, "asked to stop while stopping the command: shutting down");
@@ -171,22 +158,11 @@ pub(crate) async fn run(args: RunArgs) -> Result<u8, CliError> {
             signal = signals.recv() => {
                 info!(%signal, "forwarding to the command, then releasing the lease");
                 let (status, _) = child.stop(signal, limit, &mut signals, 1).await;
-                step_down(&routes, lead).await;
                 drop(term);
                 finish(election).await;
                 return Ok(exit_code(status));
             }
         }
-    }
-}
-
-/// The command has stopped: stop pointing traffic here (the term is still held, so the
-/// Lease is released only afterwards).
-async fn step_down(routes: &Routes, lead: Option<tokio::task::JoinHandle<()>>) {
-    if let Some(lead) = lead {
-        lead.abort();
-        let _ = lead.await;
-        let _ = routes.step_down().await;
     }
 }
 

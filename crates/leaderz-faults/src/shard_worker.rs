@@ -107,7 +107,7 @@ pub async fn run(config: ShardWorkerConfig) -> anyhow::Result<()> {
     let mut owned: BTreeMap<u32, i64> = BTreeMap::new();
     let mut seq = 0u64;
     let pid = std::process::id();
-    let mut apply = |owned: &mut BTreeMap<u32, i64>| -> anyhow::Result<()> {
+    let apply = |owned: &mut BTreeMap<u32, i64>| -> anyhow::Result<()> {
         let (generation, now) = read_shards(&config.shards_file)?;
         for (shard, token) in owned.iter() {
             if now.get(shard) != Some(token) {

@@ -73,7 +73,6 @@ pub mod lock;
 pub mod machine;
 pub mod metrics;
 pub mod record;
-pub mod routing;
 pub mod shards;
 pub mod term;
 

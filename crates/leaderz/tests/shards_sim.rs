@@ -200,6 +200,24 @@ impl Change {
     }
 }
 
+/// When every change in `pending` (since the last settled state, in order) is visible
+/// to every live member. A crash or cut is visible a lease duration after it; but a
+/// member that joins later first sees the departed member's Lease when it joins, and
+/// waits a lease duration from then.
+fn visible_by(pending: &[(Instant, Change)]) -> Instant {
+    let mut departed = false;
+    let mut by = pending.first().map_or_else(Instant::now, |p| p.0);
+    for &(t, change) in pending {
+        let mut at = t + change.visible_after();
+        if change == Change::Join && departed {
+            at = t + LD;
+        }
+        departed |= matches!(change, Change::Crash | Change::Cut);
+        by = by.max(at);
+    }
+    by
+}
+
 #[derive(Default)]
 struct Figures {
     settled: BTreeMap<&'static str, Vec<Duration>>,
@@ -273,6 +291,7 @@ fn simulate(seed: u64, figures: &mut Figures) -> usize {
             spawn(m, shards, rng.random(), &ledger);
         }
         let changes = rng.random_range(4..10);
+        let mut pending: Vec<(Instant, Change)> = Vec::new();
         for step in 0..changes {
             let before = live_ids(&members);
             let i = rng.random_range(0..POOL);
@@ -284,6 +303,9 @@ fn simulate(seed: u64, figures: &mut Figures) -> usize {
                 (true, false, 4..=6) => Change::Crash,
                 (true, false, _) => Change::Cut,
             };
+            if std::env::var_os("SHARDS_SIM_TRACE").is_some() {
+                eprintln!("{context}: step {step} at {:?}: {} of {}", Instant::now(), name(change), m.identity);
+            }
             match change {
                 Change::Join => spawn(m, shards, rng.random(), &ledger),
                 Change::Leave => {
@@ -320,13 +342,24 @@ fn simulate(seed: u64, figures: &mut Figures) -> usize {
             // Sometimes the next change comes before this one has settled.
             let hurry = step + 1 < changes && rng.random_bool(0.3);
             if hurry {
+                pending.push((Instant::now(), change));
                 sleep(Duration::from_millis(rng.random_range(0..3000))).await;
                 continue;
             }
+            // Each change since the last settled state becomes visible to every live
+            // member by `visible`; the shards are owned a lease duration plus a
+            // (jittered: up to 1.2 ×) retry period after the last of them.
+            pending.push((Instant::now(), change));
+            let visible = visible_by(&pending);
+            pending.clear();
             let began = Instant::now();
-            let bound = change.visible_after() + LD + RP;
+            let bound = visible.saturating_duration_since(began) + LD + RP.mul_f64(1.2);
             let live = live_ids(&members);
             loop {
+                let owners = ledger.owners();
+                if let Some((shard, who)) = owners.iter().find(|(_, who)| who.len() > 1) {
+                    panic!("{context}: step {step}: shard {shard} has two owners now: {who:?}");
+                }
                 if settled(&ledger, shards, &live) {
                     break;
                 }
