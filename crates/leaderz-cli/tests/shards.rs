@@ -58,6 +58,8 @@ fn start(ns: &str, id: &str, ledger: &Ledger, dir: &Path) -> Member {
         .arg("--")
         .arg(leaderz_faults::shard_worker_binary().unwrap())
         .args(["--ledger", &ledger.url(), "--prefix", SET])
+        // Work takes a while to stop: a lost shard must stay held until it has.
+        .args(["--stop-delay", "300ms"])
         .arg("--log")
         .arg(dir.join(format!("{id}.jsonl")))
         .env_clear()
@@ -231,6 +233,26 @@ async fn sixty_four_shards_one_owner_each_through_joins_leaves_and_crashes() {
     members.push(start(&ns, "m4", &ledger, &dir));
     settle(&api, &["m0", "m1", "m2", "m3", "m4"], join_bound, "3 → 5 (joins)").await;
 
+    // `leaderz status --shards` shows the shard map as the Leases hold it.
+    let out = Command::new(env!("CARGO_BIN_EXE_leaderz"))
+        .args(["status", "--shards", SET, "-n", &ns])
+        .env_clear()
+        .env("KUBECONFIG", cp().kubeconfig_path())
+        .output()
+        .await
+        .unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    let summary = text.lines().next().unwrap();
+    println!("leaderz status --shards {SET}: {summary}");
+    assert!(summary.starts_with("shard set jobs: 64 shards, 5 members ("), "{text}");
+    assert!(summary.ends_with(", 0 unowned"), "{text}");
+    let live = ["m0", "m1", "m2", "m3", "m4"];
+    for (member, owned) in leaderz::shards::by_member(&assign(SET, SHARDS, &live)) {
+        assert!(summary.contains(&format!("{member} {}", owned.len())), "{member}: {text}");
+    }
+    assert_eq!(text.lines().filter(|l| l.starts_with(|c: char| c.is_ascii_digit())).count(), 64, "{text}");
+
     // At rest with 5 members: API requests per second per member.
     sleep(Duration::from_secs(2)).await;
     let (r0, t0) = (lease_requests().await, Instant::now());
@@ -246,7 +268,7 @@ async fn sixty_four_shards_one_owner_each_through_joins_leaves_and_crashes() {
     let leave_at = Instant::now();
     stop(m4).await;
     let took = settle(&api, &["m0", "m1", "m2", "m3"], join_bound, "5 → 4 (graceful)").await;
-    println!("rebalanced after a graceful leave: {:?} from SIGTERM", leave_at.elapsed().max(took));
+    println!("rebalanced after a graceful leave: {:?} from SIGTERM ({took:?} after leaderz exited)", leave_at.elapsed());
 
     // 4 → 2: one graceful leave and one crash at once.
     let m3 = members.pop().unwrap();

@@ -52,6 +52,10 @@ pub struct ShardWorkerConfig {
     pub log: PathBuf,
     /// Time between rounds of writes.
     pub interval: Duration,
+    /// How long work takes to stop: after a SIGHUP that takes a shard away, the shards
+    /// owned so far are written for this long before the new file is applied and
+    /// acknowledged.
+    pub stop_delay: Duration,
     /// `LEADERZ_IDENTITY`.
     pub identity: String,
     /// `LEADERZ_SHARDS_FILE`.
@@ -74,6 +78,13 @@ fn read_shards(path: &Path) -> anyhow::Result<(u64, BTreeMap<u32, i64>)> {
         .map(|(k, v)| Ok((k.parse()?, v)))
         .collect::<anyhow::Result<_>>()?;
     Ok((file.generation, shards))
+}
+
+async fn until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Reads every event of a shard worker log; a missing file has none.
@@ -128,6 +139,7 @@ pub async fn run(config: ShardWorkerConfig) -> anyhow::Result<()> {
         Ok(())
     };
     apply(&mut owned)?;
+    let mut apply_at: Option<tokio::time::Instant> = None;
     let mut tick = tokio::time::interval(config.interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -140,7 +152,20 @@ pub async fn run(config: ShardWorkerConfig) -> anyhow::Result<()> {
                 log("sigterm", 0, 0, 0)?;
                 std::process::exit(0);
             }
-            _ = sighup.recv() => apply(&mut owned)?,
+            _ = sighup.recv() => {
+                // Only stopping takes time: a change that loses no shard applies at once.
+                let (_, next) = read_shards(&config.shards_file)?;
+                let loses = owned.iter().any(|(s, t)| next.get(s) != Some(t));
+                if loses || apply_at.is_some() {
+                    apply_at.get_or_insert(tokio::time::Instant::now() + config.stop_delay);
+                } else {
+                    apply(&mut owned)?;
+                }
+            }
+            () = until(apply_at) => {
+                apply_at = None;
+                apply(&mut owned)?;
+            }
             _ = tick.tick() => {
                 // One round: every owned shard once; the round ends before a SIGHUP is
                 // handled, so no write for a lost shard is sent after its `stop`.

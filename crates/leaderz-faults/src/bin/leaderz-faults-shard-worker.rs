@@ -29,6 +29,9 @@ struct Args {
     /// Time between rounds of writes.
     #[arg(long, default_value = "100ms", value_parser = humantime::parse_duration)]
     interval: Duration,
+    /// How long work takes to stop after a SIGHUP (the old shards are written meanwhile).
+    #[arg(long, default_value = "0s", value_parser = humantime::parse_duration)]
+    stop_delay: Duration,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -39,6 +42,7 @@ fn main() -> anyhow::Result<()> {
         prefix: args.prefix,
         log: args.log,
         interval: args.interval,
+        stop_delay: args.stop_delay,
         identity: var("LEADERZ_IDENTITY")?,
         shards_file: var("LEADERZ_SHARDS_FILE")?.into(),
         ack_file: var("LEADERZ_SHARDS_ACK")?.into(),
