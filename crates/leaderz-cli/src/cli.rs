@@ -140,7 +140,12 @@ pub(crate) struct RunArgs {
 
     /// Where --shards writes the shard file (the ack file is the same path with `.ack`
     /// appended). [default: a file in the temporary directory]
-    #[arg(long, env = "LEADERZ_SHARDS_FILE_PATH", value_name = "PATH", requires = "shards")]
+    #[arg(
+        long,
+        env = "LEADERZ_SHARDS_FILE_PATH",
+        value_name = "PATH",
+        requires = "shards"
+    )]
     pub(crate) shards_file: Option<std::path::PathBuf>,
 
     /// After SIGTERM, how long CMD's process group may take to exit before SIGKILL. After

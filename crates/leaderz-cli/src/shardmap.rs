@@ -145,7 +145,8 @@ impl ShardMap {
         format!(
             "shard set {}: {} shards, {} members ({}), {} unowned",
             self.name,
-            self.shards.map_or_else(|| "?".to_owned(), |s| s.to_string()),
+            self.shards
+                .map_or_else(|| "?".to_owned(), |s| s.to_string()),
             self.members.len(),
             members.join(", "),
             self.unowned()
@@ -228,7 +229,11 @@ mod tests {
         let member = |id: &str| {
             lease(
                 &format!("jobs-member-{id}"),
-                &[(SET_LABEL, "jobs"), (ROLE_LABEL, ROLE_MEMBER), (COUNT_LABEL, "3")],
+                &[
+                    (SET_LABEL, "jobs"),
+                    (ROLE_LABEL, ROLE_MEMBER),
+                    (COUNT_LABEL, "3"),
+                ],
                 id,
                 0,
             )
@@ -236,7 +241,11 @@ mod tests {
         let shard = |i: &str, holder: &str, t| {
             lease(
                 &format!("jobs-{i}"),
-                &[(SET_LABEL, "jobs"), (ROLE_LABEL, ROLE_SHARD), (SHARD_LABEL, i)],
+                &[
+                    (SET_LABEL, "jobs"),
+                    (ROLE_LABEL, ROLE_SHARD),
+                    (SHARD_LABEL, i),
+                ],
                 holder,
                 t,
             )

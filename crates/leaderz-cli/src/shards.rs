@@ -79,7 +79,13 @@ impl Files {
         }
     }
 
-    fn write(&self, set: &str, identity: &str, generation: u64, terms: &BTreeMap<u32, Term>) -> Result<(), CliError> {
+    fn write(
+        &self,
+        set: &str,
+        identity: &str,
+        generation: u64,
+        terms: &BTreeMap<u32, Term>,
+    ) -> Result<(), CliError> {
         let file = ShardFile {
             set,
             identity,
@@ -90,9 +96,8 @@ impl Files {
                 .collect(),
         };
         let text = serde_json::to_vec(&file).map_err(|e| CliError::Io(e.to_string()))?;
-        write_atomically(&self.shards, &text).map_err(|e| {
-            CliError::Io(format!("cannot write {}: {e}", self.shards.display()))
-        })
+        write_atomically(&self.shards, &text)
+            .map_err(|e| CliError::Io(format!("cannot write {}: {e}", self.shards.display())))
     }
 
     fn remove(&self) {
@@ -232,9 +237,10 @@ fn update(owned: &watch::Receiver<Owned>, held: &mut BTreeMap<u32, Term>) -> Opt
         .map(|(s, t)| (*s, t.clone()))
         .collect();
     let same = now.len() == held.len()
-        && now
-            .iter()
-            .all(|(s, t)| held.get(s).is_some_and(|h| h.fencing_token() == t.fencing_token()));
+        && now.iter().all(|(s, t)| {
+            held.get(s)
+                .is_some_and(|h| h.fencing_token() == t.fencing_token())
+        });
     if same {
         return None;
     }

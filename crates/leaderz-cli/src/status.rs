@@ -22,7 +22,12 @@ pub(crate) async fn status(args: StatusArgs) -> Result<u8, CliError> {
     let format = args.output.format;
     if let Some(set) = &args.shards {
         let selector = format!("{}={set}", leaderz::shards::SET_LABEL);
-        let list = call("list", &namespace, api.list(&ListParams::default().labels(&selector))).await?;
+        let list = call(
+            "list",
+            &namespace,
+            api.list(&ListParams::default().labels(&selector)),
+        )
+        .await?;
         let map = ShardMap::new(set, &namespace, &list.items, Timestamp::now());
         let text = match format {
             Output::Json => to_json(&map)?,

@@ -88,7 +88,10 @@ fn children(pid: i32) -> Vec<i32> {
     if let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) {
         for task in tasks.flatten() {
             let list = std::fs::read_to_string(task.path().join("children")).unwrap_or_default();
-            out.extend(list.split_whitespace().filter_map(|p| p.parse::<i32>().ok()));
+            out.extend(
+                list.split_whitespace()
+                    .filter_map(|p| p.parse::<i32>().ok()),
+            );
         }
     }
     out
@@ -117,7 +120,10 @@ async fn crash(mut m: Member) {
 /// The holder of each shard Lease that has one.
 async fn holders(api: &Api<Lease>) -> BTreeMap<u32, String> {
     let selector = "leaderz.io/shard-set=jobs,leaderz.io/shard-role=shard";
-    let list = api.list(&ListParams::default().labels(selector)).await.unwrap();
+    let list = api
+        .list(&ListParams::default().labels(selector))
+        .await
+        .unwrap();
     let mut out = BTreeMap::new();
     for lease in list.items {
         let Some(shard) = lease
@@ -154,7 +160,10 @@ async fn settle(api: &Api<Lease>, live: &[&str], bound: Duration, what: &str) ->
         let got = holders(api).await;
         if got == want {
             let took = began.elapsed();
-            println!("{what}: {} members settled in {took:?} (bound {bound:?})", live.len());
+            println!(
+                "{what}: {} members settled in {took:?} (bound {bound:?})",
+                live.len()
+            );
             return took;
         }
         assert!(
@@ -182,7 +191,10 @@ fn check_ledger(ledger: &Ledger) -> usize {
             ));
             span.0 = span.0.min(w.request.sent_ns);
             span.1 = span.1.max(w.received_ns);
-            assert_eq!(span.2, w.request.identity, "shard {shard}: one token, two members");
+            assert_eq!(
+                span.2, w.request.identity,
+                "shard {shard}: one token, two members"
+            );
             assert!(w.accepted, "shard {shard}: a stale write was sent: {w:?}");
         }
         let spans: Vec<_> = spans.into_iter().collect();
@@ -231,7 +243,13 @@ async fn sixty_four_shards_one_owner_each_through_joins_leaves_and_crashes() {
     // 3 → 5.
     members.push(start(&ns, "m3", &ledger, &dir));
     members.push(start(&ns, "m4", &ledger, &dir));
-    settle(&api, &["m0", "m1", "m2", "m3", "m4"], join_bound, "3 → 5 (joins)").await;
+    settle(
+        &api,
+        &["m0", "m1", "m2", "m3", "m4"],
+        join_bound,
+        "3 → 5 (joins)",
+    )
+    .await;
 
     // `leaderz status --shards` shows the shard map as the Leases hold it.
     let out = Command::new(env!("CARGO_BIN_EXE_leaderz"))
@@ -245,13 +263,25 @@ async fn sixty_four_shards_one_owner_each_through_joins_leaves_and_crashes() {
     let text = String::from_utf8(out.stdout).unwrap();
     let summary = text.lines().next().unwrap();
     println!("leaderz status --shards {SET}: {summary}");
-    assert!(summary.starts_with("shard set jobs: 64 shards, 5 members ("), "{text}");
+    assert!(
+        summary.starts_with("shard set jobs: 64 shards, 5 members ("),
+        "{text}"
+    );
     assert!(summary.ends_with(", 0 unowned"), "{text}");
     let live = ["m0", "m1", "m2", "m3", "m4"];
     for (member, owned) in leaderz::shards::by_member(&assign(SET, SHARDS, &live)) {
-        assert!(summary.contains(&format!("{member} {}", owned.len())), "{member}: {text}");
+        assert!(
+            summary.contains(&format!("{member} {}", owned.len())),
+            "{member}: {text}"
+        );
     }
-    assert_eq!(text.lines().filter(|l| l.starts_with(|c: char| c.is_ascii_digit())).count(), 64, "{text}");
+    assert_eq!(
+        text.lines()
+            .filter(|l| l.starts_with(|c: char| c.is_ascii_digit()))
+            .count(),
+        64,
+        "{text}"
+    );
 
     // At rest with 5 members: API requests per second per member.
     sleep(Duration::from_secs(2)).await;
@@ -267,15 +297,30 @@ async fn sixty_four_shards_one_owner_each_through_joins_leaves_and_crashes() {
     let m4 = members.pop().unwrap();
     let leave_at = Instant::now();
     stop(m4).await;
-    let took = settle(&api, &["m0", "m1", "m2", "m3"], join_bound, "5 → 4 (graceful)").await;
-    println!("rebalanced after a graceful leave: {:?} from SIGTERM ({took:?} after leaderz exited)", leave_at.elapsed());
+    let took = settle(
+        &api,
+        &["m0", "m1", "m2", "m3"],
+        join_bound,
+        "5 → 4 (graceful)",
+    )
+    .await;
+    println!(
+        "rebalanced after a graceful leave: {:?} from SIGTERM ({took:?} after leaderz exited)",
+        leave_at.elapsed()
+    );
 
     // 4 → 2: one graceful leave and one crash at once.
     let m3 = members.pop().unwrap();
     let m2 = members.pop().unwrap();
     stop(m3).await;
     crash(m2).await;
-    settle(&api, &["m0", "m1"], crash_bound, "4 → 2 (graceful + SIGKILL)").await;
+    settle(
+        &api,
+        &["m0", "m1"],
+        crash_bound,
+        "4 → 2 (graceful + SIGKILL)",
+    )
+    .await;
 
     // 2 → 4: two joins, while a crash's Lease could still be around.
     members.push(start(&ns, "m5", &ledger, &dir));
@@ -295,7 +340,10 @@ async fn sixty_four_shards_one_owner_each_through_joins_leaves_and_crashes() {
         stop(m).await;
     }
     // Every shard was released on the way out.
-    assert!(holders(&api).await.is_empty(), "shards still held after every member left");
+    assert!(
+        holders(&api).await.is_empty(),
+        "shards still held after every member left"
+    );
     let writes = check_ledger(&ledger);
     println!("fenced ledger: {writes} writes over {SHARDS} shards, no two terms interleaved");
     assert!(writes > 1000, "only {writes} writes");

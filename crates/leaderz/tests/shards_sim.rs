@@ -108,7 +108,9 @@ impl Ledger {
             n += terms.len();
             for pair in terms.windows(2) {
                 let (a, b) = (&pair[0], &pair[1]);
-                let a_end = a.end.unwrap_or(At(Instant::now() + Duration::from_secs(1 << 30), 0));
+                let a_end = a
+                    .end
+                    .unwrap_or(At(Instant::now() + Duration::from_secs(1 << 30), 0));
                 assert!(
                     a_end <= b.start,
                     "{context}: shard {shard} had two owners: {a:?} and {b:?}"
@@ -387,8 +389,7 @@ fn simulate(seed: u64, figures: &mut Figures) -> usize {
             );
             let per = leaderz::shards::by_member(&assign(SET, shards, &live));
             let n = live.len();
-            if n > 0 {
-                let floor = shards as usize / n;
+            if let Some(floor) = (shards as usize).checked_div(n) {
                 for (who, owned) in &per {
                     assert!(
                         owned.len() == floor || owned.len() == floor + 1,

@@ -148,7 +148,10 @@ mod tests {
             .filter(|o| o.as_deref() == Some("member-4"))
             .count();
         // The leaver's 12 or 13 must move; the quotas shift a few more.
-        assert!(moved >= lost && moved <= lost + 8, "moved {moved}, lost {lost}");
+        assert!(
+            moved >= lost && moved <= lost + 8,
+            "moved {moved}, lost {lost}"
+        );
     }
 
     proptest! {
@@ -163,7 +166,7 @@ mod tests {
             prop_assert!(owners.iter().all(Option::is_some));
             let per = by_member(&owners);
             let floor = shards as usize / n;
-            let ceil = floor + usize::from(shards as usize % n != 0);
+            let ceil = floor + usize::from(!(shards as usize).is_multiple_of(n));
             for m in &ms {
                 let c = per.get(m).map_or(0, Vec::len);
                 prop_assert!(c == floor || c == ceil, "{m} owns {c}, not {floor} or {ceil}");

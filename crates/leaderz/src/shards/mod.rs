@@ -194,7 +194,8 @@ impl ShardSetConfig {
     pub fn validate(&self) -> Result<(), ShardSetError> {
         let n = &self.name;
         let label = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-';
-        let edge = |c: Option<char>| c.is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
+        let edge =
+            |c: Option<char>| c.is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
         if n.is_empty()
             || n.len() > 50
             || !n.chars().all(label)
@@ -611,9 +612,7 @@ impl<S: ShardStore> Driver<S> {
         shutdown: CancellationToken,
         crash: CancellationToken,
     ) -> Result<(), ElectionError> {
-        let member_lock = self
-            .store
-            .lock(&self.member_lease, &self.member_labels());
+        let member_lock = self.store.lock(&self.member_lease, &self.member_labels());
         let mut member = Some(self.elector(member_lock, 0)?);
         let mut members = self.store.members(&member_selector(&self.config.name));
         let mut members_open = true;
@@ -891,7 +890,9 @@ impl<S: ShardStore> Driver<S> {
     /// Deletes member Leases that have not counted for `forget_after`.
     fn forget_departed(&mut self, now: Instant) {
         let after = self.config.forget_after;
-        for (name, version, since) in self.view.dead_since(&self.member_lease, &self.config.election)
+        for (name, version, since) in self
+            .view
+            .dead_since(&self.member_lease, &self.config.election)
         {
             if now < since + after || !self.forgotten.insert((name.clone(), version.clone())) {
                 continue;

@@ -9,8 +9,8 @@ use futures::StreamExt;
 use futures::stream::BoxStream;
 use k8s_openapi::api::coordination::v1::Lease;
 use kube::api::{DeleteParams, Preconditions};
-use kube::runtime::watcher::{self, Event};
 use kube::runtime::WatchStreamExt;
+use kube::runtime::watcher::{self, Event};
 use kube::{Api, Client};
 use tokio::sync::watch;
 
@@ -417,7 +417,13 @@ impl ShardStore for MemoryStore {
         let link = self.link.subscribe();
         // Lists whenever a member Lease changed, and after a cut heals.
         futures::stream::unfold(
-            (store, selector, changes, link, None::<Vec<(String, String)>>),
+            (
+                store,
+                selector,
+                changes,
+                link,
+                None::<Vec<(String, String)>>,
+            ),
             |(store, selector, mut changes, mut link, mut last)| async move {
                 loop {
                     if *link.borrow_and_update() {
