@@ -231,10 +231,18 @@ pub(crate) enum Output {
     Json,
 }
 
-/// Parses a humantime duration (`15s`, `500ms`, `1m 30s`).
+/// The longest duration a flag takes: beyond it a value is a typo, and timers built on
+/// it could overflow.
+const MAX_FLAG_DURATION: Duration = Duration::from_secs(366 * 24 * 3600);
+
+/// Parses a humantime duration (`15s`, `500ms`, `1m 30s`), at most a year.
 fn parse_duration(s: &str) -> Result<Duration, String> {
-    humantime::parse_duration(s)
-        .map_err(|e| format!("{e} (write durations like `15s`, `500ms` or `1m`)"))
+    let d = humantime::parse_duration(s)
+        .map_err(|e| format!("{e} (write durations like `15s`, `500ms` or `1m`)"))?;
+    if d > MAX_FLAG_DURATION {
+        return Err(format!("{s} is longer than a year"));
+    }
+    Ok(d)
 }
 
 /// Flattens a clap error (which spans several lines with usage) into the one line
@@ -302,6 +310,13 @@ mod tests {
         assert_eq!(r.command, vec![OsString::from("true")]);
         let config = r.election.election_config("me".into());
         assert_eq!(config, ElectionConfig::new("me"));
+    }
+
+    #[test]
+    fn absurd_durations_are_refused() {
+        assert!(parse_duration("365d").is_ok());
+        let e = parse_duration("1000000000000s").unwrap_err();
+        assert!(e.contains("longer than a year"), "{e}");
     }
 
     #[test]

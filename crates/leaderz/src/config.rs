@@ -49,7 +49,9 @@ pub struct ElectionConfig {
     /// on `renew_deadline` and `lease_duration` alone; it must leave room for a retry:
     /// `renew_interval + 1.2 × retry_period < renew_deadline`.
     pub renew_interval: Option<Duration>,
-    /// The longest any single API call may take before it is abandoned.
+    /// The longest any single API call may take before it is abandoned (at most half
+    /// the renew deadline is used: a slower call is failing in effect, and a silently
+    /// dead connection should be given up quickly).
     pub request_timeout: Duration,
     /// Release the lease on shutdown (after the work stopped) so a follower takes over
     /// at once instead of after `lease_duration`.
@@ -253,6 +255,9 @@ impl ElectionConfig {
         if self.max_record_duration < self.lease_duration {
             return Err(MaxRecordDurationTooShort(self.max_record_duration));
         }
+        if self.shutdown_grace.as_secs() > MAX_LEASE_SECONDS {
+            return Err(ShutdownGraceTooLong(self.shutdown_grace));
+        }
         if let Some(c) = &self.coordinated {
             if !is_object_name(&self.identity) {
                 return Err(IdentityNotAnObjectName(self.identity.clone()));
@@ -356,6 +361,9 @@ pub enum ConfigError {
         /// The configured retry period.
         retry_period: Duration,
     },
+    /// A shutdown grace longer than any lease (beyond what a clock can add).
+    #[error("shutdown grace {0:?} is longer than {MAX_LEASE_SECONDS}s")]
+    ShutdownGraceTooLong(Duration),
     /// `max_record_duration` below `lease_duration` would let us shorten other holders' leases.
     #[error("max record duration ({0:?}) must be at least the lease duration")]
     MaxRecordDurationTooShort(Duration),
@@ -494,6 +502,19 @@ mod tests {
             );
         }
         assert_eq!(ElectionConfig::new("pod-a.example_1").validate(), Ok(()));
+    }
+
+    #[test]
+    fn an_absurd_shutdown_grace_is_refused_not_overflowed() {
+        let e = ElectionConfig::new("a")
+            .shutdown_grace(Duration::MAX)
+            .validate();
+        assert!(
+            matches!(e, Err(ConfigError::ShutdownGraceTooLong(_))),
+            "{e:?}"
+        );
+        let day = ElectionConfig::new("a").shutdown_grace(secs(86_400.0));
+        assert_eq!(day.validate(), Ok(()));
     }
 
     #[test]

@@ -4,7 +4,7 @@
 //! This is where leaderz decides when to read, take, renew, step down and release, and
 //! with which record. It does no I/O and never reads a clock: the caller passes the time
 //! with every event, carries out the [`Action`]s (lock requests, watches, terms) and feeds
-//! their outcomes back as [`Input`]s. The tokio driver behind [`Elector::spawn`] is one
+//! their outcomes back as [`Input`]s. The tokio driver behind [`Elector::spawn`](crate::Elector::spawn) is one
 //! such caller; the simulation tests are another (they give every candidate a clock of its
 //! own, running at its own rate). Expiry itself is decided in
 //! [`Observed::expires_at`](crate::record::Observed::expires_at).
@@ -72,7 +72,7 @@ use crate::record::{Handoff, HandoffState, LeaderRecord, Observed, TakeoverError
 use crate::term::TermInfo;
 
 /// How long the API server keeps one watch open (`timeoutSeconds`). A watch still open
-/// [`WATCH_SLACK`] after this without having ended is taken for dead.
+/// 30 s after this without having ended is taken for dead.
 pub const WATCH_TIMEOUT: Duration = Duration::from_secs(290);
 
 /// See [`WATCH_TIMEOUT`].
@@ -218,6 +218,8 @@ struct Inflight {
     sent_at: Instant,
     /// The role the request was sent in has ended: only its record still counts.
     orphaned: bool,
+    /// The record this request writes, if it writes one.
+    writes: Option<LeaderRecord>,
 }
 
 #[derive(Debug)]
@@ -311,6 +313,8 @@ struct OpenWatch {
     version: String,
     /// A read was made to check this watch since its last event.
     checked: bool,
+    /// When the last such read was made.
+    checked_at: Option<Instant>,
 }
 
 /// A streak of failed API calls (an outage), logged once when it starts and once when
@@ -381,6 +385,9 @@ pub struct Machine {
     clash_reported: Option<String>,
     /// The id of the handoff request this process accepted last.
     accepted: Option<String>,
+    /// Coordinated mode: the observed record assigns the lease to us; when the holder it
+    /// replaced (if any) is over in our eyes, so that we may start.
+    assigned_safe_at: Option<Instant>,
     status: Status,
     /// The time of the last step: timers at or before it have been acted on.
     now: Instant,
@@ -447,6 +454,7 @@ impl Machine {
             reported_version: None,
             clash_reported: None,
             accepted: None,
+            assigned_safe_at: None,
             status: Status::default(),
             now,
             wall: WallClock(Arc::new(now_micros)),
@@ -521,6 +529,7 @@ impl Machine {
                     }
                     add(self.observed_expiry());
                     add(self.tombstone_expiry());
+                    add(self.assigned_safe_at);
                     add(self.watch_check_at());
                 }
             }
@@ -657,6 +666,7 @@ impl Machine {
         let check_watch = self.watch_check_at().is_some_and(|t| now >= t);
         if check_watch && let Watch::Open(w) = &mut self.watch {
             w.checked = true;
+            w.checked_at = Some(now);
         }
         if self.observed.is_none() || self.stale || check_watch || poll_due {
             self.send(Purpose::Read, Op::Get, now);
@@ -671,6 +681,10 @@ impl Machine {
                 version: observed.version.clone(),
                 lease: observed.lease.clone(),
             };
+            // Known as ours from the moment it is sent: if the answer is lost but the
+            // write landed, the holder's transfer to us names this id (nobody else writes
+            // an acceptance in our name).
+            self.accepted = Some(accept.id.clone());
             let mut record = base.record.clone();
             record.handoff = Some(accept);
             self.send(Purpose::Accept, Op::Update(base, record), now);
@@ -716,9 +730,14 @@ impl Machine {
     fn can_take(&self, observed: &Observed, now: Instant) -> bool {
         let r = &observed.record;
         let identity = &self.config.identity;
-        // Handed to us: by a handoff's transfer, or by the coordinated controller.
-        if self.is_transfer_to_us(r) || self.is_assigned_to_us(r) {
+        // Handed to us: by a handoff's transfer (the holder wrote it after its work
+        // stopped), or by the coordinated controller (once the holder it replaced is
+        // over in our own eyes: the controller judges expiry by its wall clock).
+        if self.is_transfer_to_us(r) {
             return true;
+        }
+        if self.is_assigned_to_us(r) {
+            return self.assigned_safe_at.is_none_or(|t| now >= t);
         }
         if self.is_own(r) && !r.prefers_other_than(identity) {
             return true;
@@ -747,13 +766,37 @@ impl Machine {
     }
 
     /// Coordinated mode: the controller names us as the holder (and nobody else is
-    /// preferred), in a record we did not write.
+    /// preferred), in a record we did not write. The controller writes an assignment
+    /// without `acquireTime` (every candidate's own write has one): a renewal by another
+    /// process under our identity is not an assignment.
     fn is_assigned_to_us(&self, r: &LeaderRecord) -> bool {
-        self.config.coordinated.is_some()
+        self.controller_wrote(r)
             && r.holder_identity == self.config.identity
-            && r.strategy.as_deref().is_some_and(|s| !s.is_empty())
             && !r.prefers_other_than(&self.config.identity)
             && !self.is_own(r)
+    }
+
+    /// Coordinated mode: the record is the controller's assignment (a strategy, and no
+    /// `acquireTime`, which every candidate writes).
+    fn controller_wrote(&self, r: &LeaderRecord) -> bool {
+        self.config.coordinated.is_some()
+            && r.acquire_time.is_none()
+            && r.strategy.as_deref().is_some_and(|s| !s.is_empty())
+    }
+
+    /// When an assignment `new` (seen at `now`) may be started, given the record it
+    /// replaced: at once after a release, our own record or an absent Lease; after the
+    /// replaced holder's record expired in our eyes; and, when we never saw what it
+    /// replaced, after the assignment's own duration.
+    fn assignment_safe_at(&self, new: &LeaderRecord, carried: Duration, now: Instant) -> Instant {
+        let (own, max) = (self.config.lease_duration, self.config.max_record_duration);
+        match &self.observed {
+            Some(o) if same_but_handoff(&o.record, new) => self.assigned_safe_at.unwrap_or(now),
+            Some(o) if o.record.holder().is_none() || self.is_own(&o.record) => now,
+            Some(o) => o.expires_at(own, max),
+            None if self.absent => now + carried,
+            None => now + new.effective_duration(own, max),
+        }
     }
 
     /// A handoff request we should accept: addressed to us (or to anyone) on a lease
@@ -799,17 +842,22 @@ impl Machine {
 
     /// Sends a request bounded by the request timeout, or by `limit` if sooner.
     fn send_until(&mut self, purpose: Purpose, op: Op, now: Instant, limit: Option<Instant>) {
-        let mut deadline = now + self.config.request_timeout;
+        let mut deadline = now + self.request_timeout();
         if let Some(limit) = limit {
             deadline = deadline.min(limit);
         }
-        if let Op::Create(r) | Op::Update(_, r) = &op {
+        let writes = match &op {
+            Op::Create(r) | Op::Update(_, r) => Some(r.clone()),
+            Op::Get => None,
+        };
+        if let Some(r) = &writes {
             self.remember_write(r);
         }
         self.inflight = Some(Inflight {
             purpose,
             sent_at: now,
             orphaned: false,
+            writes,
         });
         self.actions
             .push_back(Action::Send(Request { op, deadline }));
@@ -841,6 +889,15 @@ impl Machine {
             self.own_writes.pop_front();
         }
         self.own_writes.push_back(record.clone());
+    }
+
+    /// A write the API server refused outright (a conflict, or no such Lease) never
+    /// landed: forget it, so that it cannot push out of memory a write whose outcome is
+    /// unknown (and which may be the record on the Lease now).
+    fn forget_write(&mut self, record: &LeaderRecord) {
+        if let Some(i) = self.own_writes.iter().position(|w| w == record) {
+            self.own_writes.remove(i);
+        }
     }
 
     fn is_own(&self, record: &LeaderRecord) -> bool {
@@ -877,6 +934,13 @@ impl Machine {
                 if self.refused_at_start(&e, &inflight.purpose) {
                     self.fatal(e);
                     return;
+                }
+                if let (
+                    LockError::Conflict | LockError::AlreadyExists | LockError::NotFound,
+                    Some(w),
+                ) = (&e, &inflight.writes)
+                {
+                    self.forget_write(w);
                 }
                 Err(e)
             }
@@ -1400,7 +1464,15 @@ impl Machine {
             None => self.send_until(Purpose::GiveRead, Op::Get, now, Some(until)),
             Some(fresh) => {
                 let base = &fresh.record;
-                let record = match &g.to {
+                // A transfer gives the next token; with none left, release instead (the
+                // next holder's take then reports the exhausted count).
+                let nobody = GiveTo::Nobody;
+                let to = if base.lease_transitions == i32::MAX {
+                    &nobody
+                } else {
+                    &g.to
+                };
+                let record = match to {
                     GiveTo::Nobody => LeaderRecord {
                         holder_identity: String::new(),
                         lease_duration_seconds: Some(1),
@@ -1417,7 +1489,7 @@ impl Machine {
                         acquire_time: Some(at),
                         renew_time: Some(at),
                         // The new holder's term: the next token.
-                        lease_transitions: base.lease_transitions.saturating_add(1),
+                        lease_transitions: base.lease_transitions + 1,
                         preferred_holder: None,
                         strategy: base.strategy.clone(),
                         handoff: Some(Handoff {
@@ -1442,11 +1514,18 @@ impl Machine {
             Ok(Answer::Read(Some(v))) => {
                 self.observe(v.clone(), now);
                 let identity = self.config.identity.clone();
+                let Role::Giving(g) = &self.role else {
+                    return;
+                };
+                // Ours only if we wrote it: another process renewing under our identity
+                // (a client-go peer) writes its own renewal time, and is not ours to
+                // release.
+                let ours = v.record.holder_identity == identity
+                    && v.record.lease_transitions == g.token
+                    && self.wrote(&v.record);
                 let Role::Giving(g) = &mut self.role else {
                     return;
                 };
-                let ours =
-                    v.record.holder_identity == identity && v.record.lease_transitions == g.token;
                 if !ours {
                     debug!("the lease is no longer ours; nothing to give up");
                     self.given_up();
@@ -1580,7 +1659,7 @@ impl Machine {
         self.actions.push_back(Action::Watch {
             after: after.clone(),
             timeout: WATCH_TIMEOUT,
-            open_by: now + self.config.request_timeout,
+            open_by: now + self.request_timeout(),
         });
         self.watch = Watch::Opening { after };
     }
@@ -1605,6 +1684,7 @@ impl Machine {
                     opened_at: now,
                     version: after.clone(),
                     checked: false,
+                    checked_at: None,
                 });
                 self.status.watching = true;
                 self.status.polling = None;
@@ -1708,11 +1788,22 @@ impl Machine {
         let Watch::Open(w) = &self.watch else {
             return None;
         };
+        let observed = self.observed.as_ref()?;
+        // Coordinated mode, nobody holding: the next event is the controller's
+        // assignment, which a dead watch would hide until it is replaced. Look once per
+        // lease duration.
+        if self.config.coordinated.is_some() && observed.record.holder().is_none() {
+            let last = self.last_change_at.unwrap_or(w.opened_at);
+            let since = last.max(w.opened_at).max(w.checked_at.unwrap_or(last));
+            return Some(since + self.config.lease_duration);
+        }
         if w.checked {
             return None;
         }
-        let (gap, last) = (self.renew_gap?, self.last_change_at?);
-        let observed = self.observed.as_ref()?;
+        // Until the watch has shown two renewals, expect the holder to renew as often as
+        // we would.
+        let gap = self.renew_gap.unwrap_or_else(|| self.config.renew_every());
+        let last = self.last_change_at?;
         observed.record.holder()?;
         let expected = last.max(w.opened_at) + gap * 2 + Duration::from_secs(1);
         Some(expected.min(self.observed_expiry().unwrap_or(expected)))
@@ -1764,6 +1855,9 @@ impl Machine {
             Some(t) => carried.max(t.saturating_duration_since(now)),
             None => carried,
         };
+        self.assigned_safe_at = self
+            .is_assigned_to_us(&v.record)
+            .then(|| self.assignment_safe_at(&v.record, carried, now));
         self.absent = false;
         self.tombstone = None;
         self.absent_since = None;
@@ -1819,7 +1913,8 @@ impl Machine {
     /// When a deleted Lease may be re-created (`None`: at once).
     ///
     /// - Never seen before: at once (nothing is known; see the README's limits).
-    /// - Found deleted by its leader (us): at once; nobody else wrote it after us.
+    /// - Found deleted by its leader (us): at once (within a retry period of finding
+    ///   out); nobody else wrote it after us.
     /// - Otherwise: once the last record we saw has expired, and a whole lease duration
     ///   (the longest seen on this Lease) after we learned of the deletion — someone may
     ///   have taken the Lease after what we saw and lead until the deletion; their term
@@ -1832,7 +1927,10 @@ impl Machine {
         }
         let t = self.tombstone.as_ref()?;
         let (learned, leading) = self.absent_since?;
-        if leading {
+        // Only right after finding out: a process that finds the Lease gone and then
+        // drains (blind) for a while may meet a Lease that others re-created (after
+        // their wait) and deleted again meanwhile.
+        if leading && self.now <= learned + self.config.retry_period {
             return None;
         }
         let (own, max) = (self.config.lease_duration, self.config.max_record_duration);
@@ -1879,7 +1977,7 @@ impl Machine {
         let clash = record.holder_identity == self.config.identity
             && !self.wrote(record)
             && !self.is_transfer_to_us(record)
-            && !self.is_assigned_to_us(record)
+            && !self.controller_wrote(record)
             && !matches!(self.role, Role::Leader(_));
         if !clash {
             if record.holder_identity != self.config.identity {
@@ -2019,6 +2117,15 @@ impl Machine {
         let exp = self.failures.saturating_sub(1).min(8);
         let wait = (rp * 2u32.pow(exp)).min(cap);
         self.not_before = Some(now + self.jitter(wait));
+    }
+
+    /// The time limit of one call: the configured request timeout, but at most half the
+    /// renew deadline — a call slower than that is failing in effect, and waiting longer
+    /// on a silently dead connection would only delay the retry on a new one.
+    fn request_timeout(&self) -> Duration {
+        self.config
+            .request_timeout
+            .min(self.config.renew_deadline / 2)
     }
 
     fn count(&self, kind: &str) {

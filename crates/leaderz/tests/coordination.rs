@@ -299,10 +299,13 @@ async fn coordinated_candidates_lead_only_when_the_controller_names_them() {
     .expect("c1 releases after stepping down");
     let released = Instant::now();
     assert_eq!(ledger.terms()[0].end.map(|e| e <= released), Some(true));
+    // As kube-apiserver's controller writes an assignment: no acquireTime.
     edit(&lock, |r| {
         r.holder_identity = id(2);
         r.preferred_holder = None;
         r.lease_duration_seconds = Some(5);
+        r.renew_time = Some(jiff::Timestamp::now());
+        r.acquire_time = None;
     });
     let named = Instant::now();
     timeout(secs(5), async {

@@ -34,14 +34,31 @@ pub(super) struct Candidate {
 
 impl Candidate {
     /// Runs until `stop`, then deletes the candidate. See the [module docs](self).
+    ///
+    /// Returns an error only when coordinated election cannot work at all (the API is
+    /// not served, RBAC refuses it, the namespace is missing); passing trouble, even at
+    /// the first write, is retried with a backoff.
     pub(super) async fn keep(&self, stop: CancellationToken) -> Result<(), LockError> {
-        // The first write decides whether coordinated election can work at all.
-        let mut version = tokio::select! {
-            _ = stop.cancelled() => return Ok(()),
-            v = self.ensure() => v?,
+        let mut backoff = Duration::from_millis(200);
+        let mut version = loop {
+            let first = tokio::select! {
+                _ = stop.cancelled() => return Ok(()),
+                v = self.ensure() => v,
+            };
+            match first {
+                Ok(v) => break v,
+                Err(e) if e.is_fatal() => return Err(e),
+                Err(e) => {
+                    warn!(error = %e, "cannot publish the lease candidate yet; retrying");
+                    self.pause(&stop, &mut backoff).await;
+                }
+            }
         };
         info!(candidate = %self.name, lease = %self.lease, "published the lease candidate");
-        let mut backoff = Duration::from_millis(200);
+        backoff = Duration::from_millis(200);
+        // The ping last answered: the controller's pingTime is its clock, our renewTime
+        // ours, so comparing them alone could renew again and again when ours is behind.
+        let mut answered: Option<MicroTime> = None;
         loop {
             let params = WatchParams::default()
                 .fields(&format!("metadata.name={}", self.name))
@@ -55,7 +72,10 @@ impl Candidate {
                 Ok(Err(e)) => {
                     debug!(error = %e, "cannot watch the lease candidate");
                     self.pause(&stop, &mut backoff).await;
-                    version = self.renew_or_log().await.unwrap_or(version);
+                    let Some(renewed) = self.renew_unless(&stop).await else {
+                        break;
+                    };
+                    version = renewed.unwrap_or(version);
                     continue;
                 }
                 Err(_) => {
@@ -66,47 +86,64 @@ impl Candidate {
             let renew_timer = sleep(RENEW_EVERY);
             tokio::pin!(renew_timer);
             loop {
-                tokio::select! {
-                    _ = stop.cancelled() => {
-                        self.delete().await;
-                        return Ok(());
-                    }
+                // Each renewal below gives way to `stop` (None: stopped).
+                let renewed = tokio::select! {
+                    _ = stop.cancelled() => None,
                     () = &mut renew_timer => {
-                        if let Some(v) = self.renew_or_log().await {
-                            version = v;
-                        }
                         renew_timer.as_mut().reset(tokio::time::Instant::now() + RENEW_EVERY);
+                        self.renew_unless(&stop).await
                     }
                     event = events.next() => match event {
                         Some(Ok(WatchEvent::Added(c) | WatchEvent::Modified(c))) => {
                             backoff = Duration::from_millis(200);
                             version = c.metadata.resource_version.clone().unwrap_or(version);
-                            if pinged(&c) {
-                                debug!("the controller pinged the lease candidate: renewing");
-                                if let Some(v) = self.renew_or_log().await {
-                                    version = v;
+                            match pinged(&c, answered.as_ref()) {
+                                Some(ping) => {
+                                    debug!("the controller pinged the lease candidate: renewing");
+                                    answered = Some(ping);
+                                    self.renew_unless(&stop).await
                                 }
+                                None => Some(None),
                             }
                         }
-                        Some(Ok(WatchEvent::Deleted(_))) => {
-                            // Garbage-collected or deleted by hand: publish it again.
-                            if let Some(v) = self.renew_or_log().await {
-                                version = v;
-                            }
+                        // Garbage-collected or deleted by hand: publish it again.
+                        Some(Ok(WatchEvent::Deleted(_))) => self.renew_unless(&stop).await,
+                        Some(Ok(WatchEvent::Bookmark(b))) => {
+                            version = b.metadata.resource_version;
+                            Some(None)
                         }
-                        Some(Ok(WatchEvent::Bookmark(b))) => version = b.metadata.resource_version,
                         Some(Ok(WatchEvent::Error(_)) | Err(_)) => {
                             // Gone (410) or broken: read afresh and watch again.
-                            version = self.renew_or_log().await.unwrap_or_default();
+                            let Some(renewed) = self.renew_unless(&stop).await else { break };
+                            version = renewed.unwrap_or_default();
                             break;
                         }
                         None => break,
                     },
+                };
+                match renewed {
+                    None => {
+                        self.delete().await;
+                        return Ok(());
+                    }
+                    Some(Some(v)) => version = v,
+                    Some(None) => {}
                 }
+            }
+            if stop.is_cancelled() {
+                break;
             }
         }
         self.delete().await;
         Ok(())
+    }
+
+    /// Renews unless `stop` comes first (`None`); `Some(None)` when the renewal failed.
+    async fn renew_unless(&self, stop: &CancellationToken) -> Option<Option<String>> {
+        tokio::select! {
+            _ = stop.cancelled() => None,
+            v = self.renew_or_log() => Some(v),
+        }
     }
 
     /// Creates the candidate, or brings an existing one up to date; its version.
@@ -247,12 +284,48 @@ impl Candidate {
     }
 }
 
-/// Whether the controller asks for a renewal: `pingTime` after `renewTime`.
-fn pinged(c: &LeaseCandidate) -> bool {
-    let Some(spec) = &c.spec else { return false };
-    match (&spec.ping_time, &spec.renew_time) {
-        (Some(ping), Some(renew)) => ping.0 > renew.0,
-        (Some(_), None) => true,
-        _ => false,
+/// The ping to answer, if the controller asks for a renewal: a `pingTime` after
+/// `renewTime` that we have not answered yet.
+fn pinged(c: &LeaseCandidate, answered: Option<&MicroTime>) -> Option<MicroTime> {
+    let spec = c.spec.as_ref()?;
+    let ping = spec.ping_time.as_ref()?;
+    let asks = spec
+        .renew_time
+        .as_ref()
+        .is_none_or(|renew| ping.0 > renew.0);
+    (asks && answered.is_none_or(|a| a.0 != ping.0)).then(|| ping.clone())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn candidate(ping: Option<&str>, renew: Option<&str>) -> LeaseCandidate {
+        let t = |s: &str| MicroTime(s.parse().unwrap());
+        LeaseCandidate {
+            metadata: ObjectMeta::default(),
+            spec: Some(LeaseCandidateSpec {
+                ping_time: ping.map(t),
+                renew_time: renew.map(t),
+                ..Default::default()
+            }),
+        }
+    }
+
+    #[test]
+    fn a_ping_is_answered_once_even_when_our_clock_is_behind() {
+        let ping = "2026-11-25T10:00:05Z";
+        // Our renewal, written by a clock 10 s behind, is still "before" the ping.
+        let c = candidate(Some(ping), Some("2026-11-25T09:59:56Z"));
+        let first = pinged(&c, None).expect("a fresh ping is answered");
+        assert_eq!(pinged(&c, Some(&first)), None);
+        let later = candidate(Some("2026-11-25T10:00:20Z"), Some("2026-11-25T09:59:56Z"));
+        assert!(pinged(&later, Some(&first)).is_some());
+        assert_eq!(pinged(&candidate(None, Some(ping)), None), None);
+        assert!(pinged(&candidate(Some(ping), None), None).is_some());
+        assert_eq!(
+            pinged(&candidate(Some(ping), Some("2026-11-25T10:00:06Z")), None),
+            None
+        );
     }
 }

@@ -1,0 +1,412 @@
+//! Regression tests for the defects a second review of the engine found (coordinated
+//! assignments, duplicate identities, lost answers, exhausted tokens), driven on the
+//! sans-IO [`Machine`] directly: every input and every instant is chosen by the test.
+
+#![allow(clippy::unwrap_used)] // tests: a panic is the failure report
+
+use std::time::Duration;
+
+use leaderz::config::Coordinated;
+use leaderz::machine::{Action, Answer, Input, Machine, Op};
+use leaderz::record::{Handoff, HandoffState};
+use leaderz::{ElectionConfig, LeaderRecord, LockError, LockEvent, Versioned};
+use tokio::time::Instant;
+
+const STRATEGY: &str = "OldestEmulationVersion";
+
+/// What a machine did after an input: the requests it sent and whether a term started.
+#[derive(Debug, Default)]
+struct Did {
+    ops: Vec<Op>,
+    started: Option<i32>,
+}
+
+impl Did {
+    fn writes(&self) -> Vec<&LeaderRecord> {
+        self.ops
+            .iter()
+            .filter_map(|o| match o {
+                Op::Create(r) | Op::Update(_, r) => Some(r),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn reads(&self) -> bool {
+        self.ops.iter().any(|o| matches!(o, Op::Get))
+    }
+}
+
+fn drain(m: &mut Machine) -> Did {
+    let mut did = Did::default();
+    while let Some(a) = m.poll_action() {
+        match a {
+            Action::Send(r) => did.ops.push(r.op),
+            Action::StartTerm { token, .. } => did.started = Some(token),
+            _ => {}
+        }
+    }
+    did
+}
+
+fn step(m: &mut Machine, input: Input, now: Instant) -> Did {
+    m.handle(input, now);
+    drain(m)
+}
+
+fn versioned(record: &LeaderRecord, version: &str) -> Versioned {
+    Versioned {
+        record: record.clone(),
+        version: version.into(),
+        lease: None,
+    }
+}
+
+fn read(record: &LeaderRecord, version: &str) -> Input {
+    Input::Reply(Ok(Answer::Read(Some(versioned(record, version)))))
+}
+
+fn wrote(record: &LeaderRecord, version: &str) -> Input {
+    Input::Reply(Ok(Answer::Wrote(versioned(record, version))))
+}
+
+fn ms(n: u64) -> Duration {
+    Duration::from_millis(n)
+}
+
+fn coordinated(id: &str) -> ElectionConfig {
+    ElectionConfig::new(id).coordinated(Coordinated::new("1.34.0"))
+}
+
+fn event(record: &LeaderRecord, version: &str) -> Input {
+    Input::WatchEvent(LockEvent::Changed(versioned(record, version)))
+}
+
+/// A coordinated machine that first read `first` (None: no Lease) and has its watch open.
+fn watching(id: &str, first: Option<&LeaderRecord>, t: Instant) -> Machine {
+    let mut m = Machine::new(coordinated(id), "ns/l", t).unwrap();
+    assert!(drain(&mut m).reads());
+    let answer = match first {
+        Some(r) => read(r, "1"),
+        None => Input::Reply(Ok(Answer::Read(None))),
+    };
+    assert!(step(&mut m, answer, t).writes().is_empty());
+    step(&mut m, Input::WatchOpened(Ok(())), t);
+    m
+}
+
+/// Runs the machine's timers from `from` until `until`, answering every read with
+/// `current`; the first write and when it was sent.
+fn first_write(
+    m: &mut Machine,
+    current: &LeaderRecord,
+    from: Instant,
+    until: Instant,
+) -> Option<(Instant, LeaderRecord)> {
+    let mut now = from;
+    loop {
+        now = m.poll_timeout()?.max(now);
+        if now > until {
+            return None;
+        }
+        let mut did = step(m, Input::Tick, now);
+        while did.reads() && did.writes().is_empty() {
+            did = step(m, read(current, "99"), now);
+        }
+        if let Some(w) = did.writes().first() {
+            return Some((now, (*w).clone()));
+        }
+    }
+}
+
+/// What the coordinated controller writes when it names `holder`: a strategy, a
+/// duration and renewTime, and no acquireTime.
+fn assignment(holder: &str, transitions: i32) -> LeaderRecord {
+    LeaderRecord {
+        holder_identity: holder.into(),
+        lease_duration_seconds: Some(15),
+        renew_time: Some("2030-01-01T00:00:00Z".parse().unwrap()),
+        lease_transitions: transitions,
+        strategy: Some(STRATEGY.into()),
+        ..Default::default()
+    }
+}
+
+/// A candidate's own write: it sets acquireTime.
+fn held(holder: &str, transitions: i32, renew: &str) -> LeaderRecord {
+    LeaderRecord {
+        holder_identity: holder.into(),
+        lease_duration_seconds: Some(15),
+        acquire_time: Some("2030-01-01T00:00:00Z".parse().unwrap()),
+        renew_time: Some(renew.parse().unwrap()),
+        lease_transitions: transitions,
+        strategy: Some(STRATEGY.into()),
+        ..Default::default()
+    }
+}
+
+/// A machine that read `first` and took it; returns it leading, with the record it wrote.
+fn leading(
+    config: ElectionConfig,
+    first: Option<LeaderRecord>,
+    t: Instant,
+) -> (Machine, Versioned) {
+    let mut m = Machine::new(config, "ns/l", t).unwrap();
+    assert!(drain(&mut m).reads());
+    let did = match &first {
+        Some(r) => step(&mut m, read(r, "1"), t),
+        None => step(&mut m, Input::Reply(Ok(Answer::Read(None))), t),
+    };
+    let mine = did.writes()[0].clone();
+    let did = step(&mut m, wrote(&mine, "2"), t);
+    assert!(did.started.is_some(), "leads: {did:?}");
+    (m, versioned(&mine, "2"))
+}
+
+/// A second process with the same identity, in coordinated mode, reads the first one's
+/// renewal: that is not the controller's assignment, and it must not take it (the two
+/// would take it from each other for ever, leading together each time).
+#[test]
+fn coordinated_a_duplicate_identitys_renewal_is_not_an_assignment() {
+    let t0 = Instant::now();
+    let mut p1 = watching("pod-a", None, t0);
+    let did = step(&mut p1, event(&assignment("pod-a", 0), "1"), t0);
+    let mine = versioned(did.writes()[0], "2");
+    assert!(
+        step(&mut p1, wrote(&mine.record, "2"), t0)
+            .started
+            .is_some()
+    );
+    assert!(mine.record.acquire_time.is_some());
+    let t1 = t0 + Duration::from_secs(1);
+    let mut p2 = Machine::new(coordinated("pod-a"), "ns/l", t1).unwrap();
+    drain(&mut p2);
+    let did = step(&mut p2, read(&mine.record, "2"), t1);
+    assert!(did.writes().is_empty(), "P2 must not write: {did:?}");
+    assert_eq!(did.started, None);
+}
+
+/// The controller judges expiry by its own wall clock; a candidate it names in place of
+/// a live-looking holder starts only once that holder's record expired in its own eyes.
+#[test]
+fn coordinated_an_assignment_over_a_holder_waits_for_its_record_to_expire() {
+    let t0 = Instant::now();
+    // pod-a holds (its own write, 15 s).
+    let a = held("pod-a", 3, "2030-01-01T00:00:01Z");
+    let mut b = watching("pod-b", Some(&a), t0);
+    // 2 s later the controller (its clock ahead) names pod-b.
+    let t1 = t0 + Duration::from_secs(2);
+    let given = assignment("pod-b", 3);
+    let did = step(&mut b, event(&given, "6"), t1);
+    assert!(
+        did.writes().is_empty(),
+        "not before pod-a's record expired: {did:?}"
+    );
+    let (at, take) = first_write(&mut b, &given, t1, t0 + Duration::from_secs(30)).unwrap();
+    assert_eq!(
+        at,
+        t0 + Duration::from_secs(15),
+        "takes when pod-a's record expired"
+    );
+    assert_eq!(take.holder_identity, "pod-b");
+}
+
+/// After a release (the controller's ordinary path) an assignment is taken at once.
+#[test]
+fn coordinated_an_assignment_after_a_release_is_taken_at_once() {
+    let t0 = Instant::now();
+    let released = held("", 3, "2030-01-01T00:00:01Z");
+    let mut b = watching("pod-b", Some(&released), t0);
+    let did = step(&mut b, event(&assignment("pod-b", 3), "6"), t0 + ms(300));
+    assert_eq!(did.writes().len(), 1, "{did:?}");
+}
+
+/// A candidate whose first look finds the Lease already assigned to it (it never saw
+/// what the assignment replaced) waits out the assignment's duration.
+#[test]
+fn coordinated_an_assignment_seen_first_waits_its_duration() {
+    let t0 = Instant::now();
+    let given = assignment("pod-b", 3);
+    let mut b = watching("pod-b", Some(&given), t0);
+    let (at, _) = first_write(&mut b, &given, t0, t0 + Duration::from_secs(30)).unwrap();
+    assert_eq!(at, t0 + Duration::from_secs(15));
+}
+
+/// A coordinated follower of a released Lease whose watch went silent still sees the
+/// controller's assignment within a lease duration: it reads the Lease once per lease
+/// duration while nobody holds it.
+#[test]
+fn coordinated_a_released_lease_is_looked_at_despite_a_silent_watch() {
+    let t0 = Instant::now();
+    let released = held("", 3, "2030-01-01T00:00:01Z");
+    let mut b = watching("pod-b", Some(&released), t0);
+    // The watch never delivers the assignment.
+    let mut now = t0;
+    let mut looked = None;
+    while now < t0 + Duration::from_secs(40) {
+        now = b.poll_timeout().unwrap();
+        let did = step(&mut b, Input::Tick, now);
+        if did.reads() {
+            looked = Some(now - t0);
+            break;
+        }
+    }
+    let looked = looked.expect("a read within 40 s");
+    assert!(looked <= Duration::from_secs(15), "looked after {looked:?}");
+    let did = step(&mut b, read(&assignment("pod-b", 3), "6"), now);
+    assert_eq!(did.writes().len(), 1, "{did:?}");
+}
+
+/// Releasing on shutdown: a record a same-identity peer (client-go) renewed is not ours
+/// to release, though it names our identity and our token.
+#[test]
+fn shutdown_does_not_release_a_record_another_process_renewed_under_our_name() {
+    let t0 = Instant::now();
+    let (mut a, mine) = leading(ElectionConfig::new("pod-a"), None, t0);
+    let peer = LeaderRecord {
+        renew_time: Some("2031-01-01T00:00:00Z".parse().unwrap()),
+        ..mine.record.clone()
+    };
+    step(&mut a, Input::Shutdown, t0 + ms(500));
+    let did = step(&mut a, Input::WorkStopped, t0 + ms(600));
+    assert!(did.reads(), "reads before releasing: {did:?}");
+    let did = step(&mut a, read(&peer, "9"), t0 + ms(700));
+    assert!(
+        did.writes().is_empty(),
+        "must not release the peer's lease: {did:?}"
+    );
+}
+
+/// A handoff acceptance whose answer was lost but which landed: the holder's transfer
+/// to us is recognised at once (not waited out as someone else's record).
+#[test]
+fn a_lost_answer_to_an_accept_still_recognises_the_transfer() {
+    let t0 = Instant::now();
+    let holder = LeaderRecord {
+        holder_identity: "pod-a".into(),
+        lease_duration_seconds: Some(15),
+        acquire_time: Some("2030-01-01T00:00:00Z".parse().unwrap()),
+        renew_time: Some("2030-01-01T00:00:00Z".parse().unwrap()),
+        lease_transitions: 4,
+        handoff: Some(Handoff::request(Some("pod-b".into()), "h1")),
+        ..Default::default()
+    };
+    let mut b = Machine::new(ElectionConfig::new("pod-b").watch(false), "ns/l", t0).unwrap();
+    drain(&mut b);
+    let did = step(&mut b, read(&holder, "5"), t0);
+    assert_eq!(did.writes().len(), 1, "accepts: {did:?}");
+    // The accept lands, its answer is lost.
+    let t1 = t0 + Duration::from_secs(1);
+    step(&mut b, Input::Reply(Err(LockError::Timeout(ms(1000)))), t1);
+    // The holder transfers to pod-b with the next token.
+    let mut transferred = LeaderRecord {
+        holder_identity: "pod-b".into(),
+        lease_transitions: 5,
+        ..holder.clone()
+    };
+    transferred.handoff = transferred
+        .handoff
+        .map(|h| h.step(HandoffState::Transferred, "pod-b"));
+    let mut now = t1;
+    let mut took = None;
+    while now < t0 + Duration::from_secs(5) {
+        now = b.poll_timeout().unwrap();
+        let did = step(&mut b, Input::Tick, now);
+        if did.reads() {
+            let did = step(&mut b, read(&transferred, "7"), now);
+            if let Some(w) = did.writes().first() {
+                took = Some((now - t0, w.holder_identity.clone()));
+                break;
+            }
+        }
+    }
+    let (after, who) = took.expect("takes the transferred lease well before it expires");
+    assert_eq!(who, "pod-b");
+    assert!(after < Duration::from_secs(5), "{after:?}");
+}
+
+/// Renewals refused with 409 never landed: they must not push out of memory a renewal
+/// whose answer was lost (and which is the record on the Lease). Otherwise the leader
+/// mistakes its own landed write for another process using its identity.
+#[test]
+fn refused_writes_do_not_crowd_out_a_landed_one() {
+    let t0 = Instant::now();
+    let config = ElectionConfig::new("pod-a").retry_period(ms(500));
+    let (mut m, _) = leading(config, None, t0);
+    let e500 = || LockError::Api {
+        code: 500,
+        reason: "InternalError".into(),
+        message: "etcd".into(),
+    };
+    let mut landed: Option<LeaderRecord> = None;
+    let mut writes = 0;
+    let mut now;
+    loop {
+        now = m.poll_timeout().unwrap();
+        let did = step(&mut m, Input::Tick, now);
+        let Some(w) = did.writes().first().map(|w| (*w).clone()) else {
+            panic!("no renewal at {:?}: {did:?}", now - t0);
+        };
+        writes += 1;
+        let t = now + ms(10);
+        let answer = if landed.is_none() {
+            landed = Some(w);
+            LockError::Timeout(ms(10)) // lands, answer lost
+        } else {
+            LockError::Conflict // sent on the stale version
+        };
+        let did = step(&mut m, Input::Reply(Err(answer)), t);
+        assert!(did.reads(), "slow path reads: {did:?}");
+        let t = t + ms(10);
+        if writes == 10 {
+            step(&mut m, read(landed.as_ref().unwrap(), "3"), t);
+            break;
+        }
+        step(&mut m, Input::Reply(Err(e500())), t);
+    }
+    assert_eq!(m.status().problem, None);
+    assert_eq!(
+        m.leader(now),
+        Some("pod-a"),
+        "still leads on its own record"
+    );
+}
+
+/// A handoff from a leader whose token is the last one: no next token to give, so it
+/// releases instead of handing the same token to a second term.
+#[test]
+fn a_handoff_at_the_last_token_releases_instead() {
+    let t0 = Instant::now();
+    let base = LeaderRecord {
+        holder_identity: String::new(),
+        lease_duration_seconds: Some(1),
+        lease_transitions: i32::MAX - 1,
+        ..Default::default()
+    };
+    let (mut a, mine) = leading(ElectionConfig::new("pod-a"), Some(base), t0);
+    assert_eq!(mine.record.lease_transitions, i32::MAX);
+    // pod-b accepts a handoff request on our record.
+    let mut accepted = mine.record.clone();
+    accepted.handoff =
+        Some(Handoff::request(Some("pod-b".into()), "h1").step(HandoffState::Accepted, "pod-b"));
+    // Our next renewal conflicts with that edit; the slow path reads it.
+    let mut now = a.poll_timeout().unwrap();
+    let did = step(&mut a, Input::Tick, now);
+    assert_eq!(did.writes().len(), 1);
+    now += ms(10);
+    assert!(step(&mut a, Input::Reply(Err(LockError::Conflict)), now).reads());
+    step(&mut a, read(&accepted, "3"), now);
+    // The term ends; once the work stopped, it gives the lease up.
+    now += ms(10);
+    let mut did = step(&mut a, Input::WorkStopped, now);
+    if did.reads() {
+        did = step(&mut a, read(&accepted, "3"), now);
+    }
+    let give = did.writes();
+    assert_eq!(give.len(), 1, "{did:?}");
+    assert_eq!(
+        give[0].holder_identity, "",
+        "released, not transferred: {give:?}"
+    );
+    assert_eq!(give[0].lease_transitions, i32::MAX);
+}
