@@ -203,18 +203,19 @@ impl Change {
 }
 
 /// When every change in `pending` (since the last settled state, in order) is visible
-/// to every live member. A crash or cut is visible a lease duration after it; but a
-/// member that joins later first sees the departed member's Lease when it joins, and
-/// waits a lease duration from then.
-fn visible_by(pending: &[(Instant, Change)]) -> Instant {
-    let mut departed = false;
+/// to every live member. A crash or cut is visible a lease duration after it. A member
+/// that joins (or heals, and lists again) while a departed member's Lease is still
+/// around (it is deleted [`ShardSetConfig::forget_after`], 10 lease durations, after it
+/// expired) first sees that Lease then, and counts it alive for a lease duration: the
+/// engine judges expiry by when it saw a record, never by the writer's clock.
+fn visible_by(pending: &[(Instant, Change)], departures: &[Instant]) -> Instant {
     let mut by = pending.first().map_or_else(Instant::now, |p| p.0);
     for &(t, change) in pending {
         let mut at = t + change.visible_after();
-        if change == Change::Join && departed {
+        let lingering = departures.iter().any(|&d| d <= t && t < d + LD * 11 + RP);
+        if matches!(change, Change::Join | Change::Heal) && lingering {
             at = t + LD;
         }
-        departed |= matches!(change, Change::Crash | Change::Cut);
         by = by.max(at);
     }
     by
@@ -294,6 +295,7 @@ fn simulate(seed: u64, figures: &mut Figures) -> usize {
         }
         let changes = rng.random_range(4..10);
         let mut pending: Vec<(Instant, Change)> = Vec::new();
+        let mut departures: Vec<Instant> = Vec::new();
         for step in 0..changes {
             let before = live_ids(&members);
             let i = rng.random_range(0..POOL);
@@ -307,6 +309,9 @@ fn simulate(seed: u64, figures: &mut Figures) -> usize {
             };
             if std::env::var_os("SHARDS_SIM_TRACE").is_some() {
                 eprintln!("{context}: step {step} at {:?}: {} of {}", Instant::now(), name(change), m.identity);
+            }
+            if matches!(change, Change::Crash | Change::Cut) {
+                departures.push(Instant::now());
             }
             match change {
                 Change::Join => spawn(m, shards, rng.random(), &ledger),
@@ -352,7 +357,7 @@ fn simulate(seed: u64, figures: &mut Figures) -> usize {
             // member by `visible`; the shards are owned a lease duration plus a
             // (jittered: up to 1.2 ×) retry period after the last of them.
             pending.push((Instant::now(), change));
-            let visible = visible_by(&pending);
+            let visible = visible_by(&pending, &departures);
             pending.clear();
             let began = Instant::now();
             let bound = visible.saturating_duration_since(began) + LD + RP.mul_f64(1.2);
