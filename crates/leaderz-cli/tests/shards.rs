@@ -11,24 +11,30 @@
 //! duration after a crash). Measured: the time to settle after each change, and the API
 //! requests per second per member at rest. Timings 3 s / 2 s / 500 ms.
 //!
+//! Every member acts as a ServiceAccount bound only by `kube/shards/role.yaml`.
+//!
 //! The control plane is this file's alone, so the API server's request counters at rest
 //! are this test's.
 
 #![allow(clippy::unwrap_used)] // tests: a panic is the failure report
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
+use k8s_openapi::api::authorization::v1::ResourceAttributes;
 use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::ServiceAccount;
+use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use kube::Api;
-use kube::api::ListParams;
+use kube::api::{ListParams, PostParams};
 use leaderz::shards::assign;
 use leaderz_faults::ledger::{Ledger, Write};
 use leaderz_testenv::ControlPlane;
 use nix::sys::signal::{Signal, kill, killpg};
 use nix::unistd::Pid;
+use serde::Deserialize as _;
 use tokio::process::{Child, Command};
 use tokio::time::{Instant, sleep};
 
@@ -44,6 +50,61 @@ fn cp() -> &'static ControlPlane {
 struct Member {
     id: String,
     child: Child,
+}
+
+/// Applies `kube/shards/role.yaml` (Role, RoleBinding, ServiceAccount `leaderz-shards`)
+/// in `ns` and writes a kubeconfig acting as that ServiceAccount: every member runs with
+/// only what the shipped Role grants.
+async fn restricted_kubeconfig(ns: &str, dir: &Path) -> PathBuf {
+    let admin = cp().admin_client().unwrap();
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../kube/shards/role.yaml");
+    let text = std::fs::read_to_string(path).unwrap();
+    let pp = PostParams::default();
+    for doc in serde_yaml::Deserializer::from_str(&text) {
+        let value = serde_yaml::Value::deserialize(doc).unwrap();
+        match value["kind"].as_str().unwrap() {
+            "Role" => {
+                let role: Role = serde_yaml::from_value(value).unwrap();
+                Api::<Role>::namespaced(admin.clone(), ns)
+                    .create(&pp, &role)
+                    .await
+                    .unwrap();
+            }
+            "RoleBinding" => {
+                let b: RoleBinding = serde_yaml::from_value(value).unwrap();
+                Api::<RoleBinding>::namespaced(admin.clone(), ns)
+                    .create(&pp, &b)
+                    .await
+                    .unwrap();
+            }
+            "ServiceAccount" => {
+                let sa: ServiceAccount = serde_yaml::from_value(value).unwrap();
+                Api::<ServiceAccount>::namespaced(admin.clone(), ns)
+                    .create(&pp, &sa)
+                    .await
+                    .unwrap();
+            }
+            other => panic!("unexpected {other} in kube/shards/role.yaml"),
+        }
+    }
+    let credentials = cp()
+        .service_account_credentials(ns, "leaderz-shards", Duration::from_secs(3600))
+        .await
+        .unwrap();
+    let client = kube::Client::try_from(cp().config(&credentials).unwrap()).unwrap();
+    let attributes = ResourceAttributes {
+        group: Some("coordination.k8s.io".into()),
+        resource: Some("leases".into()),
+        verb: Some("list".into()),
+        namespace: Some(ns.into()),
+        ..Default::default()
+    };
+    leaderz_testenv::wait_until_allowed(&client, attributes, Duration::from_secs(10))
+        .await
+        .unwrap();
+    let kubeconfig = dir.join("kubeconfig-leaderz-shards");
+    cp().write_kubeconfig(&kubeconfig, &credentials).unwrap();
+    kubeconfig
 }
 
 fn start(ns: &str, id: &str, ledger: &Ledger, dir: &Path) -> Member {
@@ -64,7 +125,7 @@ fn start(ns: &str, id: &str, ledger: &Ledger, dir: &Path) -> Member {
         .arg(dir.join(format!("{id}.jsonl")))
         .env_clear()
         .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-        .env("KUBECONFIG", cp().kubeconfig_path())
+        .env("KUBECONFIG", dir.join("kubeconfig-leaderz-shards"))
         .env("LEADERZ_LOG_LEVEL", "info")
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -227,6 +288,7 @@ async fn sixty_four_shards_one_owner_each_through_joins_leaves_and_crashes() {
     let ledger = Ledger::start().await.unwrap();
     let dir = tempfile::tempdir().unwrap();
     let dir = dir.path().to_owned();
+    restricted_kubeconfig(&ns, &dir).await;
     let join_bound = LD + RP.mul_f64(1.2) + Duration::from_secs(2);
     let crash_bound = LD * 2 + RP.mul_f64(1.2) + Duration::from_secs(2);
     let s = |m: &Member| m.id.clone();
