@@ -95,7 +95,7 @@ async fn restricted_kubeconfig(ns: &str, dir: &Path) -> PathBuf {
     let attributes = ResourceAttributes {
         group: Some("coordination.k8s.io".into()),
         resource: Some("leases".into()),
-        verb: Some("list".into()),
+        verb: Some("create".into()),
         namespace: Some(ns.into()),
         ..Default::default()
     };
