@@ -10,6 +10,7 @@ use std::time::Duration;
 use clap::builder::BoolishValueParser;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use leaderz::ElectionConfig;
+use leaderz::config::Coordinated;
 
 /// Leader election on Kubernetes Leases for any program: run a command only while this
 /// process leads, or campaign as a sidecar and serve who leads over HTTP.
@@ -53,9 +54,24 @@ pub(crate) enum Command {
     /// Show one Lease, or every Lease in the namespace, as `kubectl describe` does, plus
     /// an estimate of when it expires.
     Status(StatusArgs),
-    /// Print a line each time a Lease's holder or transitions change, starting with the
-    /// current state. Runs until interrupted.
+    /// Print a line each time a Lease's holder or transitions change (or its strategy,
+    /// preferred holder, pending handoff or candidates), starting with the current state.
+    /// Runs until interrupted.
     Watch(WatchArgs),
+    /// Hand the Lease over to another leaderz candidate now: the holder stops its work,
+    /// then writes the chosen candidate as holder, which starts at once.
+    ///
+    /// Writes a request into the Lease's `leaderz.io/handoff` annotation; the named
+    /// candidate (or, without --to, whichever leaderz candidate answers first) accepts it,
+    /// which proves it is alive and watching; the holder ends its term at its next renewal,
+    /// waits for its work to stop, and transfers the Lease; the new holder's first write
+    /// completes it. Waits for that and prints one line. Nobody answering within
+    /// --accept-timeout, or the holder not handing over within --timeout (a client-go
+    /// holder ignores handoffs), withdraws the request and fails. Writing nothing, it
+    /// refuses a Lease that does not exist, has no holder, is already being handed over,
+    /// or is run by a coordinated-election controller. Needs `get`, `update` and `watch`
+    /// on the Lease (kube/handoff/role.yaml).
+    Handoff(HandoffArgs),
 }
 
 /// The namespace flag shared by every subcommand.
@@ -105,19 +121,92 @@ pub(crate) struct ElectionArgs {
     /// (needs `create` on `events.events.k8s.io`).
     #[arg(long, env = "LEADERZ_EVENTS", value_parser = BoolishValueParser::new())]
     pub(crate) events: bool,
+
+    #[command(flatten)]
+    pub(crate) coordinated: CoordinatedArgs,
+}
+
+/// Coordinated leader election (KEP-4355) for `run` and `serve`.
+#[derive(Debug, Args)]
+pub(crate) struct CoordinatedArgs {
+    /// Take part in coordinated leader election: publish a LeaseCandidate named after
+    /// the identity (which must then be a DNS subdomain) and lead only when
+    /// kube-apiserver's controller names this candidate; never take the Lease on its
+    /// own. Needs kube-apiserver with `--feature-gates=CoordinatedLeaderElection=true
+    /// --runtime-config=coordination.k8s.io/v1beta1=true`, and the Role in
+    /// kube/coordinated/.
+    #[arg(long, env = "LEADERZ_COORDINATED", value_parser = BoolishValueParser::new())]
+    pub(crate) coordinated: bool,
+
+    /// The LeaseCandidate's binaryVersion (semver without a leading `v`), with
+    /// --coordinated. [default: this leaderz's version]
+    #[arg(
+        long,
+        env = "LEADERZ_BINARY_VERSION",
+        value_name = "VERSION",
+        requires = "coordinated"
+    )]
+    pub(crate) binary_version: Option<String>,
+
+    /// The LeaseCandidate's emulationVersion, at most the binary version; the built-in
+    /// strategy elects the candidate with the lowest. With --coordinated. [default: the
+    /// binary version]
+    #[arg(
+        long,
+        env = "LEADERZ_EMULATION_VERSION",
+        value_name = "VERSION",
+        requires = "coordinated"
+    )]
+    pub(crate) emulation_version: Option<String>,
+
+    /// The strategy this candidate asks for: `OldestEmulationVersion` (built into
+    /// kube-apiserver) or a third-party strategy (a name with a `/`), carried out by
+    /// another controller. With --coordinated. [default: OldestEmulationVersion]
+    #[arg(
+        long,
+        env = "LEADERZ_STRATEGY",
+        value_name = "STRATEGY",
+        requires = "coordinated"
+    )]
+    pub(crate) strategy: Option<String>,
+}
+
+impl CoordinatedArgs {
+    /// The library's coordinated-election settings, if `--coordinated` is on.
+    pub(crate) fn config(&self) -> Option<Coordinated> {
+        if !self.coordinated {
+            return None;
+        }
+        let binary = self
+            .binary_version
+            .clone()
+            .unwrap_or_else(|| env!("CARGO_PKG_VERSION").to_owned());
+        let emulation = self
+            .emulation_version
+            .clone()
+            .unwrap_or_else(|| binary.clone());
+        let mut c = Coordinated::new(binary).emulation_version(emulation);
+        if let Some(strategy) = &self.strategy {
+            c = c.strategy(strategy.clone());
+        }
+        Some(c)
+    }
 }
 
 impl ElectionArgs {
     /// The library's election config for these flags (validated by the caller).
     pub(crate) fn election_config(&self, identity: String) -> ElectionConfig {
-        let config = ElectionConfig::new(identity)
+        let mut config = ElectionConfig::new(identity)
             .lease_duration(self.lease_duration)
             .renew_deadline(self.renew_deadline)
             .retry_period(self.retry_period);
-        match self.renew_interval {
-            Some(interval) => config.renew_interval(interval),
-            None => config,
+        if let Some(interval) = self.renew_interval {
+            config = config.renew_interval(interval);
         }
+        if let Some(coordinated) = self.coordinated.config() {
+            config = config.coordinated(coordinated);
+        }
+        config
     }
 }
 
@@ -214,7 +303,39 @@ pub(crate) struct WatchArgs {
     pub(crate) output: OutputArg,
 }
 
-/// The output format flag of `status` and `watch`.
+/// `leaderz handoff`.
+#[derive(Debug, Args)]
+pub(crate) struct HandoffArgs {
+    /// The Lease to hand over.
+    pub(crate) name: String,
+
+    #[command(flatten)]
+    pub(crate) namespace: NamespaceArg,
+
+    /// The identity of the candidate to hand over to. [default: whichever leaderz
+    /// candidate of the Lease accepts first]
+    #[arg(long, env = "LEADERZ_HANDOFF_TO", value_name = "IDENTITY")]
+    pub(crate) to: Option<String>,
+
+    /// How long a candidate has to accept the request before it is withdrawn.
+    #[arg(long, env = "LEADERZ_HANDOFF_ACCEPT_TIMEOUT", value_name = "DURATION", default_value = "5s", value_parser = parse_duration)]
+    pub(crate) accept_timeout: Duration,
+
+    /// How long, from the request, the handover may take before the request is
+    /// withdrawn. [default: 2 x the Lease's leaseDurationSeconds + 10s]
+    #[arg(long, env = "LEADERZ_HANDOFF_TIMEOUT", value_name = "DURATION", value_parser = parse_duration)]
+    pub(crate) timeout: Option<Duration>,
+
+    /// Withdraw the pending handoff of the Lease (requested or accepted) instead of
+    /// requesting one.
+    #[arg(long, env = "LEADERZ_HANDOFF_CANCEL", value_parser = BoolishValueParser::new(), conflicts_with_all = ["to", "timeout"])]
+    pub(crate) cancel: bool,
+
+    #[command(flatten)]
+    pub(crate) output: OutputArg,
+}
+
+/// The output format flag of `status`, `watch` and `handoff`.
 #[derive(Debug, Args)]
 pub(crate) struct OutputArg {
     /// Output format.
@@ -222,7 +343,7 @@ pub(crate) struct OutputArg {
     pub(crate) format: Output,
 }
 
-/// How `status` and `watch` print.
+/// How `status`, `watch` and `handoff` print.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub(crate) enum Output {
     /// Aligned columns for people.
@@ -267,7 +388,7 @@ pub(crate) fn one_line(err: &clap::Error, args: &[OsString]) -> String {
         message.push_str(" (the command goes after `--`: leaderz run --lease NAME -- CMD ARGS...)");
     } else {
         match subcommand {
-            Some(sub @ ("run" | "serve" | "status" | "watch")) => {
+            Some(sub @ ("run" | "serve" | "status" | "watch" | "handoff")) => {
                 message.push_str(&format!(" (see `leaderz {sub} --help`)"));
             }
             _ => message.push_str(" (see `leaderz --help`)"),
@@ -348,6 +469,111 @@ mod tests {
         assert_eq!(r.grace, Duration::from_secs(90));
         assert!(r.exit_on_loss);
         assert_eq!(r.command, ["sh", "-c", "echo --lease"].map(OsString::from));
+    }
+
+    #[test]
+    fn coordinated_flags_map_to_the_library_with_defaults() {
+        let r = run_args(&["run", "--lease", "l", "--", "true"]);
+        assert_eq!(r.election.election_config("me".into()).coordinated, None);
+        let r = run_args(&["run", "--lease", "l", "--coordinated", "--", "true"]);
+        let c = r.election.election_config("me".into()).coordinated.unwrap();
+        let own = env!("CARGO_PKG_VERSION");
+        assert_eq!(c, Coordinated::new(own));
+        assert_eq!(
+            (c.emulation_version.as_str(), c.strategy.as_str()),
+            (own, "OldestEmulationVersion")
+        );
+        let Command::Serve(s) = parse(&[
+            "serve",
+            "--lease",
+            "l",
+            "--coordinated",
+            "--binary-version",
+            "1.34.0",
+            "--emulation-version",
+            "1.33.0",
+            "--strategy",
+            "example.com/mine",
+        ])
+        .unwrap()
+        .command
+        else {
+            panic!()
+        };
+        let c = s.election.election_config("me".into()).coordinated.unwrap();
+        assert_eq!(
+            c,
+            Coordinated::new("1.34.0")
+                .emulation_version("1.33.0")
+                .strategy("example.com/mine")
+        );
+        // The emulation version defaults to the binary version given.
+        let r = run_args(&[
+            "run",
+            "--lease",
+            "l",
+            "--coordinated",
+            "--binary-version",
+            "1.2.3",
+            "--",
+            "x",
+        ]);
+        let c = r.election.election_config("me".into()).coordinated.unwrap();
+        assert_eq!(c.emulation_version, "1.2.3");
+    }
+
+    #[test]
+    fn coordinated_settings_need_coordinated() {
+        for flag in ["--binary-version", "--emulation-version", "--strategy"] {
+            let err = parse(&["serve", "--lease", "l", flag, "1.0.0"]).unwrap_err();
+            assert_eq!(
+                err.kind(),
+                clap::error::ErrorKind::MissingRequiredArgument,
+                "{flag}"
+            );
+        }
+    }
+
+    #[test]
+    fn handoff_takes_a_lease_a_target_and_timeouts() {
+        let Command::Handoff(h) = parse(&["handoff", "my-lock"]).unwrap().command else {
+            panic!()
+        };
+        assert_eq!((h.name.as_str(), h.to, h.timeout), ("my-lock", None, None));
+        assert_eq!(h.accept_timeout, Duration::from_secs(5));
+        assert!(!h.cancel);
+        let Command::Handoff(h) = parse(&[
+            "handoff",
+            "my-lock",
+            "--to",
+            "pod-b",
+            "-n",
+            "ns",
+            "--timeout",
+            "1m",
+            "--accept-timeout",
+            "2s",
+            "-o",
+            "json",
+        ])
+        .unwrap()
+        .command
+        else {
+            panic!()
+        };
+        assert_eq!(h.to.as_deref(), Some("pod-b"));
+        assert_eq!(h.namespace.namespace.as_deref(), Some("ns"));
+        assert_eq!(h.timeout, Some(Duration::from_secs(60)));
+        assert_eq!(h.accept_timeout, Duration::from_secs(2));
+        assert_eq!(h.output.format, Output::Json);
+        let Command::Handoff(h) = parse(&["handoff", "my-lock", "--cancel"]).unwrap().command
+        else {
+            panic!()
+        };
+        assert!(h.cancel);
+        let err = parse(&["handoff", "my-lock", "--cancel", "--to", "b"]).unwrap_err();
+        assert_eq!(err.kind(), clap::error::ErrorKind::ArgumentConflict);
+        assert!(parse(&["handoff"]).is_err(), "the Lease is required");
     }
 
     #[test]

@@ -92,9 +92,12 @@ pub(crate) enum CliError {
         /// The generation it did not acknowledge.
         generation: u64,
     },
-    /// An API call of `status` or `watch` failed.
+    /// An API call of `status`, `watch` or `handoff` failed.
     #[error("{0}")]
     Api(String),
+    /// A handoff was refused, or could not complete (`handoff`).
+    #[error("{0}")]
+    Handoff(String),
     /// Anything else (signal handlers, stdout).
     #[error("{0}")]
     Io(String),

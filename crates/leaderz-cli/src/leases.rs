@@ -1,14 +1,18 @@
 //! Leases as `status` and `watch` show them: the fields `kubectl describe lease` shows,
-//! plus an estimate of when the holder's lease expires.
+//! plus an estimate of when the holder's lease expires, a pending handoff and the
+//! Lease's candidates (coordinated leader election).
 
 use std::time::Duration;
 
 use jiff::Timestamp;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
+use leaderz::LeaderRecord;
+use leaderz::record::{Handoff, HandoffState};
 use serde::Serialize;
 use tokio::time::timeout;
 
+use crate::candidates::{CandidateView, Listing};
 use crate::error::{CliError, chain};
 use crate::text::printable;
 
@@ -30,6 +34,64 @@ pub(crate) struct LeaseView {
     /// estimate (clocks differ between machines; electors judge expiry on their own
     /// monotonic clocks). `null` when nobody holds the Lease.
     pub(crate) expires_in_seconds: Option<f64>,
+    /// `spec.strategy`: set by a coordinated-election controller.
+    pub(crate) strategy: Option<String>,
+    /// `spec.preferredHolder`: whom the strategy wants to hold the Lease.
+    pub(crate) preferred_holder: Option<String>,
+    /// A planned handover in progress (`leaderz handoff`), from the Lease's
+    /// `leaderz.io/handoff` annotation.
+    pub(crate) handoff: Option<HandoffView>,
+    /// The Lease's LeaseCandidates, when they could be listed.
+    pub(crate) candidates: Option<Vec<CandidateView>>,
+    /// Why the candidates could not be listed (not served, forbidden), else `null`.
+    pub(crate) candidates_unavailable: Option<String>,
+}
+
+/// A pending [`Handoff`], as `status`, `watch` and `handoff` show it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct HandoffView {
+    /// `requested`, `accepted` or `transferred`.
+    pub(crate) state: HandoffState,
+    /// The candidate it is for (`null`: a request to any candidate).
+    pub(crate) to: Option<String>,
+    /// The request's id.
+    pub(crate) id: String,
+    /// When it was requested, if `leaderz handoff` made the id (it starts with the time).
+    pub(crate) requested_at: Option<String>,
+}
+
+impl HandoffView {
+    /// The view of `h`.
+    pub(crate) fn new(h: &Handoff) -> Self {
+        Self {
+            state: h.state,
+            to: h.to.clone(),
+            id: h.id.clone(),
+            requested_at: crate::handoff::requested_at(&h.id)
+                .map(|t| t.strftime("%Y-%m-%dT%H:%M:%S%.3fZ").to_string()),
+        }
+    }
+
+    /// For people: `accepted by pod-b (id …)`.
+    pub(crate) fn cell(&self) -> String {
+        let to = self.to.as_deref().map(printable);
+        let what = match (self.state, to) {
+            (HandoffState::Requested, None) => "requested for any candidate".to_owned(),
+            (HandoffState::Requested, Some(to)) => format!("requested for {to}"),
+            (HandoffState::Accepted, Some(to)) => format!("accepted by {to}"),
+            (HandoffState::Transferred, Some(to)) => format!("transferred to {to}"),
+            (state, to) => {
+                let state = serde_json::to_value(state).unwrap_or_default();
+                let state = state.as_str().unwrap_or("unknown");
+                match to {
+                    Some(to) => format!("{state} ({to})"),
+                    None => state.to_owned(),
+                }
+            }
+        };
+        format!("{what} (id {})", printable(&self.id))
+    }
 }
 
 impl LeaseView {
@@ -44,6 +106,7 @@ impl LeaseView {
             (true, Some(renew), Some(secs)) => Some(expires_in(renew.0, secs, now)),
             _ => None,
         };
+        let record = LeaderRecord::from_lease(lease);
         Self {
             name: lease.metadata.name.clone().unwrap_or_default(),
             namespace: lease.metadata.namespace.clone().unwrap_or_default(),
@@ -53,7 +116,27 @@ impl LeaseView {
             renew_time: spec.renew_time,
             lease_transitions: spec.lease_transitions,
             expires_in_seconds,
+            strategy: spec.strategy.filter(|s| !s.is_empty()),
+            preferred_holder: spec.preferred_holder.filter(|p| !p.is_empty()),
+            handoff: record.handoff.as_ref().map(HandoffView::new),
+            candidates: None,
+            candidates_unavailable: None,
         }
+    }
+
+    /// This view with the Lease's candidates from `listing`.
+    pub(crate) fn with_candidates(mut self, listing: &Listing) -> Self {
+        match listing.of_lease(&self.name) {
+            Ok(c) => {
+                self.candidates = Some(c);
+                self.candidates_unavailable = None;
+            }
+            Err(why) => {
+                self.candidates = None;
+                self.candidates_unavailable = Some(why);
+            }
+        }
+        self
     }
 
     /// A Lease that does not exist (for `watch`).
@@ -67,6 +150,11 @@ impl LeaseView {
             renew_time: None,
             lease_transitions: None,
             expires_in_seconds: None,
+            strategy: None,
+            preferred_holder: None,
+            handoff: None,
+            candidates: None,
+            candidates_unavailable: None,
         }
     }
 
@@ -107,9 +195,10 @@ fn expires_cell(secs: Option<f64>) -> String {
     }
 }
 
-/// Leases as a table with a header, as `kubectl get` prints.
+/// Leases as a table with a header, as `kubectl get` prints. The columns STRATEGY,
+/// PREFERRED HOLDER and HANDOFF appear only when some Lease has one.
 pub(crate) fn table(views: &[LeaseView]) -> String {
-    let header = [
+    let mut header = vec![
         "NAME",
         "HOLDER",
         "DURATION",
@@ -118,10 +207,22 @@ pub(crate) fn table(views: &[LeaseView]) -> String {
         "TRANSITIONS",
         "EXPIRES IN (EST.)",
     ];
-    let rows: Vec<[String; 7]> = views
+    let show_strategy = views.iter().any(|v| v.strategy.is_some());
+    let show_preferred = views.iter().any(|v| v.preferred_holder.is_some());
+    let show_handoff = views.iter().any(|v| v.handoff.is_some());
+    for (show, name) in [
+        (show_strategy, "STRATEGY"),
+        (show_preferred, "PREFERRED HOLDER"),
+        (show_handoff, "HANDOFF"),
+    ] {
+        if show {
+            header.push(name);
+        }
+    }
+    let rows: Vec<Vec<String>> = views
         .iter()
         .map(|v| {
-            [
+            let mut row = vec![
                 v.name.clone(),
                 v.holder_cell(),
                 opt_cell(v.lease_duration_seconds, "s"),
@@ -129,11 +230,51 @@ pub(crate) fn table(views: &[LeaseView]) -> String {
                 time_cell(v.renew_time.as_ref()),
                 opt_cell(v.lease_transitions, ""),
                 expires_cell(v.expires_in_seconds),
-            ]
+            ];
+            let text = |t: &Option<String>| {
+                t.as_deref()
+                    .map_or_else(|| "-".to_owned(), |t| printable(t).into_owned())
+            };
+            if show_strategy {
+                row.push(text(&v.strategy));
+            }
+            if show_preferred {
+                row.push(text(&v.preferred_holder));
+            }
+            if show_handoff {
+                row.push(
+                    v.handoff
+                        .as_ref()
+                        .map_or_else(|| "-".to_owned(), HandoffView::cell),
+                );
+            }
+            row
         })
         .collect();
-    let mut widths = header.map(str::len);
-    for row in &rows {
+    columns(&header, &rows)
+}
+
+/// What `status` prints after the Lease table: the candidates of the Leases shown, or
+/// why they cannot be shown (once, for all Leases), or nothing when there are none.
+pub(crate) fn candidates_section(views: &[LeaseView]) -> String {
+    if let Some(why) = views.iter().find_map(|v| v.candidates_unavailable.as_ref()) {
+        return format!("\nLease candidates: {why}\n");
+    }
+    let all: Vec<&CandidateView> = views
+        .iter()
+        .flat_map(|v| v.candidates.iter().flatten())
+        .collect();
+    if all.is_empty() {
+        return String::new();
+    }
+    format!("\n{}", crate::candidates::table(&all))
+}
+
+/// Aligned columns under a header, as `kubectl get` prints them; the last column is
+/// not padded.
+pub(crate) fn columns(header: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
+    for row in rows {
         for (w, cell) in widths.iter_mut().zip(row) {
             *w = (*w).max(cell.chars().count());
         }
@@ -151,9 +292,9 @@ pub(crate) fn table(views: &[LeaseView]) -> String {
         out.push_str(text.trim_end());
         out.push('\n');
     };
-    line(&header);
-    for row in &rows {
-        line(&row.each_ref().map(String::as_str));
+    line(header);
+    for row in rows {
+        line(&row.iter().map(String::as_str).collect::<Vec<_>>());
     }
     out
 }
@@ -201,7 +342,7 @@ mod tests {
     use super::*;
     use k8s_openapi::api::coordination::v1::LeaseSpec;
     use kube::api::ObjectMeta;
-    use serde_json::json;
+    use serde_json::{Value, json};
 
     fn ts(s: &str) -> Timestamp {
         s.parse().unwrap()
@@ -239,7 +380,77 @@ mod tests {
                 "renewTime": "2025-01-02T03:04:05.500000Z",
                 "leaseTransitions": 3,
                 "expiresInSeconds": 10.5,
+                "strategy": null,
+                "preferredHolder": null,
+                "handoff": null,
+                "candidates": null,
+                "candidatesUnavailable": null,
             })
+        );
+    }
+
+    #[test]
+    fn strategy_preferred_holder_handoff_and_candidates_are_shown() {
+        let now = ts("2025-01-02T03:04:10Z");
+        let mut l = lease("pod-a");
+        let spec = l.spec.as_mut().unwrap();
+        spec.strategy = Some("OldestEmulationVersion".into());
+        spec.preferred_holder = Some("pod-c".into());
+        let h = Handoff::request(Some("pod-b".into()), "2025-01-02T03:04:09.250000Z-1f")
+            .step(HandoffState::Accepted, "pod-b");
+        l.metadata.annotations = Some(
+            [(
+                leaderz::record::HANDOFF_ANNOTATION.to_owned(),
+                h.to_annotation(),
+            )]
+            .into(),
+        );
+        let listing = Listing::of(&[crate::candidates::tests::candidate(
+            "pod-c", "my-lock", "1.33.0",
+        )]);
+        let view = LeaseView::new(&l, now).with_candidates(&listing);
+        let json = serde_json::to_value(&view).unwrap();
+        assert_eq!(json["strategy"], "OldestEmulationVersion");
+        assert_eq!(json["preferredHolder"], "pod-c");
+        assert_eq!(
+            json["handoff"],
+            json!({
+                "state": "accepted",
+                "to": "pod-b",
+                "id": "2025-01-02T03:04:09.250000Z-1f",
+                "requestedAt": "2025-01-02T03:04:09.250Z",
+            })
+        );
+        assert_eq!(json["candidates"][0]["name"], "pod-c");
+        assert_eq!(json["candidatesUnavailable"], Value::Null);
+
+        let text = table(std::slice::from_ref(&view));
+        let lines: Vec<&str> = text.lines().collect();
+        assert!(
+            lines[0].ends_with(
+                "EXPIRES IN (EST.)   STRATEGY                 PREFERRED HOLDER   HANDOFF"
+            ),
+            "{text}"
+        );
+        assert!(
+            lines[1].ends_with(
+                "10.5s               OldestEmulationVersion   pod-c              accepted by pod-b (id 2025-01-02T03:04:09.250000Z-1f)"
+            ),
+            "{text}"
+        );
+        let section = candidates_section(std::slice::from_ref(&view));
+        assert!(section.starts_with("\nLEASE "), "{section}");
+        assert!(section.contains("pod-c"), "{section}");
+
+        // Not served: said once, plainly, instead of a table.
+        let missing = Listing::Unavailable(crate::candidates::NOT_SERVED.into());
+        let view = LeaseView::new(&l, now).with_candidates(&missing);
+        let json = serde_json::to_value(&view).unwrap();
+        assert_eq!(json["candidates"], Value::Null);
+        assert_eq!(json["candidatesUnavailable"], crate::candidates::NOT_SERVED);
+        assert_eq!(
+            candidates_section(&[view.clone(), view]),
+            format!("\nLease candidates: {}\n", crate::candidates::NOT_SERVED)
         );
     }
 

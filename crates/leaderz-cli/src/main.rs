@@ -2,20 +2,23 @@
 //!
 //! `leaderz run --lease NAME -- CMD ...` runs CMD only while this process leads the
 //! Lease; `leaderz serve --lease NAME` is a sidecar candidate that answers who leads over
-//! HTTP; `leaderz status` and `leaderz watch` show Leases. Flags are in [`cli`]; every
-//! error ends the process with one `error: ...` line on stderr and a non-zero code.
+//! HTTP; `leaderz status` and `leaderz watch` show Leases; `leaderz handoff NAME` hands a
+//! Lease over to another candidate. Flags are in [`cli`]; every error ends the process
+//! with one `error: ...` line on stderr and a non-zero code.
 
 use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
 
+mod candidates;
 mod child;
 mod cli;
 mod cluster;
 mod election;
 mod error;
 mod exec;
+mod handoff;
 mod http;
 mod leases;
 mod logging;
@@ -69,6 +72,7 @@ fn execute(cli: Cli) -> Result<u8, CliError> {
             Command::Serve(args) => serve::serve(args).await,
             Command::Status(args) => status::status(args).await,
             Command::Watch(args) => watch::watch(args).await,
+            Command::Handoff(args) => handoff::handoff(args).await,
         }
     });
     // Open HTTP connections (an /events stream) must not hold the exit up.

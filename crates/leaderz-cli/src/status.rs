@@ -1,14 +1,16 @@
-//! `leaderz status`: one Lease, or every Lease in the namespace.
+//! `leaderz status`: one Lease, or every Lease in the namespace, with their candidates
+//! (coordinated leader election) when the API server serves them.
 
 use jiff::Timestamp;
 use k8s_openapi::api::coordination::v1::Lease;
 use kube::Api;
 use kube::api::ListParams;
 
+use crate::candidates;
 use crate::cli::{Output, StatusArgs};
 use crate::cluster;
 use crate::error::CliError;
-use crate::leases::{LeaseView, call, table};
+use crate::leases::{LeaseView, call, candidates_section, table};
 use crate::shardmap::ShardMap;
 
 /// Prints the Lease(s) to stdout; returns the exit code.
@@ -18,7 +20,8 @@ pub(crate) async fn status(args: StatusArgs) -> Result<u8, CliError> {
     }
     let config = cluster::load_config().await?;
     let namespace = cluster::namespace(args.namespace.namespace.as_deref(), &config)?;
-    let api: Api<Lease> = Api::namespaced(cluster::connect(config).await?, &namespace);
+    let client = cluster::connect(config).await?;
+    let api: Api<Lease> = Api::namespaced(client.clone(), &namespace);
     let format = args.output.format;
     if let Some(set) = &args.shards {
         let selector = format!("{}={set}", leaderz::shards::SET_LABEL);
@@ -48,17 +51,25 @@ pub(crate) async fn status(args: StatusArgs) -> Result<u8, CliError> {
                     name: name.clone(),
                     namespace: namespace.clone(),
                 })?;
-            let view = LeaseView::new(&lease, Timestamp::now());
+            let listing = candidates::list(client, &namespace, Some(name)).await;
+            let view = LeaseView::new(&lease, Timestamp::now()).with_candidates(&listing);
             match format {
                 Output::Json => to_json(&view)?,
-                Output::Table => table(std::slice::from_ref(&view)),
+                Output::Table => {
+                    let views = std::slice::from_ref(&view);
+                    table(views) + &candidates_section(views)
+                }
             }
         }
         None => {
             let list = call("list", &namespace, api.list(&ListParams::default())).await?;
+            let listing = candidates::list(client, &namespace, None).await;
             let now = Timestamp::now();
-            let mut views: Vec<LeaseView> =
-                list.items.iter().map(|l| LeaseView::new(l, now)).collect();
+            let mut views: Vec<LeaseView> = list
+                .items
+                .iter()
+                .map(|l| LeaseView::new(l, now).with_candidates(&listing))
+                .collect();
             views.sort_by(|a, b| a.name.cmp(&b.name));
             match format {
                 Output::Json => to_json(&views)?,
@@ -67,7 +78,7 @@ pub(crate) async fn status(args: StatusArgs) -> Result<u8, CliError> {
                     return Ok(0);
                 }
                 Output::Table => {
-                    let mut text = table(&views);
+                    let mut text = table(&views) + &candidates_section(&views);
                     let now = Timestamp::now();
                     for set in ShardMap::sets(&list.items) {
                         let map = ShardMap::new(&set, &namespace, &list.items, now);

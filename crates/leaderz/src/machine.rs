@@ -210,6 +210,9 @@ enum Purpose {
     GiveWrite,
     /// A follower accepting a handoff request addressed to it.
     Accept,
+    /// Coordinated mode: a follower giving back an assignment the controller took back
+    /// (it now prefers someone else) before the follower took it.
+    Decline,
 }
 
 #[derive(Debug)]
@@ -690,6 +693,22 @@ impl Machine {
             self.send(Purpose::Accept, Op::Update(base, record), now);
             return;
         }
+        if self.is_withdrawn_assignment(&observed.record) {
+            // We never led under it: give it back at once, so that the preferred
+            // candidate need not wait for it to expire.
+            let base = Versioned {
+                record: observed.record.clone(),
+                version: observed.version.clone(),
+                lease: observed.lease.clone(),
+            };
+            let record = LeaderRecord {
+                holder_identity: String::new(),
+                ..base.record.clone()
+            };
+            info!("the controller named us and then preferred another; giving the lease back");
+            self.send(Purpose::Decline, Op::Update(base, record), now);
+            return;
+        }
         if !self.can_take(observed, now) {
             return;
         }
@@ -773,6 +792,15 @@ impl Machine {
         self.controller_wrote(r)
             && r.holder_identity == self.config.identity
             && !r.prefers_other_than(&self.config.identity)
+            && !self.is_own(r)
+    }
+
+    /// Coordinated mode: the controller named us and then, before we took the lease,
+    /// preferred someone else.
+    fn is_withdrawn_assignment(&self, r: &LeaderRecord) -> bool {
+        self.controller_wrote(r)
+            && r.holder_identity == self.config.identity
+            && r.prefers_other_than(&self.config.identity)
             && !self.is_own(r)
     }
 
@@ -967,6 +995,15 @@ impl Machine {
             Purpose::GiveRead => self.on_give_read(reply, now),
             Purpose::GiveWrite => self.on_given(reply, now),
             Purpose::Accept => self.on_accepted(reply, now),
+            Purpose::Decline => match reply {
+                Ok(Answer::Wrote(v)) => self.observe(v, now),
+                Ok(_) | Err(LockError::Conflict | LockError::NotFound) => self.stale = true,
+                Err(e) => {
+                    self.api_failed("decline", &e, now);
+                    self.stale = true;
+                    self.back_off(now);
+                }
+            },
         }
     }
 

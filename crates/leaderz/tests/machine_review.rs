@@ -410,3 +410,24 @@ fn a_handoff_at_the_last_token_releases_instead() {
     );
     assert_eq!(give[0].lease_transitions, i32::MAX);
 }
+
+/// The controller names us and, before we take the lease, prefers another (two
+/// candidates starting together): we give the record back at once instead of leaving
+/// the preferred one to wait for it to expire.
+#[test]
+fn coordinated_an_assignment_taken_back_is_given_back_at_once() {
+    let t0 = Instant::now();
+    let given = assignment("pod-a", 0);
+    // pod-a saw the Lease absent, then the assignment (taken at once) — but suppose
+    // the controller changed its mind first: the record it sees prefers pod-b.
+    let mut a = watching("pod-a", None, t0);
+    let mut taken_back = given.clone();
+    taken_back.preferred_holder = Some("pod-b".into());
+    let did = step(&mut a, event(&taken_back, "2"), t0 + ms(50));
+    let w = did.writes();
+    assert_eq!(w.len(), 1, "{did:?}");
+    assert_eq!(w[0].holder_identity, "", "given back: {w:?}");
+    assert_eq!(w[0].preferred_holder.as_deref(), Some("pod-b"));
+    assert_eq!(w[0].strategy.as_deref(), Some(STRATEGY));
+    assert_eq!(did.started, None);
+}
