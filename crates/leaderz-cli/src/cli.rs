@@ -224,7 +224,7 @@ pub(crate) struct RunArgs {
     /// shard is released only then (SIGKILL if it does not within --grace, or before
     /// another member may take the shard). See README "Sharded leases".
     #[arg(long, env = "LEADERZ_SHARDS", value_name = "S",
-          conflicts_with_all = ["exit_on_loss", "http"])]
+          conflicts_with_all = ["exit_on_loss", "http", "events", "coordinated"])]
     pub(crate) shards: Option<u32>,
 
     /// Where --shards writes the shard file (the ack file is the same path with `.ack`
@@ -431,6 +431,17 @@ mod tests {
         assert_eq!(r.command, vec![OsString::from("true")]);
         let config = r.election.election_config("me".into());
         assert_eq!(config, ElectionConfig::new("me"));
+    }
+
+    #[test]
+    fn shards_and_the_flags_it_cannot_honour() {
+        let r = run_args(&["run", "--lease", "jobs", "--shards", "64", "--", "w"]);
+        assert_eq!((r.shards, r.shards_file), (Some(64), None));
+        for flag in ["--exit-on-loss", "--events", "--coordinated", "--http=:0"] {
+            let args = ["run", "--lease", "jobs", "--shards", "8", flag, "--", "w"];
+            assert!(parse(&args).is_err(), "{flag} with --shards was accepted");
+        }
+        assert!(parse(&["run", "--lease", "j", "--shards-file", "/f", "--", "w"]).is_err());
     }
 
     #[test]
