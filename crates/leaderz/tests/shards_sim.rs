@@ -8,14 +8,18 @@
 //!   rise from one term to the next;
 //! - **liveness**: after each change that is given time to settle, every shard is owned
 //!   again, by the member [`assign`] names for the live members, within a lease duration
-//!   plus a retry period after the change became visible: at once for a join or a
-//!   graceful leave, a lease duration after a crash or a cut (when the survivors see the
-//!   member Lease expire), and after a heal once the healed member can retake its
-//!   member Lease (its backoff: up to half a lease duration);
+//!   plus 1.2 retry periods (the jitter) after the change became visible: at once for a
+//!   join or a graceful leave, a lease duration after a crash or a cut (when the
+//!   survivors see the member Lease expire), after a heal once the healed member can
+//!   retake its member Lease (its backoff: up to half a lease duration), and a lease
+//!   duration after a join or heal while a departed member's Lease lingers (see
+//!   [`visible_by`]); a change that comes before the previous one settled is judged from
+//!   the last;
 //! - **balance**: settled, each of `M` live members owns ⌈S/M⌉ or ⌊S/M⌋ shards.
 //!
-//! Runs `SHARDS_SIM_SEEDS` seeds (default 24, ≈ a minute in a debug build);
-//! `SHARDS_SIM_SEED=<n>` replays one. S is 1, 7, 16 or 64; members come from a pool of 6.
+//! Runs `SHARDS_SIM_SEEDS` seeds (default 24, ≈ 15 s in a debug build);
+//! `SHARDS_SIM_SEED=<n>` replays one (`SHARDS_SIM_TRACE=1` prints each change). S is 1, 7,
+//! 16 or 64; members come from a pool of 6.
 
 #![allow(clippy::unwrap_used)] // tests: a panic is the failure report
 
