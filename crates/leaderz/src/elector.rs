@@ -11,14 +11,14 @@ use std::sync::Arc;
 
 use futures::StreamExt;
 use futures::stream::BoxStream;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, sleep_until, timeout, timeout_at};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span};
 
 use crate::config::{ConfigError, ElectionConfig};
-use crate::handle::{ElectionHandle, Status};
+use crate::handle::{Command, ElectionHandle, Status};
 use crate::lock::{Lock, LockError, LockEvent};
 use crate::machine::{Action, Answer, Input, Machine, Op, Request};
 use crate::metrics::Metrics;
@@ -95,6 +95,7 @@ impl<L: Lock> Elector<L> {
         let (leader_tx, leader_rx) = watch::channel(None);
         let (term_tx, term_rx) = watch::channel(None);
         let (status_tx, status_rx) = watch::channel(Status::default());
+        let (command_tx, command_rx) = mpsc::unbounded_channel();
         let span = info_span!("leader_election", lease = %name, identity = %self.config.identity);
         let mut machine = Machine::build(self.config.clone(), name, Instant::now());
         if let Some(seed) = self.seed {
@@ -110,8 +111,12 @@ impl<L: Lock> Elector<L> {
             term: term_tx,
             status: status_tx,
         };
-        let task = tokio::spawn(driver.drive(machine, shutdown.clone()).instrument(span));
-        ElectionHandle::new(shutdown, task, leader_rx, term_rx, status_rx)
+        let task = tokio::spawn(
+            driver
+                .drive(machine, shutdown.clone(), command_rx)
+                .instrument(span),
+        );
+        ElectionHandle::new(shutdown, task, leader_rx, term_rx, status_rx, command_tx)
     }
 }
 
@@ -137,6 +142,7 @@ impl<L: Lock> Driver<L> {
         self,
         mut m: Machine,
         shutdown: CancellationToken,
+        mut commands: mpsc::UnboundedReceiver<Command>,
     ) -> Result<(), crate::ElectionError> {
         let mut request: Option<Pending<Result<Answer, LockError>>> = None;
         let mut watch = WatchSlot::Closed;
@@ -246,6 +252,14 @@ impl<L: Lock> Driver<L> {
                     Input::Reply(reply)
                 }
                 input = next_watch(&mut watch) => input,
+                Some(command) = commands.recv() => {
+                    match command {
+                        Command::HandOver { to, reply } => {
+                            let _ = reply.send(m.hand_over(to, Instant::now()));
+                        }
+                    }
+                    continue;
+                }
                 () = work_stopped(&mut ended) => {
                     ended = None;
                     Input::WorkStopped

@@ -4,12 +4,13 @@
 use std::future::Future;
 use std::time::Duration;
 
-use tokio::sync::watch;
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::elector::ElectionError;
+use crate::machine::HandOverError;
 use crate::record::Observed;
 use crate::term::{Term, TermInfo};
 
@@ -80,6 +81,17 @@ pub struct ElectionHandle {
     leader: watch::Receiver<Option<String>>,
     term: watch::Receiver<Option<Term>>,
     status: watch::Receiver<Status>,
+    commands: mpsc::UnboundedSender<Command>,
+}
+
+/// A request from the handle to the elector task.
+#[derive(Debug)]
+pub(crate) enum Command {
+    /// [`ElectionHandle::hand_over`].
+    HandOver {
+        to: Option<String>,
+        reply: oneshot::Sender<Result<String, HandOverError>>,
+    },
 }
 
 impl ElectionHandle {
@@ -89,6 +101,7 @@ impl ElectionHandle {
         leader: watch::Receiver<Option<String>>,
         term: watch::Receiver<Option<Term>>,
         status: watch::Receiver<Status>,
+        commands: mpsc::UnboundedSender<Command>,
     ) -> Self {
         Self {
             shutdown,
@@ -96,7 +109,37 @@ impl ElectionHandle {
             leader,
             term,
             status,
+            commands,
         }
+    }
+
+    /// Hands the lease over to the leaderz candidate `to` (none: whichever candidate
+    /// accepts first) — a planned handover, as `leaderz handoff` does from outside.
+    ///
+    /// Only the leader can: the request goes out with a renewal at once; a candidate
+    /// that watches the Lease accepts it; this process then ends its term, waits for
+    /// the work to drop its [`Term`] and writes the candidate as the holder, with the
+    /// next fencing token; the candidate's first write starts its term. If no candidate
+    /// accepts within a lease duration, the request is withdrawn and this process keeps
+    /// leading. Returns the request's id once the request is queued; watch
+    /// [`ElectionHandle::leader`] to see the lease move.
+    ///
+    /// ```no_run
+    /// # async fn f(handle: leaderz::ElectionHandle) -> Result<(), leaderz::machine::HandOverError> {
+    /// let id = handle.hand_over(Some("pod-b")).await?;
+    /// println!("asked to hand over (request {id})");
+    /// # Ok(()) }
+    /// ```
+    pub async fn hand_over(&self, to: Option<&str>) -> Result<String, HandOverError> {
+        let (reply, answer) = oneshot::channel();
+        let command = Command::HandOver {
+            to: to.map(str::to_owned),
+            reply,
+        };
+        self.commands
+            .send(command)
+            .map_err(|_| HandOverError::Stopped)?;
+        answer.await.unwrap_or(Err(HandOverError::Stopped))
     }
 
     /// Waits until this process leads and returns the term (at once if it leads now).

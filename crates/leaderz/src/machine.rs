@@ -273,6 +273,37 @@ struct Leading {
     /// The send time of the last successful write: the term ends RD later.
     last_ok: Instant,
     next_renew: Instant,
+    /// A handoff this leader asked for itself ([`Machine::hand_over`]).
+    handing: Option<Handing>,
+}
+
+/// A handoff request of the leader's own, written with its renewals until a candidate
+/// accepts it or `withdraw_at` passes.
+#[derive(Debug)]
+struct Handing {
+    request: Handoff,
+    withdraw_at: Instant,
+}
+
+/// Why [`Machine::hand_over`] refused.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum HandOverError {
+    /// Only the leader can hand its lease over.
+    #[error("this process does not lead: only the leader can hand the lease over")]
+    NotLeading,
+    /// A handoff is pending already.
+    #[error("a handoff is pending already (request {0})")]
+    Pending(String),
+    /// The Lease is run by coordinated election: its controller picks the holder.
+    #[error("the lease is run by coordinated leader election: its controller picks the holder")]
+    Coordinated,
+    /// The target is this process.
+    #[error("cannot hand the lease over to ourselves")]
+    ToSelf,
+    /// The election has stopped.
+    #[error("the election has stopped")]
+    Stopped,
 }
 
 #[derive(Debug)]
@@ -905,11 +936,73 @@ impl Machine {
     }
 
     fn send_renewal(&mut self, now: Instant) {
+        let Role::Leader(l) = &mut self.role else {
+            return;
+        };
+        // Our own handoff request rides on the renewals until a candidate accepts it;
+        // unanswered by `withdraw_at`, it is taken off again.
+        let mut handoff = l.current.record.handoff.clone();
+        if let Some(h) = &l.handing {
+            let ours = handoff.as_ref().is_some_and(|x| x.id == h.request.id);
+            if now >= h.withdraw_at {
+                if ours && handoff.as_ref().map(|x| x.state) == Some(HandoffState::Requested) {
+                    info!(id = %h.request.id, "no candidate accepted the handoff; withdrawing it");
+                    handoff = None;
+                }
+                l.handing = None;
+            } else if handoff.is_none() {
+                handoff = Some(h.request.clone());
+            }
+        }
         let Role::Leader(l) = &self.role else { return };
-        let record = self.renewed(&l.current.record, l.token);
+        let mut record = self.renewed(&l.current.record, l.token);
+        record.handoff = handoff;
         let op = Op::Update(l.current.clone(), record);
         let limit = Some(l.last_ok + self.config.renew_deadline);
         self.send_until(Purpose::Renew, op, now, limit);
+    }
+
+    /// The leader asks to hand its lease over to `to` (none: any leaderz candidate):
+    /// the request goes out with a renewal at once; a candidate that watches the Lease
+    /// accepts it, and the leader then ends its term, waits for its work to stop and
+    /// transfers the Lease to that candidate (see [`Handoff`]). If no candidate accepts
+    /// within a lease duration the request is withdrawn and this process keeps leading.
+    /// Returns the request's id.
+    pub fn hand_over(&mut self, to: Option<String>, now: Instant) -> Result<String, HandOverError> {
+        let wall = self.wall_now();
+        let suffix: u32 = self.rng.random();
+        let identity = &self.config.identity;
+        let Role::Leader(l) = &mut self.role else {
+            return Err(HandOverError::NotLeading);
+        };
+        if to.as_deref() == Some(identity.as_str()) {
+            return Err(HandOverError::ToSelf);
+        }
+        if l.current
+            .record
+            .strategy
+            .as_deref()
+            .is_some_and(|s| !s.is_empty())
+        {
+            return Err(HandOverError::Coordinated);
+        }
+        if let Some(h) = l.handing.as_ref().map(|h| &h.request).or(l
+            .current
+            .record
+            .handoff
+            .as_ref())
+        {
+            return Err(HandOverError::Pending(h.id.clone()));
+        }
+        let id = format!("{}-{suffix:x}", wall.strftime("%Y-%m-%dT%H:%M:%S%.6fZ"));
+        info!(to = to.as_deref().unwrap_or("any candidate"), %id, "handing the lease over");
+        l.handing = Some(Handing {
+            request: Handoff::request(to, id.clone()),
+            withdraw_at: now + self.config.lease_duration,
+        });
+        l.next_renew = now;
+        self.step(now);
+        Ok(id)
     }
 
     fn remember_write(&mut self, record: &LeaderRecord) {
@@ -1250,6 +1343,7 @@ impl Machine {
             current,
             last_ok: sent_at,
             next_renew: sent_at + self.config.renew_every(),
+            handing: None,
         });
         self.actions.push_back(Action::StartTerm {
             token,

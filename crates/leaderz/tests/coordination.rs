@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use common::Ledger;
 use leaderz::config::Coordinated;
+use leaderz::machine::HandOverError;
 use leaderz::record::{Handoff, HandoffState};
 use leaderz::{ElectionConfig, Elector, LeaderRecord, MemoryLock};
 use tokio::task::JoinHandle;
@@ -322,5 +323,76 @@ async fn coordinated_candidates_lead_only_when_the_controller_names_them() {
     ledger.check("coordinated");
     for c in cands {
         c.shutdown().await;
+    }
+}
+
+/// The leader hands its lease over through its own handle (the library's planned
+/// handover): the named candidate leads next, with the next token, without a gap; a
+/// request nobody accepts is withdrawn after a lease duration and the leader keeps
+/// leading; a follower cannot ask.
+#[tokio::test(start_paused = true)]
+async fn the_leader_hands_over_through_its_handle() {
+    let lock = MemoryLock::new("l");
+    let ledger = Ledger::default();
+    let a = Elector::new(lock.clone(), ElectionConfig::new(id(0)))
+        .unwrap()
+        .spawn();
+    let term = a.acquired().await.unwrap();
+    let first = ledger.start(0, term.fencing_token());
+    let b = Candidate::start(&lock, ElectionConfig::new(id(1)), 1, &ledger);
+    let c = Candidate::start(&lock, ElectionConfig::new(id(2)), 2, &ledger);
+    sleep(secs(3)).await;
+
+    // Nobody of that name: withdrawn after a lease duration, still ours.
+    assert_eq!(a.hand_over(Some(&id(0))).await, Err(HandOverError::ToSelf));
+    let asked = Instant::now();
+    let id_zz = a.hand_over(Some("zz")).await.unwrap();
+    assert_eq!(
+        a.hand_over(None).await,
+        Err(HandOverError::Pending(id_zz.clone()))
+    );
+    sleep(Duration::from_millis(10)).await;
+    let rec = lock.peek().unwrap().record;
+    assert_eq!(rec.handoff.map(|h| h.id), Some(id_zz), "published at once");
+    timeout(secs(20), async {
+        while lock.peek().unwrap().record.handoff.is_some() {
+            sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("withdrawn");
+    let withdrawn = asked.elapsed();
+    assert!(
+        withdrawn >= secs(15) && withdrawn <= secs(17),
+        "withdrawn after a lease duration (+ a renewal): {withdrawn:?}"
+    );
+    assert!(term.is_active() && a.is_leader());
+
+    // To c2: it leads next, at once after our work stopped.
+    let token = lock.peek().unwrap().record.lease_transitions;
+    let asked = Instant::now();
+    a.hand_over(Some(&id(2))).await.unwrap();
+    term.cancelled().await;
+    ledger.end(first);
+    drop(term);
+    wait_holder(&lock, &id(2)).await;
+    assert!(
+        asked.elapsed() <= Duration::from_millis(2100),
+        "{:?}",
+        asked.elapsed()
+    );
+    ledger.check("hand_over");
+    let terms = ledger.terms();
+    let (old, new) = (&terms[terms.len() - 2], &terms[terms.len() - 1]);
+    assert_eq!((old.who, new.who), (0, 2));
+    assert_eq!(new.start, old.end.unwrap());
+    assert_eq!(new.token, i64::from(token) + 1);
+
+    // A follower cannot ask.
+    sleep(secs(1)).await;
+    assert_eq!(a.hand_over(None).await, Err(HandOverError::NotLeading));
+    a.shutdown().await.unwrap();
+    for x in [b, c] {
+        x.shutdown().await;
     }
 }

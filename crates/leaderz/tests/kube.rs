@@ -121,6 +121,46 @@ async fn graceful_release_hands_over_within_one_second() {
     assert_eq!(s.lease_transitions, Some(1));
 }
 
+/// The library's planned handover against the real API server: the leader asks, the
+/// named follower (not the other) leads next with the next token; the old term ended
+/// before the new one started.
+#[tokio::test]
+async fn the_leader_hands_over_to_the_named_candidate() {
+    let cp = ControlPlane::shared().unwrap();
+    let ns = cp.new_namespace("hand-over").await.unwrap();
+    let a = spawn(cp.admin_client().unwrap(), &ns, "a");
+    let term = a.acquired().await.unwrap();
+    let b = spawn(cp.admin_client().unwrap(), &ns, "b");
+    let c = spawn(cp.admin_client().unwrap(), &ns, "c");
+    timeout(Duration::from_secs(10), async {
+        while !(b.status().borrow().watching && c.status().borrow().watching) {
+            sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .unwrap();
+    let t0 = Instant::now();
+    a.hand_over(Some("c")).await.unwrap();
+    term.cancelled().await;
+    let ended = Instant::now();
+    drop(term);
+    let next = timeout(Duration::from_secs(5), c.acquired())
+        .await
+        .unwrap()
+        .unwrap();
+    let started = Instant::now();
+    println!(
+        "hand_over: asked to old term ended {:?}, old work stopped to new term {:?}",
+        ended - t0,
+        started - ended
+    );
+    assert_eq!(next.fencing_token(), 1);
+    assert!(!b.is_leader());
+    let s = spec(&lease(&cp.admin_client().unwrap(), &ns).await);
+    assert_eq!(s.holder_identity.as_deref(), Some("c"));
+    assert_eq!(s.lease_transitions, Some(1));
+}
+
 #[tokio::test]
 async fn crash_hands_over_after_about_the_lease_duration() {
     let cp = ControlPlane::shared().unwrap();
