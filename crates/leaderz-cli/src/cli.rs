@@ -216,6 +216,27 @@ pub(crate) struct RunArgs {
     #[command(flatten)]
     pub(crate) election: ElectionArgs,
 
+    /// Join the shard set named by --lease with this many shards instead of leading one
+    /// Lease: CMD runs from the start and is told which shards this member owns, in the
+    /// JSON file LEADERZ_SHARDS_FILE (`{"generation":N,"shards":{"3":7,...}}`, shard to
+    /// fencing token), rewritten on every change, followed by SIGHUP to its process
+    /// group. It must write the generation it has applied to LEADERZ_SHARDS_ACK: a lost
+    /// shard is released only then (SIGKILL if it does not within --grace, or before
+    /// another member may take the shard). See README "Sharded leases".
+    #[arg(long, env = "LEADERZ_SHARDS", value_name = "S",
+          conflicts_with_all = ["exit_on_loss", "http", "events", "coordinated"])]
+    pub(crate) shards: Option<u32>,
+
+    /// Where --shards writes the shard file (the ack file is the same path with `.ack`
+    /// appended). [default: a file in the temporary directory]
+    #[arg(
+        long,
+        env = "LEADERZ_SHARDS_FILE_PATH",
+        value_name = "PATH",
+        requires = "shards"
+    )]
+    pub(crate) shards_file: Option<std::path::PathBuf>,
+
     /// After SIGTERM, how long CMD's process group may take to exit before SIGKILL. After
     /// a loss of leadership SIGKILL comes earlier if need be: before another candidate
     /// may take over (the last renewal + the lease duration, less up to 500 ms).
@@ -255,7 +276,12 @@ pub(crate) struct ServeArgs {
 #[derive(Debug, Args)]
 pub(crate) struct StatusArgs {
     /// The Lease to show. [default: every Lease in the namespace]
+    #[arg(conflicts_with = "shards")]
     pub(crate) name: Option<String>,
+
+    /// Show the shard map of this shard set: its members, and who owns each shard.
+    #[arg(long, env = "LEADERZ_STATUS_SHARDS", value_name = "SET")]
+    pub(crate) shards: Option<String>,
 
     #[command(flatten)]
     pub(crate) namespace: NamespaceArg,
@@ -405,6 +431,17 @@ mod tests {
         assert_eq!(r.command, vec![OsString::from("true")]);
         let config = r.election.election_config("me".into());
         assert_eq!(config, ElectionConfig::new("me"));
+    }
+
+    #[test]
+    fn shards_and_the_flags_it_cannot_honour() {
+        let r = run_args(&["run", "--lease", "jobs", "--shards", "64", "--", "w"]);
+        assert_eq!((r.shards, r.shards_file), (Some(64), None));
+        for flag in ["--exit-on-loss", "--events", "--coordinated", "--http=:0"] {
+            let args = ["run", "--lease", "jobs", "--shards", "8", flag, "--", "w"];
+            assert!(parse(&args).is_err(), "{flag} with --shards was accepted");
+        }
+        assert!(parse(&["run", "--lease", "j", "--shards-file", "/f", "--", "w"]).is_err());
     }
 
     #[test]

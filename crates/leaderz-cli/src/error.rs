@@ -81,6 +81,17 @@ pub(crate) enum CliError {
         /// Its namespace.
         namespace: String,
     },
+    /// The shard set's configuration was refused, or it stopped with an error.
+    #[error("{0}")]
+    Shards(#[from] leaderz::shards::ShardSetError),
+    /// The command did not acknowledge a shard change in time (`run --shards`).
+    #[error(
+        "the command did not acknowledge shard change {generation} within its limit (write the generation to $LEADERZ_SHARDS_ACK after applying $LEADERZ_SHARDS_FILE); it was killed"
+    )]
+    ShardsNotAcknowledged {
+        /// The generation it did not acknowledge.
+        generation: u64,
+    },
     /// An API call of `status`, `watch` or `handoff` failed.
     #[error("{0}")]
     Api(String),

@@ -24,6 +24,8 @@ mod leases;
 mod logging;
 mod run;
 mod serve;
+mod shardmap;
+mod shards;
 mod signals;
 mod status;
 mod supervise;

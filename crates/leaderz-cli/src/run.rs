@@ -24,7 +24,7 @@ use crate::supervise::WhileStopped;
 
 /// How long after SIGKILL the command may take to be reaped before the library calls its
 /// work overdue.
-const KILL_SLACK: Duration = Duration::from_secs(5);
+pub(crate) const KILL_SLACK: Duration = Duration::from_secs(5);
 
 /// How long before another candidate may take the lease over a lost term's command gets
 /// SIGKILL at the latest (less if the lease duration is barely above the renew deadline).
@@ -36,7 +36,7 @@ const TAKEOVER_MARGIN: Duration = Duration::from_millis(500);
 /// deadline; a follower that saw that renewal waits a lease duration from then, so it
 /// cannot take over before `deadline + (lease_duration - renew_deadline)` on a clock
 /// that runs at ours. SIGKILL comes shortly before that, however long `--grace` is.
-fn takeover_slack(lease_duration: Duration, renew_deadline: Duration) -> Duration {
+pub(crate) fn takeover_slack(lease_duration: Duration, renew_deadline: Duration) -> Duration {
     let gap = lease_duration.saturating_sub(renew_deadline);
     gap - TAKEOVER_MARGIN.min(gap / 2)
 }
@@ -49,7 +49,11 @@ fn takeover_slack(lease_duration: Duration, renew_deadline: Duration) -> Duratio
 /// then, as leaderz would, and
 /// SIGKILL `slack` later, before another candidate may take over. The supervisor sees
 /// the stop up to 100 ms late, which the takeover margin covers.
-fn while_stopped(renew_deadline: Duration, renew_every: Duration, slack: Duration) -> WhileStopped {
+pub(crate) fn while_stopped(
+    renew_deadline: Duration,
+    renew_every: Duration,
+    slack: Duration,
+) -> WhileStopped {
     let term_after = renew_deadline.saturating_sub(renew_every);
     WhileStopped {
         term_after,
@@ -59,6 +63,9 @@ fn while_stopped(renew_deadline: Duration, renew_every: Duration, slack: Duratio
 
 /// Runs `leaderz run`; returns the exit code.
 pub(crate) async fn run(args: RunArgs) -> Result<u8, CliError> {
+    if let Some(shards) = args.shards {
+        return crate::shards::run(args, shards).await;
+    }
     // A command that cannot be executed fails like a shell would, before anything is
     // written (the supervisor checks again when it starts it).
     if let Some(program) = args.command.first() {

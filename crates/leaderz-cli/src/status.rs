@@ -11,6 +11,7 @@ use crate::cli::{Output, StatusArgs};
 use crate::cluster;
 use crate::error::CliError;
 use crate::leases::{LeaseView, call, candidates_section, table};
+use crate::shardmap::ShardMap;
 
 /// Prints the Lease(s) to stdout; returns the exit code.
 pub(crate) async fn status(args: StatusArgs) -> Result<u8, CliError> {
@@ -22,6 +23,26 @@ pub(crate) async fn status(args: StatusArgs) -> Result<u8, CliError> {
     let client = cluster::connect(config).await?;
     let api: Api<Lease> = Api::namespaced(client.clone(), &namespace);
     let format = args.output.format;
+    if let Some(set) = &args.shards {
+        let selector = format!("{}={set}", leaderz::shards::SET_LABEL);
+        let list = call(
+            "list",
+            &namespace,
+            api.list(&ListParams::default().labels(&selector)),
+        )
+        .await?;
+        let map = ShardMap::new(set, &namespace, &list.items, Timestamp::now());
+        let text = match format {
+            Output::Json => to_json(&map)?,
+            Output::Table if list.items.is_empty() => {
+                eprintln!("No Leases of shard set `{set}` in namespace `{namespace}`.");
+                return Ok(0);
+            }
+            Output::Table => map.table(),
+        };
+        print!("{text}");
+        return Ok(0);
+    }
     let text = match &args.name {
         Some(name) => {
             let lease = call("get", &namespace, api.get_opt(name))
@@ -56,7 +77,18 @@ pub(crate) async fn status(args: StatusArgs) -> Result<u8, CliError> {
                     eprintln!("No leases found in namespace `{namespace}`.");
                     return Ok(0);
                 }
-                Output::Table => table(&views) + &candidates_section(&views),
+                Output::Table => {
+                    let mut text = table(&views) + &candidates_section(&views);
+                    let now = Timestamp::now();
+                    for set in ShardMap::sets(&list.items) {
+                        let map = ShardMap::new(&set, &namespace, &list.items, now);
+                        text.push_str(&format!(
+                            "{} (leaderz status --shards {set})\n",
+                            map.summary()
+                        ));
+                    }
+                    text
+                }
             }
         }
     };

@@ -125,12 +125,15 @@ pub(crate) fn main(args: &[OsString]) -> u8 {
 }
 
 async fn supervise(parent: Pid, while_stopped: WhileStopped, command: &[OsString]) -> u8 {
-    // Handlers first: from here on SIGTERM and SIGINT do not end this process.
+    // Handlers first: from here on SIGTERM and SIGINT do not end this process, nor does
+    // SIGHUP (`run --shards` tells the command's group that its shards changed). A
+    // handler, not SIG_IGN: an ignored signal stays ignored in the command after exec.
     let handlers = signal(SignalKind::terminate()).and_then(|term| {
         let int = signal(SignalKind::interrupt())?;
-        Ok((term, int))
+        let hup = signal(SignalKind::hangup())?;
+        Ok((term, int, hup))
     });
-    let (mut term, mut int) = match handlers {
+    let (mut term, mut int, mut hup) = match handlers {
         Ok(handlers) => handlers,
         Err(e) => {
             say(format_args!(
@@ -199,6 +202,7 @@ async fn supervise(parent: Pid, while_stopped: WhileStopped, command: &[OsString
                 // Otherwise leaderz signalled the group: the command has it too.
             }
             Some(()) = int.recv() => {}
+            Some(()) = hup.recv() => {}
             _ = poll.tick() => {
                 if !is_stopped(parent) {
                     stopped_since = None;

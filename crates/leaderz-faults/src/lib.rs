@@ -5,6 +5,8 @@
 //!   resets, half-open heal);
 //! - [`ledger`]: the fenced ledger, the judge of overlap;
 //! - [`worker`]: the work `leaderz run` supervises (binary `leaderz-faults-worker`);
+//! - [`shard_worker`]: the work `leaderz run --shards` supervises
+//!   (binary `leaderz-faults-shard-worker`);
 //! - [`history`]: the Lease's history, recorded by an admin's watch;
 //! - [`check`]: the invariants (a)–(e) of issue 12 and the measured figures;
 //! - [`trial`]: one trial (candidates, a fault schedule, recovery, verdict);
@@ -20,6 +22,7 @@ pub mod ledger;
 pub mod proxy;
 pub mod report;
 pub mod schedule;
+pub mod shard_worker;
 pub mod trial;
 pub mod worker;
 
@@ -44,6 +47,15 @@ pub fn workspace_root() -> PathBuf {
 /// `leaderz-faults-worker` next to the running executable (`target/<profile>/`), built
 /// with cargo first if it is missing or older than this crate's sources.
 pub fn worker_binary() -> anyhow::Result<PathBuf> {
+    binary("leaderz-faults-worker")
+}
+
+/// `leaderz-faults-shard-worker`, as [`worker_binary`] finds or builds it.
+pub fn shard_worker_binary() -> anyhow::Result<PathBuf> {
+    binary("leaderz-faults-shard-worker")
+}
+
+fn binary(name: &str) -> anyhow::Result<PathBuf> {
     let exe = std::env::current_exe()?;
     // target/<profile>/deps/<test> → target/<profile>
     let profile_dir = exe
@@ -51,7 +63,7 @@ pub fn worker_binary() -> anyhow::Result<PathBuf> {
         .and_then(Path::parent)
         .context("locating the target directory")?
         .to_owned();
-    let worker = profile_dir.join("leaderz-faults-worker");
+    let worker = profile_dir.join(name);
     let built = std::fs::metadata(&worker).and_then(|m| m.modified()).ok();
     let newest_source = newest_mtime(&Path::new(env!("CARGO_MANIFEST_DIR")).join("src"));
     if built.is_some() && built >= newest_source {
@@ -59,22 +71,16 @@ pub fn worker_binary() -> anyhow::Result<PathBuf> {
     }
     let mut cargo = std::process::Command::new(std::env::var_os("CARGO").unwrap_or("cargo".into()));
     cargo
-        .args([
-            "build",
-            "-p",
-            "leaderz-faults",
-            "--bin",
-            "leaderz-faults-worker",
-        ])
+        .args(["build", "-p", "leaderz-faults", "--bin", name])
         .current_dir(workspace_root());
     if profile_dir.file_name().is_some_and(|n| n == "release") {
         cargo.arg("--release");
     }
     let status = cargo
         .status()
-        .context("running cargo build for the worker")?;
+        .with_context(|| format!("running cargo build for {name}"))?;
     if !status.success() || !worker.is_file() {
-        bail!("could not build leaderz-faults-worker ({status})");
+        bail!("could not build {name} ({status})");
     }
     Ok(worker)
 }

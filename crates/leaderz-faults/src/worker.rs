@@ -77,6 +77,11 @@ pub struct WorkerConfig {
 /// concurrent workers do not interleave). Synchronous, so that the line is written when
 /// it returns, even if the process exits right after.
 pub fn log_event(log: &Path, event: &WorkerEvent) -> std::io::Result<()> {
+    log_event_line(log, event)
+}
+
+/// Appends any event as one JSON line to `log` (see [`log_event`]).
+pub fn log_event_line<T: Serialize>(log: &Path, event: &T) -> std::io::Result<()> {
     use std::io::Write as _;
     let mut line = serde_json::to_vec(event)?;
     line.push(b'\n');

@@ -157,6 +157,13 @@ impl ElectionHandle {
         term.clone().ok_or(Stopped)
     }
 
+    /// Waits for terms without borrowing the handle: for a task of its own that follows
+    /// the terms of an election whose handle someone else keeps (to stop it). A
+    /// [`Terms`] holds no [`Term`] itself.
+    pub fn terms(&self) -> Terms {
+        Terms(self.term.clone())
+    }
+
     /// The facts of the current term, if this process leads. (A [`TermInfo`], not a
     /// [`Term`]: holding a `Term` keeps the elector waiting for the work to stop.)
     pub fn current_term(&self) -> Option<TermInfo> {
@@ -281,6 +288,24 @@ impl ElectionHandle {
 impl Drop for ElectionHandle {
     fn drop(&mut self) {
         self.shutdown.cancel();
+    }
+}
+
+/// The terms of a running election, for a task that does not own its
+/// [`ElectionHandle`] (see [`ElectionHandle::terms`]).
+#[derive(Clone, Debug)]
+pub struct Terms(watch::Receiver<Option<Term>>);
+
+impl Terms {
+    /// Waits until this process leads and returns the term, as
+    /// [`ElectionHandle::acquired`] does; [`Stopped`] once the elector has ended.
+    pub async fn acquired(&mut self) -> Result<Term, Stopped> {
+        let term = self
+            .0
+            .wait_for(|t| t.as_ref().is_some_and(Term::is_active))
+            .await
+            .map_err(|_| Stopped)?;
+        term.clone().ok_or(Stopped)
     }
 }
 

@@ -74,12 +74,13 @@ pub mod lock;
 pub mod machine;
 pub mod metrics;
 pub mod record;
+pub mod shards;
 pub mod term;
 
 pub use callbacks::Callbacks;
 pub use config::{ConfigError, ElectionConfig};
 pub use elector::{ElectionError, Elector};
-pub use handle::{ElectionHandle, HealthCheck, HealthError, Status, Stopped};
+pub use handle::{ElectionHandle, HealthCheck, HealthError, Status, Stopped, Terms};
 pub use lock::{LeaseLock, Lock, LockError, LockEvent, MemoryLock, Versioned};
 pub use metrics::Metrics;
 pub use record::{LeaderRecord, Observed, TakeoverError};

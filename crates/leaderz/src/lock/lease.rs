@@ -1,5 +1,6 @@
 //! The Kubernetes lock: one `coordination.k8s.io/v1` Lease, written as client-go does.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use futures::stream::BoxStream;
@@ -33,7 +34,7 @@ pub struct LeaseLock {
     namespace: String,
     name: String,
     events: Option<Recorder>,
-    labels: std::collections::BTreeMap<String, String>,
+    labels: BTreeMap<String, String>,
     pub(super) shared: Option<SharedLeaseWatch>,
 }
 
@@ -54,13 +55,16 @@ impl LeaseLock {
             namespace: namespace.to_owned(),
             name: name.to_owned(),
             events: None,
-            labels: Default::default(),
+            labels: BTreeMap::new(),
             shared: None,
         }
     }
 
-    /// Labels for the Lease when this lock creates it (e.g. for a
-    /// [`SharedLeaseWatch::labels`] selector). A Lease that already exists keeps its own.
+    /// Also carries these labels: set when the Lease is created, and added on every
+    /// write if someone removed them (other labels are kept), as client-go's
+    /// `LeaseLock.Labels` does. A [shard set](crate::shards) labels its Leases so that
+    /// its members can find each other with one label selector, and a
+    /// [`SharedLeaseWatch::labels`] selector finds the Leases it follows by them.
     #[must_use]
     pub fn with_labels<K: Into<String>, V: Into<String>>(
         mut self,
@@ -71,6 +75,17 @@ impl LeaseLock {
             .map(|(k, v)| (k.into(), v.into()))
             .collect();
         self
+    }
+
+    /// Adds this lock's labels to `lease`, keeping the ones it has.
+    fn label(&self, lease: &mut Lease) {
+        if self.labels.is_empty() {
+            return;
+        }
+        let labels = lease.metadata.labels.get_or_insert_default();
+        for (k, v) in &self.labels {
+            labels.insert(k.clone(), v.clone());
+        }
     }
 
     /// Also records Kubernetes Events on the Lease when this process starts and stops
@@ -145,7 +160,7 @@ fn set_handoff(lease: &mut Lease, record: &LeaderRecord) {
     }
 }
 
-pub(super) fn versioned(lease: Lease) -> Versioned {
+pub(crate) fn versioned(lease: Lease) -> Versioned {
     Versioned {
         record: LeaderRecord::from_lease(&lease),
         version: lease.metadata.resource_version.clone().unwrap_or_default(),
@@ -172,6 +187,7 @@ impl Lock for LeaseLock {
             spec: Some(record.to_spec()),
         };
         set_handoff(&mut lease, record);
+        self.label(&mut lease);
         match self.api.create(&PostParams::default(), &lease).await {
             Ok(lease) => Ok(versioned(lease)),
             Err(e) => Err(self.error("create", e)),
@@ -200,6 +216,7 @@ impl Lock for LeaseLock {
         lease.metadata.managed_fields = None;
         lease.spec = Some(record.to_spec());
         set_handoff(&mut lease, record);
+        self.label(&mut lease);
         match self
             .api
             .replace(&self.name, &PostParams::default(), &lease)

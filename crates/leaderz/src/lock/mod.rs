@@ -23,6 +23,7 @@ mod memory;
 mod shared;
 
 pub use lease::LeaseLock;
+pub(crate) use lease::versioned;
 pub use memory::MemoryLock;
 pub use shared::SharedLeaseWatch;
 
