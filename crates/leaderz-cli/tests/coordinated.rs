@@ -8,11 +8,14 @@
 
 #![allow(clippy::unwrap_used)] // tests: a panic is the failure report
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
+use common::TIMINGS;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::coordination::v1beta1::LeaseCandidate;
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
@@ -26,14 +29,6 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 use tokio::time::{Instant, sleep, timeout};
 
-const TIMINGS: [&str; 6] = [
-    "--lease-duration",
-    "3s",
-    "--renew-deadline",
-    "2s",
-    "--retry-period",
-    "500ms",
-];
 /// How long kube-apiserver's controller waits for pinged candidates to answer.
 const ELECTION_DURATION: Duration = Duration::from_secs(5);
 
@@ -49,20 +44,9 @@ fn cp() -> &'static ControlPlane {
     })
 }
 
-/// `leaderz ARGS` with a clean environment and `kubeconfig`.
+/// `leaderz ARGS`; the LeaseCandidate's troubles (a refused watch) are logged at debug.
 fn leaderz(kubeconfig: &Path, args: &[&str]) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_leaderz"));
-    cmd.args(args)
-        .env_clear()
-        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-        .env("KUBECONFIG", kubeconfig)
-        // The LeaseCandidate's troubles (a refused watch) are logged at debug.
-        .env("LEADERZ_LOG_LEVEL", "info,leaderz::lock=debug")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
-    cmd
+    common::leaderz_with_log(kubeconfig, args, "info,leaderz::lock=debug")
 }
 
 /// A `leaderz run --coordinated` candidate; its command logs `start ID TIME` and, on

@@ -6,12 +6,15 @@
 
 #![allow(clippy::unwrap_used)] // tests: a panic is the failure report
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Output, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use common::{TIMINGS, leaderz};
 use jiff::Timestamp;
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
@@ -27,14 +30,6 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 use tokio::time::{Instant, sleep, timeout};
 
-const TIMINGS: [&str; 6] = [
-    "--lease-duration",
-    "3s",
-    "--renew-deadline",
-    "2s",
-    "--retry-period",
-    "500ms",
-];
 const LEASE_DURATION: Duration = Duration::from_secs(3);
 const RETRY_PERIOD: Duration = Duration::from_millis(500);
 
@@ -44,21 +39,6 @@ fn cp() -> &'static ControlPlane {
 
 fn admin() -> PathBuf {
     cp().kubeconfig_path().to_owned()
-}
-
-/// `leaderz ARGS` with a clean environment and `kubeconfig`.
-fn leaderz(kubeconfig: &Path, args: &[&str]) -> Command {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_leaderz"));
-    cmd.args(args)
-        .env_clear()
-        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-        .env("KUBECONFIG", kubeconfig)
-        .env("LEADERZ_LOG_LEVEL", "info")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
-    cmd
 }
 
 /// Runs `leaderz handoff ARGS` to the end.

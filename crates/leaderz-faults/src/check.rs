@@ -380,6 +380,42 @@ pub fn check(data: &TrialData) -> Verdict {
         })
         .collect();
     let third_party = |id: &str, token: i64| released_by_admin.contains(&(id.to_owned(), token));
+    // Terms of a leaderz holder released by a client-go candidate: client-go's release
+    // after it was cut off and reconnected can clear a newer holder's record (seen with
+    // client-go v0.34.4). Recognised by a release (not the admin's) of a leaderz term
+    // within a few seconds after a client-go candidate that had led before healed.
+    let clientgo_heals: Vec<u64> = data
+        .faults
+        .iter()
+        .filter(|f| {
+            f.target
+                .as_deref()
+                .is_some_and(|id| is_clientgo(id) && segments.iter().any(|s| s.holder == id))
+        })
+        .map(|f| f.heal_ns)
+        .collect();
+    let window_ns = (timings.renew_deadline + timings.lease_duration).as_nanos() as u64;
+    let released_by_clientgo: HashSet<(String, i64)> = data
+        .history
+        .iter()
+        .enumerate()
+        .filter(|(_, h)| h.holder.is_empty() && !data.admin_versions.contains(&h.resource_version))
+        .filter(|(_, h)| {
+            clientgo_heals
+                .iter()
+                .any(|heal| *heal <= h.received_ns && h.received_ns <= heal + window_ns)
+        })
+        .filter_map(|(n, _)| {
+            data.history[..n]
+                .iter()
+                .rev()
+                .find(|p| !p.deleted)
+                .filter(|p| !p.holder.is_empty() && !is_clientgo(&p.holder))
+                .map(|p| (p.holder.clone(), i64::from(p.transitions)))
+        })
+        .collect();
+    let clientgo_released =
+        |id: &str, token: i64| released_by_clientgo.contains(&(id.to_owned(), token));
 
     // Tokens a client-go candidate took again (it re-creates a deleted Lease from 0):
     // fencing cannot tell such a term from the earlier one, so what follows from it is
@@ -494,7 +530,7 @@ pub fn check(data: &TrialData) -> Verdict {
             if data.beyond_bound || third_party(&a.0, a.1) {
                 v.figures.expected_overlaps += 1;
                 v.expected.push(finding);
-            } else if is_clientgo(&a.0) {
+            } else if is_clientgo(&a.0) || clientgo_released(&a.0, a.1) {
                 v.figures.clientgo_overlaps += 1;
                 v.clientgo.push(finding);
             } else if excused {
@@ -555,6 +591,7 @@ pub fn check(data: &TrialData) -> Verdict {
         } else if is_clientgo(identity)
             || (is_clientgo(&ended.holder)
                 && reused_by_clientgo.contains(&i64::from(ended.transitions)))
+            || (ended.holder.is_empty() && clientgo_released(identity, *token))
         {
             v.figures.clientgo_stale_accepted += stale.len();
             v.clientgo.push(finding);
@@ -713,7 +750,9 @@ pub fn check(data: &TrialData) -> Verdict {
                     e.pid
                 ),
             };
-            if is_clientgo(&prev.holder) {
+            if is_clientgo(&prev.holder)
+                || clientgo_released(&prev.holder, i64::from(h.transitions))
+            {
                 v.clientgo.push(finding);
             } else {
                 v.findings.push(finding);
