@@ -148,10 +148,20 @@ fn is_dns_label(s: &str) -> bool {
 /// A client for `config`, once the API server has answered `/version` (within 5 s).
 /// Nothing is written before this succeeds.
 pub(crate) async fn connect(config: kube::Config) -> Result<Client, CliError> {
+    connect_with(config, leaderz::client::Options::default()).await
+}
+
+/// [`connect`] with these client options (an election paces the keepalive pings by its
+/// timings: [`leaderz::client::Options::for_election`]).
+pub(crate) async fn connect_with(
+    config: kube::Config,
+    options: leaderz::client::Options,
+) -> Result<Client, CliError> {
     let url = config.cluster_url.to_string();
     // HTTP/2 with keepalive pings and TCP_NODELAY (see `leaderz::client`).
-    let client =
-        leaderz::client::from_config(config).map_err(|e| CliError::KubeConfig(chain(&e)))?;
+    let client = options
+        .build(config)
+        .map_err(|e| CliError::KubeConfig(chain(&e)))?;
     match timeout(REACHABILITY_TIMEOUT, client.apiserver_version()).await {
         Ok(Ok(_)) => Ok(client),
         Ok(Err(kube::Error::Api(status))) if status.code == 401 => Err(CliError::Unauthorized {

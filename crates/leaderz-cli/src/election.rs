@@ -53,7 +53,8 @@ impl Election {
         config.validate()?;
         let kube_config = cluster::load_config().await?;
         let namespace = cluster::namespace(args.namespace.namespace.as_deref(), &kube_config)?;
-        let client = cluster::connect(kube_config).await?;
+        let options = leaderz::client::Options::for_election(&config);
+        let client = cluster::connect_with(kube_config, options).await?;
 
         let mut lock = LeaseLock::new(client.clone(), &namespace, &args.lease);
         if args.events {

@@ -131,7 +131,8 @@ pub(crate) async fn run(args: RunArgs, shards: u32) -> Result<u8, CliError> {
     config.validate()?;
     let kube_config = cluster::load_config().await?;
     let namespace = cluster::namespace(e.namespace.namespace.as_deref(), &kube_config)?;
-    let client = cluster::connect(kube_config).await?;
+    let options = leaderz::client::Options::for_election(&config.election);
+    let client = cluster::connect_with(kube_config, options).await?;
     let slack = takeover_slack(e.lease_duration, e.renew_deadline);
     let stopped = while_stopped(
         e.renew_deadline,

@@ -117,6 +117,17 @@ impl Default for Options {
 }
 
 impl Options {
+    /// The defaults, with keepalive pings paced for `election`: a dead connection —
+    /// which with HTTP/2 carries the watch and every request alike — is noticed within
+    /// `min(2 s, renew interval) + min(3 s, renew deadline / 2)`, so that a follower's
+    /// check of a silent watch (two renewal intervals + 1 s) runs on a fresh connection.
+    /// With client-go's timings (2 s / 10 s) that is the default 2 s + 3 s.
+    pub fn for_election(election: &crate::ElectionConfig) -> Self {
+        let interval = election.renew_every().min(Duration::from_secs(2));
+        let timeout = (election.renew_deadline / 2).min(Duration::from_secs(3));
+        Self::default().keepalive(Some((interval, timeout)))
+    }
+
     /// Speak HTTP/2 where the server offers it (default `true`). `false`: HTTP/1.1 with a
     /// connection per concurrent request, as kube-rs's own client.
     #[must_use]
