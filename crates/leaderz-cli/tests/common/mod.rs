@@ -9,7 +9,7 @@ use std::process::Stdio;
 use tokio::process::Command;
 
 /// Short timings for tests: 3 s lease, 2 s renew deadline, 500 ms retry period.
-pub const TIMINGS: [&str; 6] = [
+pub(crate) const TIMINGS: [&str; 6] = [
     "--lease-duration",
     "3s",
     "--renew-deadline",
@@ -20,7 +20,7 @@ pub const TIMINGS: [&str; 6] = [
 
 /// `leaderz ARGS` with a clean environment (only `PATH`), `kubeconfig`, logs at
 /// `log_level`, stdout and stderr piped, killed when dropped.
-pub fn leaderz_with_log(kubeconfig: &Path, args: &[&str], log_level: &str) -> Command {
+pub(crate) fn leaderz_with_log(kubeconfig: &Path, args: &[&str], log_level: &str) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_leaderz"));
     cmd.args(args)
         .env_clear()
@@ -35,6 +35,6 @@ pub fn leaderz_with_log(kubeconfig: &Path, args: &[&str], log_level: &str) -> Co
 }
 
 /// [`leaderz_with_log`] at `info`.
-pub fn leaderz(kubeconfig: &Path, args: &[&str]) -> Command {
+pub(crate) fn leaderz(kubeconfig: &Path, args: &[&str]) -> Command {
     leaderz_with_log(kubeconfig, args, "info")
 }
