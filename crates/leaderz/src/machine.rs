@@ -851,7 +851,15 @@ impl Machine {
         let (own, max) = (self.config.lease_duration, self.config.max_record_duration);
         match &self.observed {
             Some(o) if same_but_handoff(&o.record, new) => self.assigned_safe_at.unwrap_or(now),
-            Some(o) if o.record.holder().is_none() || self.is_own(&o.record) => now,
+            // After a release or our own record, at once — unless the count moved: a
+            // term came and went unseen in between.
+            Some(o) if o.record.holder().is_none() || self.is_own(&o.record) => {
+                if new.lease_transitions == o.record.lease_transitions {
+                    now
+                } else {
+                    now + new.effective_duration(own, max)
+                }
+            }
             Some(o) => o.expires_at(own, max),
             None if self.absent => now + carried,
             None => now + new.effective_duration(own, max),
@@ -936,27 +944,8 @@ impl Machine {
     }
 
     fn send_renewal(&mut self, now: Instant) {
-        let Role::Leader(l) = &mut self.role else {
-            return;
-        };
-        // Our own handoff request rides on the renewals until a candidate accepts it;
-        // unanswered by `withdraw_at`, it is taken off again.
-        let mut handoff = l.current.record.handoff.clone();
-        if let Some(h) = &l.handing {
-            let ours = handoff.as_ref().is_some_and(|x| x.id == h.request.id);
-            if now >= h.withdraw_at {
-                if ours && handoff.as_ref().map(|x| x.state) == Some(HandoffState::Requested) {
-                    info!(id = %h.request.id, "no candidate accepted the handoff; withdrawing it");
-                    handoff = None;
-                }
-                l.handing = None;
-            } else if handoff.is_none() {
-                handoff = Some(h.request.clone());
-            }
-        }
         let Role::Leader(l) = &self.role else { return };
-        let mut record = self.renewed(&l.current.record, l.token);
-        record.handoff = handoff;
+        let record = self.renewed(&l.current.record, l.token);
         let op = Op::Update(l.current.clone(), record);
         let limit = Some(l.last_ok + self.config.renew_deadline);
         self.send_until(Purpose::Renew, op, now, limit);
@@ -1209,6 +1198,17 @@ impl Machine {
                     // The term's deadline passed before the answer came: it has ended
                     // (the step ends it); a term is never extended after its deadline.
                     return;
+                }
+                // Our handoff request, past its time, is off the Lease now: forget it.
+                if l.handing.as_ref().is_some_and(|h| {
+                    now >= h.withdraw_at
+                        && v.record
+                            .handoff
+                            .as_ref()
+                            .is_none_or(|x| x.id != h.request.id)
+                }) {
+                    info!("no candidate accepted the handoff; withdrew it");
+                    l.handing = None;
                 }
                 l.current = v;
                 l.last_ok = sent_at;
@@ -2185,6 +2185,25 @@ impl Machine {
     /// followers see a change), everything else kept as read — strategy, preferred
     /// holder and a pending handoff too.
     fn renewed(&self, from: &LeaderRecord, token: i32) -> LeaderRecord {
+        // Our own handoff request rides on the renewals until a candidate accepts it;
+        // unanswered by `withdraw_at`, every renewal takes it off again until one that
+        // did so succeeds (`on_renewed` forgets it then).
+        let mut handoff = from.handoff.clone();
+        if let Role::Leader(Leading {
+            handing: Some(h), ..
+        }) = &self.role
+        {
+            let ours = handoff
+                .as_ref()
+                .is_some_and(|x| x.id == h.request.id && x.state == HandoffState::Requested);
+            if self.now >= h.withdraw_at {
+                if ours {
+                    handoff = None;
+                }
+            } else if handoff.is_none() {
+                handoff = Some(h.request.clone());
+            }
+        }
         LeaderRecord {
             holder_identity: self.config.identity.clone(),
             lease_duration_seconds: Some(self.config.lease_duration_seconds()),
@@ -2193,7 +2212,7 @@ impl Machine {
             lease_transitions: token,
             preferred_holder: from.preferred_holder.clone(),
             strategy: from.strategy.clone(),
-            handoff: from.handoff.clone(),
+            handoff,
         }
     }
 

@@ -431,3 +431,46 @@ fn coordinated_an_assignment_taken_back_is_given_back_at_once() {
     assert_eq!(w[0].strategy.as_deref(), Some(STRATEGY));
     assert_eq!(did.started, None);
 }
+
+/// A handoff request of the leader's own whose withdrawing renewal times out (the slow
+/// path reads the Lease, still carrying the request) is still withdrawn: the request is
+/// forgotten only once a renewal without it succeeded.
+#[test]
+fn a_hand_over_request_is_withdrawn_even_when_the_withdrawal_times_out() {
+    let t0 = Instant::now();
+    let (mut m, mine) = leading(ElectionConfig::new("pod-a"), None, t0);
+    m.hand_over(Some("pod-b".into()), t0).unwrap();
+    let mut did = drain(&mut m);
+    let mut current = mine.record;
+    let mut version = 3;
+    let mut now = t0;
+    let mut withdrawal_failed = false;
+    while now < t0 + Duration::from_secs(60) {
+        let Some(op) = did.ops.pop() else {
+            now = m.poll_timeout().expect("a leader always has a timer");
+            did = step(&mut m, Input::Tick, now);
+            continue;
+        };
+        version += 1;
+        did = match op {
+            Op::Update(_, r)
+                if current.handoff.is_some() && r.handoff.is_none() && !withdrawal_failed =>
+            {
+                withdrawal_failed = true;
+                step(&mut m, Input::Reply(Err(LockError::Timeout(ms(1000)))), now)
+            }
+            Op::Update(_, r) | Op::Create(r) => {
+                current = r.clone();
+                step(&mut m, wrote(&r, &version.to_string()), now)
+            }
+            Op::Get => step(&mut m, read(&current, &version.to_string()), now),
+            _ => unreachable!(),
+        };
+    }
+    assert!(withdrawal_failed, "the test's fault was injected");
+    assert_eq!(current.handoff, None, "withdrawn in the end");
+    assert!(
+        m.hand_over(Some("pod-c".into()), now).is_ok(),
+        "nothing pending"
+    );
+}

@@ -100,8 +100,17 @@ impl Candidate {
                             match pinged(&c, answered.as_ref()) {
                                 Some(ping) => {
                                     debug!("the controller pinged the lease candidate: renewing");
-                                    answered = Some(ping);
-                                    self.renew_unless(&stop).await
+                                    let renewed = self.renew_unless(&stop).await;
+                                    if matches!(renewed, Some(Some(_))) {
+                                        answered = Some(ping);
+                                    } else {
+                                        // Answer it again soon: the controller does not
+                                        // ping again while a ping is unanswered.
+                                        renew_timer.as_mut().reset(
+                                            tokio::time::Instant::now() + Duration::from_secs(1),
+                                        );
+                                    }
+                                    renewed
                                 }
                                 None => Some(None),
                             }
