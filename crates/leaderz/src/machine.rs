@@ -1920,10 +1920,12 @@ impl Machine {
             return None;
         };
         let observed = self.observed.as_ref()?;
-        // Coordinated mode, nobody holding: the next event is the controller's
-        // assignment, which a dead watch would hide until it is replaced. Look once per
-        // lease duration.
-        if self.config.coordinated.is_some() && observed.record.holder().is_none() {
+        // Coordinated mode, nobody holding (released, or a record expired in our eyes):
+        // the next event is the controller's assignment, which a dead watch would hide
+        // until it is replaced. Look once per lease duration.
+        let idle = observed.record.holder().is_none()
+            || self.observed_expiry().is_some_and(|e| self.now >= e);
+        if self.config.coordinated.is_some() && idle {
             let last = self.last_change_at.unwrap_or(w.opened_at);
             let since = last.max(w.opened_at).max(w.checked_at.unwrap_or(last));
             return Some(since + self.config.lease_duration);
@@ -2080,7 +2082,9 @@ impl Machine {
         if o.record.holder().is_none() && !o.record.prefers_other_than(&self.config.identity) {
             return None;
         }
-        if self.is_own(&o.record) {
+        // Our own record is ours to take at once — unless it prefers someone else: then
+        // it is theirs until it expires, and we need to wake then.
+        if self.is_own(&o.record) && !o.record.prefers_other_than(&self.config.identity) {
             return None;
         }
         Some(o.expires_at(self.config.lease_duration, self.config.max_record_duration))

@@ -474,3 +474,28 @@ fn a_hand_over_request_is_withdrawn_even_when_the_withdrawal_times_out() {
         "nothing pending"
     );
 }
+
+/// The same when the holder died without releasing: once its record expired, the
+/// coordinated follower keeps looking once per lease duration (the controller's
+/// reassignment comes as the next event, which a silent watch would hide).
+#[test]
+fn coordinated_an_expired_holder_is_looked_at_despite_a_silent_watch() {
+    let t0 = Instant::now();
+    let dead = held("pod-a", 3, "2030-01-01T00:00:01Z");
+    let mut b = watching("pod-b", Some(&dead), t0);
+    let mut now = t0;
+    let mut reads = Vec::new();
+    while now < t0 + Duration::from_secs(60) {
+        now = b.poll_timeout().unwrap();
+        let did = step(&mut b, Input::Tick, now);
+        if did.reads() {
+            reads.push(now - t0);
+            step(&mut b, read(&dead, "1"), now);
+        }
+    }
+    let after_expiry = reads
+        .iter()
+        .filter(|t| **t > Duration::from_secs(15))
+        .count();
+    assert!(after_expiry >= 2, "reads at {reads:?}");
+}
