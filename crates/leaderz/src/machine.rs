@@ -87,6 +87,11 @@ const SHORT_WATCHES_BEFORE_POLLING: u32 = 3;
 const WATCH_RETRY_MIN: Duration = Duration::from_secs(30);
 const WATCH_RETRY_MAX: Duration = Duration::from_secs(300);
 
+/// A follower about to take an expired record reads it once more first; it sends that
+/// read this long (at most; a quarter of the retry period if less) before the expiry,
+/// so that the take goes out at the expiry instant instead of a read's round trip later.
+const CONFIRM_AHEAD: Duration = Duration::from_millis(100);
+
 /// How many of its own recent writes a process remembers to recognise them later.
 const OWN_WRITES: usize = 8;
 
@@ -237,7 +242,8 @@ enum Role {
         then: Option<Giving>,
     },
     /// The term ended and its work stopped: giving the lease up (released, or
-    /// transferred to a handoff's candidate), if a fresh read shows it is still ours.
+    /// transferred to a handoff's candidate), if it is still ours: written on the
+    /// version of our own last write, or on a fresh read that shows it is still ours.
     Giving(Giving),
     ShuttingDown(Closing),
     Stopped,
@@ -252,7 +258,8 @@ struct Giving {
     stop_after: bool,
     until: Instant,
     retry_at: Option<Instant>,
-    /// The lease as just read, if it is still ours.
+    /// The version to write on: the Lease as just read (and found still ours), or our
+    /// own last write (a write on it lands only if nobody wrote since). `None`: read.
     current: Option<Versioned>,
 }
 
@@ -313,8 +320,13 @@ enum Closing {
         until: Instant,
         retry_at: Option<Instant>,
     },
-    /// The term was ended; waiting for the work to stop.
-    WaitingForWork { token: i32, until: Instant },
+    /// The term was ended; waiting for the work to stop. `last`: our record as last
+    /// written, which the release replaces unless it changed since.
+    WaitingForWork {
+        token: i32,
+        until: Instant,
+        last: Box<Versioned>,
+    },
 }
 
 /// A taking write whose outcome is not known yet.
@@ -392,6 +404,8 @@ pub struct Machine {
     pending_take: Option<PendingTake>,
     /// The observed record was read (not inferred) in this step: act on it at once.
     just_read: bool,
+    /// The version the last successful read showed, and when that read was sent.
+    confirmed: Option<(String, Instant)>,
     /// The observed record may be out of date: read before acting on it.
     stale: bool,
     /// When the next poll is due (while not watching).
@@ -473,6 +487,7 @@ impl Machine {
             own_writes: VecDeque::new(),
             pending_take: None,
             just_read: false,
+            confirmed: None,
             stale: true,
             read_due: None,
             last_change_at: None,
@@ -562,6 +577,7 @@ impl Machine {
                         add(self.read_due);
                     }
                     add(self.observed_expiry());
+                    add(self.confirm_at());
                     add(self.tombstone_expiry());
                     add(self.assigned_safe_at);
                     add(self.watch_check_at());
@@ -629,6 +645,20 @@ impl Machine {
     // ---- the step: act on the current state at `now` --------------------------------
 
     fn step(&mut self, now: Instant) {
+        // A role that ends within a step (giving the lease up runs out of time, a term
+        // ends) hands over to the next one at once: step again, so that the new role
+        // acts (or sets its timers) now rather than waiting for an input that may never
+        // come.
+        for _ in 0..4 {
+            let before = std::mem::discriminant(&self.role);
+            self.step_once(now);
+            if std::mem::discriminant(&self.role) == before {
+                break;
+            }
+        }
+    }
+
+    fn step_once(&mut self, now: Instant) {
         self.now = now;
         self.watch_step(now);
         match &mut self.role {
@@ -741,16 +771,22 @@ impl Machine {
             return;
         }
         if !self.can_take(observed, now) {
+            // Shortly before the holder's lease expires, read it once more (see below).
+            if self.confirm_at().is_some_and(|t| now >= t) {
+                self.send(Purpose::Read, Op::Get, now);
+            }
             return;
         }
         let given_to_us =
             self.is_transfer_to_us(&observed.record) || self.is_assigned_to_us(&observed.record);
         let expired =
             observed.record.holder().is_some() && !self.is_own(&observed.record) && !given_to_us;
-        if !self.just_read && (expired || !watching) {
-            // Expired on what we saw some time ago: look again first. (Even with a
-            // watch open: it may have stopped delivering, and after an etcd restore the
-            // version we saw may now name other contents.)
+        // Expired on what we saw some time ago: look again first. (Even with a watch
+        // open: it may have stopped delivering, and after an etcd restore the version we
+        // saw may now name other contents.) A read sent shortly before the expiry that
+        // showed this version will do: it was sent at most `confirm_ahead` ago.
+        let confirmed = expired && watching && self.confirmed_for(observed);
+        if !self.just_read && !confirmed && (expired || !watching) {
             self.send(Purpose::Read, Op::Get, now);
             return;
         }
@@ -1094,6 +1130,7 @@ impl Machine {
             Ok(Answer::Read(Some(v))) => {
                 self.stale = false;
                 self.just_read = true;
+                self.confirmed = Some((v.version.clone(), sent_at));
                 self.failures = 0;
                 self.read_due = Some(now + self.jitter(self.config.retry_period));
                 let behind = match &self.watch {
@@ -1415,16 +1452,20 @@ impl Machine {
                 }
                 None => self.role = Role::Follower,
             },
-            Role::ShuttingDown(Closing::WaitingForWork { token, .. }) => {
+            Role::ShuttingDown(Closing::WaitingForWork { token, last, .. }) => {
                 let token = *token;
                 if self.config.release_on_cancel {
+                    // Release on the version of our last write, without reading first:
+                    // the write names that version, so it lands only if nobody wrote the
+                    // Lease since (else 409, and the release reads and checks).
+                    let last = Versioned::clone(last);
                     self.role = Role::Giving(Giving {
                         token,
                         to: GiveTo::Nobody,
                         stop_after: true,
                         until: now + self.config.renew_deadline,
                         retry_at: None,
-                        current: None,
+                        current: Some(last),
                     });
                 } else {
                     self.stop(Ok(()));
@@ -1440,11 +1481,13 @@ impl Machine {
         match &self.role {
             Role::Leader(l) => {
                 let token = l.token;
+                let last = Box::new(l.current.clone());
                 info!(term = token, "shutting down: waiting for the work to stop");
                 self.end_term();
                 self.role = Role::ShuttingDown(Closing::WaitingForWork {
                     token,
                     until: now + self.config.shutdown_grace,
+                    last,
                 });
             }
             Role::Follower
@@ -1574,7 +1617,8 @@ impl Machine {
 
     // ---- giving the lease up: release, or transfer to a handoff's candidate ------------
 
-    /// Reads the lease; if it is still this term's, writes it away; bounded in time.
+    /// Writes the lease away if it is still this term's (on our last write's version, or
+    /// after a read that shows it); bounded in time.
     fn giving_step(&mut self, now: Instant) {
         let at = self.wall_now();
         let lease_seconds = self.config.lease_duration_seconds();
@@ -2088,6 +2132,36 @@ impl Machine {
             return None;
         }
         Some(o.expires_at(self.config.lease_duration, self.config.max_record_duration))
+    }
+
+    /// How long before an expiry the follower reads the record once more.
+    fn confirm_ahead(&self) -> Duration {
+        (self.config.retry_period / 4).min(CONFIRM_AHEAD)
+    }
+
+    /// A read sent no earlier than `confirm_ahead` before `o` expires showed its version.
+    fn confirmed_for(&self, o: &Observed) -> bool {
+        let expiry = o.expires_at(self.config.lease_duration, self.config.max_record_duration);
+        self.confirmed.as_ref().is_some_and(|(version, sent)| {
+            *version == o.version && *sent + self.confirm_ahead() >= expiry
+        })
+    }
+
+    /// When a watching follower reads the observed record once more before taking it at
+    /// its expiry (`None`: no such read is due).
+    fn confirm_at(&self) -> Option<Instant> {
+        if self.config.coordinated.is_some() || !matches!(self.watch, Watch::Open(_)) {
+            return None;
+        }
+        let expiry = self.observed_expiry()?;
+        if self
+            .observed
+            .as_ref()
+            .is_some_and(|o| self.confirmed_for(o))
+        {
+            return None;
+        }
+        Some(expiry.checked_sub(self.confirm_ahead()).unwrap_or(expiry))
     }
 
     fn is_held(&self, o: &Observed, now: Instant) -> bool {

@@ -1,6 +1,7 @@
-//! Regression tests for the defects a second review of the engine found (coordinated
-//! assignments, duplicate identities, lost answers, exhausted tokens), driven on the
-//! sans-IO [`Machine`] directly: every input and every instant is chosen by the test.
+//! Tests driven on the sans-IO [`Machine`] directly, every input and every instant
+//! chosen by the test: regressions for the defects a second review of the engine found
+//! (coordinated assignments, duplicate identities, lost answers, exhausted tokens), and
+//! the handover fast paths (a release without a read; a take at the expiry instant).
 
 #![allow(clippy::unwrap_used)] // tests: a panic is the failure report
 
@@ -19,6 +20,8 @@ const STRATEGY: &str = "OldestEmulationVersion";
 struct Did {
     ops: Vec<Op>,
     started: Option<i32>,
+    /// It asked for a watch.
+    watched: bool,
 }
 
 impl Did {
@@ -43,6 +46,7 @@ fn drain(m: &mut Machine) -> Did {
         match a {
             Action::Send(r) => did.ops.push(r.op),
             Action::StartTerm { token, .. } => did.started = Some(token),
+            Action::Watch { .. } => did.watched = true,
             _ => {}
         }
     }
@@ -268,8 +272,15 @@ fn shutdown_does_not_release_a_record_another_process_renewed_under_our_name() {
         ..mine.record.clone()
     };
     step(&mut a, Input::Shutdown, t0 + ms(500));
+    // The release names the version of our own last write: the peer's renewal made it
+    // stale, so the API server refuses it, and the machine reads.
     let did = step(&mut a, Input::WorkStopped, t0 + ms(600));
-    assert!(did.reads(), "reads before releasing: {did:?}");
+    assert!(
+        matches!(did.ops.as_slice(), [Op::Update(base, r)] if base.version == mine.version && r.holder_identity.is_empty()),
+        "releases on our last write's version: {did:?}"
+    );
+    let did = step(&mut a, Input::Reply(Err(LockError::Conflict)), t0 + ms(650));
+    assert!(did.reads(), "reads after the refused release: {did:?}");
     let did = step(&mut a, read(&peer, "9"), t0 + ms(700));
     assert!(
         did.writes().is_empty(),
@@ -498,4 +509,183 @@ fn coordinated_an_expired_holder_is_looked_at_despite_a_silent_watch() {
         .filter(|t| **t > Duration::from_secs(15))
         .count();
     assert!(after_expiry >= 2, "reads at {reads:?}");
+}
+
+// ---- handover fast paths --------------------------------------------------------------
+
+/// A leader shutting down releases on the version of its own last write at once, with no
+/// read first: one request between the work stopping and the Lease being free.
+#[test]
+fn shutdown_releases_on_the_last_write_without_reading_first() {
+    let t0 = Instant::now();
+    let (mut a, mine) = leading(ElectionConfig::new("pod-a"), None, t0);
+    step(&mut a, Input::Shutdown, t0 + ms(500));
+    let did = step(&mut a, Input::WorkStopped, t0 + ms(600));
+    let [Op::Update(base, released)] = did.ops.as_slice() else {
+        panic!("one write, no read: {did:?}");
+    };
+    assert_eq!(base.version, mine.version);
+    assert_eq!(released.holder_identity, "");
+    assert_eq!(released.lease_transitions, mine.record.lease_transitions);
+}
+
+/// A watching follower reads an expiring record shortly before its expiry, and takes it
+/// at the expiry instant itself, without a read's round trip after it; never earlier.
+#[test]
+fn a_watching_follower_takes_an_expired_record_at_the_expiry_instant() {
+    let t0 = Instant::now();
+    let config = ElectionConfig::new("pod-b"); // 15 s / 10 s / 2 s: reads 100 ms ahead
+    let mut b = Machine::new(config, "ns/l", t0).unwrap();
+    assert!(drain(&mut b).reads());
+    let other = plain("pod-a", "2030-01-01T00:00:01Z");
+    step(&mut b, read(&other, "1"), t0);
+    step(&mut b, Input::WatchOpened(Ok(())), t0);
+    let expiry = t0 + Duration::from_secs(15);
+    // The holder has stopped: the watch is silent, and every read shows the same record.
+    let (reads, at, did) = run_until_write(&mut b, &other, t0, expiry + ms(1));
+    assert!(reads.contains(&(expiry - ms(100))), "read ahead: {reads:?}");
+    assert_eq!(at, expiry, "takes at the expiry: {did:?}");
+    assert!(!did.reads(), "no read at the expiry: {did:?}");
+    assert_eq!(did.writes()[0].holder_identity, "pod-b");
+}
+
+/// The read ahead of the expiry finds a renewal the watch has not shown: no take at the
+/// old expiry; the new record expires a lease duration after that read.
+#[test]
+fn a_read_ahead_of_the_expiry_that_finds_a_renewal_does_not_take() {
+    let t0 = Instant::now();
+    let mut b = Machine::new(ElectionConfig::new("pod-b"), "ns/l", t0).unwrap();
+    drain(&mut b);
+    let other = plain("pod-a", "2030-01-01T00:00:01Z");
+    step(&mut b, read(&other, "1"), t0);
+    step(&mut b, Input::WatchOpened(Ok(())), t0);
+    let renewed = plain("pod-a", "2030-01-01T00:00:15Z");
+    let ahead = t0 + Duration::from_secs(15) - ms(100);
+    let (_, _, did) = run_until_write(&mut b, &other, t0, ahead - ms(1));
+    assert!(
+        did.writes().is_empty(),
+        "no write before the read ahead: {did:?}"
+    );
+    // Now every read shows the renewal (version 2), first seen at `ahead` + 3 ms.
+    let (reads, at, did) = run_until_write(
+        &mut b,
+        &renewed,
+        ahead - ms(1),
+        ahead + Duration::from_secs(20),
+    );
+    assert_eq!(
+        reads.last().map(|r| *r - t0),
+        Some(at - t0 - ms(100)),
+        "read ahead"
+    );
+    assert_eq!(at, ahead + ms(3) + Duration::from_secs(15));
+    assert!(!did.reads(), "{did:?}");
+}
+
+/// Runs `m`'s timers from `from`, answering each read 3 ms later with `current` (version
+/// "1" for `plain(.., ":01Z")`, else "2"), until it writes or `until` passes: the
+/// instants of the reads, and when and what it wrote (`until` and nothing if it did not).
+fn run_until_write(
+    m: &mut Machine,
+    current: &LeaderRecord,
+    from: Instant,
+    until: Instant,
+) -> (Vec<Instant>, Instant, Did) {
+    let version = if current.renew_time == plain("x", "2030-01-01T00:00:01Z").renew_time {
+        "1"
+    } else {
+        "2"
+    };
+    let mut reads = Vec::new();
+    let mut now = from;
+    loop {
+        now = match m.poll_timeout() {
+            Some(t) => t.max(now),
+            None => return (reads, until, Did::default()),
+        };
+        if now > until {
+            return (reads, until, Did::default());
+        }
+        let did = step(m, Input::Tick, now);
+        if !did.writes().is_empty() {
+            return (reads, now, did);
+        }
+        if did.reads() {
+            reads.push(now);
+            now += ms(3);
+            let did = step(m, read(current, version), now);
+            if !did.writes().is_empty() {
+                return (reads, now, did);
+            }
+            if did.watched {
+                // The read showed what the watch had not: it is watched anew.
+                step(m, Input::WatchOpened(Ok(())), now);
+            }
+        }
+    }
+}
+
+/// A record held by `holder` for 15 s, not coordinated.
+fn plain(holder: &str, renew: &str) -> LeaderRecord {
+    LeaderRecord {
+        strategy: None,
+        ..held(holder, 3, renew)
+    }
+}
+
+// ---- found by the machine simulation (MSIM_SEED=9603910489079898985) -------------------
+
+/// A leader steps down to hand over (a handoff was accepted), and giving the Lease up
+/// then fails until its time runs out (403s). The machine is a follower again: it must wake
+/// by itself to read and campaign, not wait for an input that never comes.
+#[test]
+fn a_give_up_that_runs_out_of_time_leaves_a_follower_that_wakes() {
+    let t0 = Instant::now();
+    let (mut a, mine) = leading(ElectionConfig::new("pod-a"), None, t0);
+    let now = a.poll_timeout().unwrap();
+    let did = step(&mut a, Input::Tick, now);
+    assert_eq!(did.writes().len(), 1, "renews: {did:?}");
+    let did = step(&mut a, Input::Reply(Err(LockError::Conflict)), now);
+    assert!(did.reads(), "{did:?}");
+    // A handoff someone requested, accepted by pod-b: the leader ends its term and then
+    // transfers the Lease.
+    let accepted = LeaderRecord {
+        handoff: Some(
+            Handoff::request(Some("pod-b".into()), "h1").step(HandoffState::Accepted, "pod-b"),
+        ),
+        ..mine.record.clone()
+    };
+    step(&mut a, read(&accepted, "3"), now);
+    assert!(a.status().term.is_none(), "stepped down");
+    let mut now = now + ms(10);
+    let mut did = step(&mut a, Input::WorkStopped, now);
+    let forbidden = || {
+        Input::Reply(Err(LockError::Forbidden {
+            verb: "get",
+            namespace: "ns".into(),
+            name: "l".into(),
+            message: "injected".into(),
+        }))
+    };
+    // Every request is refused until well after giving up must have ended.
+    let refuse_until = now + Duration::from_secs(30);
+    let mut woke_after = None;
+    while now < refuse_until + Duration::from_secs(30) {
+        if !did.ops.is_empty() {
+            if now >= refuse_until {
+                woke_after = Some(now);
+                break;
+            }
+            did = step(&mut a, forbidden(), now);
+            continue;
+        }
+        let Some(t) = a.poll_timeout() else { break };
+        now = t.max(now);
+        did = step(&mut a, Input::Tick, now);
+    }
+    assert!(
+        woke_after.is_some(),
+        "no request after giving up ran out of time (stalled at {:?})",
+        now - t0
+    );
 }
