@@ -1,6 +1,6 @@
 //! N leaderz electors in one process, each the only candidate on its own Lease
-//! (`<prefix>-0` .. `<prefix>-<N-1>`), sharing one `kube::Client`: the benchmark's
-//! "many leases in one process" case. Same output as `bench/clientgo-many`:
+//! (`<prefix>-0` .. `<prefix>-<N-1>`), sharing one `kube::Client` and (by default) one
+//! watch on the namespace's Leases: the benchmark's "many leases in one process" case. Same output as `bench/clientgo-many`:
 //! `{"ts_ns":..,"event":"all_leading","count":1000}` once every elector leads, and
 //! `{"ts_ns":..,"event":"lost","lease":".."}` whenever one stops leading. SIGTERM
 //! shuts every elector down (each releases its lease) and exits.
@@ -38,6 +38,13 @@ struct Args {
     /// client (HTTP/1.1), to compare.
     #[arg(long, default_value = "leaderz")]
     client: String,
+    /// Renew every this long instead of every retry period (leaderz's lighter leader).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    renew_interval: Option<Duration>,
+    /// `shared`: one watch on the namespace's Leases for every elector
+    /// (`leaderz::lock::SharedLeaseWatch`); `own`: a single-object watch per elector.
+    #[arg(long, default_value = "shared")]
+    watch: String,
 }
 
 fn log(event: &str, extra: Option<(&str, serde_json::Value)>) {
@@ -55,23 +62,36 @@ fn log(event: &str, extra: Option<(&str, serde_json::Value)>) {
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    // The electors' warnings (why a term was lost) on stderr; RUST_LOG to change.
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
     let client = match args.client.as_str() {
         "kube" => kube::Client::try_default().await?,
         _ => leaderz::client::infer().await?,
     };
+    let shared = (args.watch == "shared")
+        .then(|| leaderz::lock::SharedLeaseWatch::new(client.clone(), &args.namespace));
     let leading = Arc::new(AtomicUsize::new(0));
     let mut handles = Vec::with_capacity(args.count);
     for i in 0..args.count {
         let lease = format!("{}-{i}", args.lease_prefix);
-        let config = ElectionConfig::new(format!("{}-{i}", args.id))
+        let mut config = ElectionConfig::new(format!("{}-{i}", args.id))
             .lease_duration(args.lease_duration)
             .renew_deadline(args.renew_deadline)
             .retry_period(args.retry_period);
-        let handle = Elector::new(
-            LeaseLock::new(client.clone(), &args.namespace, &lease),
-            config,
-        )?
-        .spawn();
+        if let Some(every) = args.renew_interval {
+            config = config.renew_interval(every);
+        }
+        let lock = match &shared {
+            Some(shared) => shared.lock(&lease),
+            None => LeaseLock::new(client.clone(), &args.namespace, &lease),
+        };
+        let handle = Elector::new(lock, config)?.spawn();
         let (leading, count) = (leading.clone(), args.count);
         let mut status = handle.status();
         tokio::spawn(async move {
