@@ -83,13 +83,13 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 pub use assign::{assign, by_member, weight};
-pub use store::{KubeStore, Labels, MemberEvent, MemoryStore, MemoryStoreLock, ShardStore};
+pub use store::{KubeStore, LeaseEvent, Labels, MemoryStore, MemoryStoreLock, ShardStore};
 
 use crate::config::{ConfigError, ElectionConfig};
 use crate::elector::{ElectionError, Elector};
 use crate::handle::{ElectionHandle, Stopped};
 use crate::lock::{LockError, Versioned};
-use crate::record::LeaderRecord;
+use crate::record::Observed;
 use crate::term::{Term, TermInfo};
 
 /// The label naming a Lease's shard set.
@@ -134,6 +134,14 @@ pub fn member_selector(set: &str) -> Labels {
     Labels::from([
         (SET_LABEL.to_owned(), set.to_owned()),
         (ROLE_LABEL.to_owned(), ROLE_MEMBER.to_owned()),
+    ])
+}
+
+/// The shard Leases of a set carry these labels.
+pub fn shard_selector(set: &str) -> Labels {
+    Labels::from([
+        (SET_LABEL.to_owned(), set.to_owned()),
+        (ROLE_LABEL.to_owned(), ROLE_SHARD.to_owned()),
     ])
 }
 
@@ -307,6 +315,7 @@ impl<S: ShardStore> ShardSet<S> {
             seed: self.seed,
             member_term: None,
             view: View::default(),
+            shard_view: View::default(),
             synced: false,
             last_error: None,
             running: BTreeMap::new(),
@@ -453,33 +462,34 @@ impl Drop for ShardSetHandle {
     }
 }
 
-/// A member Lease as this process saw it.
-#[derive(Clone, Debug)]
-struct Seen {
-    record: LeaderRecord,
-    version: String,
-    /// When this process first saw the record in this form.
-    observed_at: Instant,
-}
-
-/// The member Leases, by name.
+/// Leases as this process saw them, by name: each record with the instant this process
+/// first saw it in that form (the engine's expiry rule, [`Observed::expires_at`]).
+/// Whatever is learned from an event is learned when the event arrives, so a late event
+/// only makes a record look younger than it is.
 #[derive(Debug, Default)]
 struct View {
-    leases: BTreeMap<String, Seen>,
+    leases: BTreeMap<String, Observed>,
 }
 
 impl View {
     fn see(&mut self, name: String, v: Versioned, now: Instant) {
+        // The time is kept only while the record is the same in every field: stricter
+        // than the engine (which ignores a handoff annotation coming or going), so never
+        // an earlier time than an elector of ours would have.
         let observed_at = match self.leases.get(&name) {
             Some(old) if old.record == v.record => old.observed_at,
             _ => now,
         };
+        // `carried` stays zero: what a process that first saw the record then would
+        // hold (see `Driver::start`).
         self.leases.insert(
             name,
-            Seen {
+            Observed {
                 record: v.record,
                 version: v.version,
                 observed_at,
+                lease: v.lease,
+                carried: Duration::ZERO,
             },
         );
     }
@@ -492,11 +502,8 @@ impl View {
         }
     }
 
-    fn expires_at(seen: &Seen, config: &ElectionConfig) -> Instant {
-        seen.observed_at
-            + seen
-                .record
-                .effective_duration(config.lease_duration, config.max_record_duration)
+    fn expires_at(seen: &Observed, config: &ElectionConfig) -> Instant {
+        seen.expires_at(config.lease_duration, config.max_record_duration)
     }
 
     /// The holders of member Leases that are held and unexpired at `now`, other than
@@ -550,6 +557,8 @@ struct Driver<S: ShardStore> {
     member_lease: String,
     member_term: Option<Term>,
     view: View,
+    /// The shard Leases as this member saw them: what starts each shard's elector.
+    shard_view: View,
     synced: bool,
     last_error: Option<String>,
     /// Electors of the shards this member campaigns for.
@@ -585,10 +594,10 @@ async fn ended(term: Option<&Term>) {
     }
 }
 
-async fn next_member_event(
-    stream: &mut BoxStream<'static, MemberEvent>,
+async fn next_event(
+    stream: &mut BoxStream<'static, LeaseEvent>,
     open: &mut bool,
-) -> Option<MemberEvent> {
+) -> Option<LeaseEvent> {
     if !*open {
         return std::future::pending().await;
     }
@@ -613,9 +622,11 @@ impl<S: ShardStore> Driver<S> {
         crash: CancellationToken,
     ) -> Result<(), ElectionError> {
         let member_lock = self.store.lock(&self.member_lease, &self.member_labels());
-        let mut member = Some(self.elector(member_lock, 0)?);
-        let mut members = self.store.members(&member_selector(&self.config.name));
+        let mut member = Some(self.elector(member_lock, 0, None)?);
+        let mut members = self.store.leases(&member_selector(&self.config.name));
         let mut members_open = true;
+        let mut shards = self.store.leases(&shard_selector(&self.config.name));
+        let mut shards_open = true;
         let mut owned_changes = self.owned.subscribe();
         loop {
             let now = Instant::now();
@@ -651,7 +662,7 @@ impl<S: ShardStore> Driver<S> {
                     warn!("lost the member Lease: handing every shard over until it is back");
                     self.member_term = None;
                 }
-                event = next_member_event(&mut members, &mut members_open) => {
+                event = next_event(&mut members, &mut members_open) => {
                     if let Some(event) = event
                         && let Err(e) = self.on_member_event(event)
                     {
@@ -661,6 +672,9 @@ impl<S: ShardStore> Driver<S> {
                         self.stop_all().await;
                         return Err(ElectionError::Lock(e));
                     }
+                }
+                Some(event) = next_event(&mut shards, &mut shards_open) => {
+                    self.on_shard_event(event);
                 }
                 Some(shard) = self.ended_rx.recv() => {
                     if let Err(e) = self.on_ended(shard).await {
@@ -687,10 +701,18 @@ impl<S: ShardStore> Driver<S> {
         labels
     }
 
-    fn elector<L: crate::Lock>(&self, lock: L, salt: u64) -> Result<ElectionHandle, ElectionError> {
+    fn elector<L: crate::Lock>(
+        &self,
+        lock: L,
+        salt: u64,
+        seen: Option<(Versioned, Instant)>,
+    ) -> Result<ElectionHandle, ElectionError> {
         let mut elector = Elector::new(lock, self.config.election.clone())?;
         if let Some(seed) = self.seed {
             elector = elector.jitter_seed(seed ^ salt.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+        }
+        if let Some((v, at)) = seen {
+            elector = elector.observed(v, at);
         }
         Ok(elector.spawn())
     }
@@ -766,12 +788,28 @@ impl<S: ShardStore> Driver<S> {
         }
     }
 
+    /// Starts campaigning for `shard`. The elector starts from what this member last saw
+    /// of the shard's Lease, and when it first saw that record: a crashed member's
+    /// shard is then taken a lease duration after its last renewal was seen here, not a
+    /// lease duration after the new owner's first read (which comes only once the
+    /// crashed member's own Lease has expired, itself a lease duration). The engine
+    /// treats it as its own first look; only this process's own instant is passed, so
+    /// the expiry rule is the engine's: the elector behaves as one started when the
+    /// record was first seen here would (that process would know nothing older either).
     fn start(&mut self, shard: u32) {
         let name = shard_lease_name(&self.config.name, shard);
         let lock = self
             .store
             .lock(&name, &shard_labels(&self.config.name, shard));
-        let handle = match self.elector(lock, u64::from(shard) + 1) {
+        let seen = self.shard_view.leases.get(&name).map(|o| {
+            let v = Versioned {
+                record: o.record.clone(),
+                version: o.version.clone(),
+                lease: o.lease.clone(),
+            };
+            (v, o.observed_at)
+        });
+        let handle = match self.elector(lock, u64::from(shard) + 1, seen) {
             Ok(h) => h,
             Err(e) => {
                 warn!(shard, error = %e, "cannot start the shard's elector");
@@ -856,10 +894,10 @@ impl<S: ShardStore> Driver<S> {
         }
     }
 
-    fn on_member_event(&mut self, event: MemberEvent) -> Result<(), LockError> {
+    fn on_member_event(&mut self, event: LeaseEvent) -> Result<(), LockError> {
         let now = Instant::now();
         match event {
-            MemberEvent::Listed(list) => {
+            LeaseEvent::Listed(list) => {
                 for (name, v) in &list {
                     self.check_count(name, v);
                 }
@@ -867,14 +905,14 @@ impl<S: ShardStore> Driver<S> {
                 self.synced = true;
                 self.last_error = None;
             }
-            MemberEvent::Changed(name, v) => {
+            LeaseEvent::Changed(name, v) => {
                 self.check_count(&name, &v);
                 self.view.see(name, v, now);
             }
-            MemberEvent::Deleted(name) => {
+            LeaseEvent::Deleted(name) => {
                 self.view.leases.remove(&name);
             }
-            MemberEvent::Failed(e) => {
+            LeaseEvent::Failed(e) => {
                 if !self.synced && e.is_fatal() {
                     return Err(e);
                 }
@@ -885,6 +923,21 @@ impl<S: ShardStore> Driver<S> {
             }
         }
         Ok(())
+    }
+
+    /// What this member sees of the shard Leases (only to start electors from). A
+    /// failure leaves the view as it was: an old record is news to the elector's own
+    /// first read, never a reason to act sooner.
+    fn on_shard_event(&mut self, event: LeaseEvent) {
+        let now = Instant::now();
+        match event {
+            LeaseEvent::Listed(list) => self.shard_view.replace(list, now),
+            LeaseEvent::Changed(name, v) => self.shard_view.see(name, v, now),
+            LeaseEvent::Deleted(name) => {
+                self.shard_view.leases.remove(&name);
+            }
+            LeaseEvent::Failed(e) => debug!(error = %e, "following the shard Leases failed; retrying"),
+        }
     }
 
     /// Deletes member Leases that have not counted for `forget_after`.
