@@ -239,7 +239,9 @@ struct FaultLock {
 impl Lock for FaultLock {
     async fn get(&self) -> Result<Option<Versioned>, LockError> {
         let lock = self.inner.clone();
-        self.faults.call(false, async move { lock.get().await }).await
+        self.faults
+            .call(false, async move { lock.get().await })
+            .await
     }
 
     async fn create(&self, record: &LeaderRecord) -> Result<Versioned, LockError> {
@@ -256,7 +258,10 @@ impl Lock for FaultLock {
     ) -> Result<Versioned, LockError> {
         let (lock, current, record) = (self.inner.clone(), current.clone(), record.clone());
         self.faults
-            .call(self.shard, async move { lock.update(&current, &record).await })
+            .call(
+                self.shard,
+                async move { lock.update(&current, &record).await },
+            )
             .await
     }
 
@@ -650,7 +655,10 @@ impl Sim {
         loop {
             let owners = self.ledger.owners();
             if let Some((shard, who)) = owners.iter().find(|(_, who)| who.len() > 1) {
-                panic!("{}: {what}: shard {shard} has two owners now: {who:?}", self.context);
+                panic!(
+                    "{}: {what}: shard {shard} has two owners now: {who:?}",
+                    self.context
+                );
             }
             if settled(&self.ledger, self.shards, &self.members) {
                 return Instant::now();
@@ -703,16 +711,17 @@ impl Sim {
             m.faults.set(w);
         }
         if self.trace {
-            eprintln!("{}: step {step} at {:?}: storm", self.context, Instant::now());
+            eprintln!(
+                "{}: step {step} at {:?}: storm",
+                self.context,
+                Instant::now()
+            );
         }
         let mut pauses = Vec::new();
         for _ in 0..self.rng.random_range(2..=5) {
             if self.rng.random_bool(0.6) {
                 let faults = self.members[self.rng.random_range(0..POOL)].faults.clone();
-                let (after, length) = (
-                    millis(&mut self.rng, LD),
-                    millis(&mut self.rng, LD * 2),
-                );
+                let (after, length) = (millis(&mut self.rng, LD), millis(&mut self.rng, LD * 2));
                 pauses.push(tokio::spawn(async move {
                     sleep(after).await;
                     faults.paused.send_replace(true);
@@ -734,7 +743,11 @@ impl Sim {
         sleep(MAX_DELAY * 2 + MAX_LAG + Duration::from_millis(100)).await;
         let began = Instant::now();
         let done = self
-            .settle(began, began + LD * 3, &format!("step {step}, after a storm"))
+            .settle(
+                began,
+                began + LD * 3,
+                &format!("step {step}, after a storm"),
+            )
             .await;
         figures
             .settled

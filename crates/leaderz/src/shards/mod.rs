@@ -83,7 +83,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span, warn};
 
 pub use assign::{assign, by_member, weight};
-pub use store::{KubeStore, LeaseEvent, Labels, MemoryStore, MemoryStoreLock, ShardStore};
+pub use store::{KubeStore, Labels, LeaseEvent, MemoryStore, MemoryStoreLock, ShardStore};
 
 use crate::config::{ConfigError, ElectionConfig};
 use crate::elector::{ElectionError, Elector};
@@ -936,7 +936,9 @@ impl<S: ShardStore> Driver<S> {
             LeaseEvent::Deleted(name) => {
                 self.shard_view.leases.remove(&name);
             }
-            LeaseEvent::Failed(e) => debug!(error = %e, "following the shard Leases failed; retrying"),
+            LeaseEvent::Failed(e) => {
+                debug!(error = %e, "following the shard Leases failed; retrying")
+            }
         }
     }
 

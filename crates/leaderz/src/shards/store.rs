@@ -183,9 +183,9 @@ impl ShardStore for KubeStore {
                         let (name, v) = named(lease);
                         Some(LeaseEvent::Changed(name, v))
                     }
-                    Ok(Event::Delete(lease)) => Some(LeaseEvent::Deleted(
-                        lease.metadata.name.unwrap_or_default(),
-                    )),
+                    Ok(Event::Delete(lease)) => {
+                        Some(LeaseEvent::Deleted(lease.metadata.name.unwrap_or_default()))
+                    }
                     Err(e) => Some(LeaseEvent::Failed(watch_error(&namespace, &what, e))),
                 };
                 futures::future::ready(out)
