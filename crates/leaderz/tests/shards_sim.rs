@@ -828,11 +828,16 @@ fn simulate(seed: u64, figures: &mut Figures, stats: &Arc<Stats>) -> usize {
             if sim.trace {
                 eprintln!("{}: settled {:?} after {what}", sim.context, done - since);
             }
-            figures
-                .settled
-                .entry(name(change))
-                .or_default()
-                .push(done - since);
+            let lingering = sim
+                .departures
+                .iter()
+                .any(|&d| d <= since && since < d + LD * 11 + RP);
+            let key = match change {
+                Change::Join if lingering => "join (a departed member's Lease lingering)",
+                Change::Heal if lingering => "heal (a departed member's Lease lingering)",
+                other => name(other),
+            };
+            figures.settled.entry(key).or_default().push(done - since);
             sim.stable(&what).await;
         }
         for m in &mut sim.members {

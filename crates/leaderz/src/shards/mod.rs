@@ -60,8 +60,6 @@
 //!   the observation a new owner would wait a lease duration from its own first read,
 //!   two lease durations in all. A member that leaves gracefully hands over in
 //!   milliseconds.
-//!
-//! [`Machine::with_observed`]: crate::machine::Machine::with_observed
 //! - **Forgetting.** Member Leases that have been released or expired for
 //!   [`ShardSetConfig::forget_after`] are deleted (if unchanged since), so that members
 //!   that start later do not wait a lease duration for long-gone members to expire.
@@ -90,8 +88,6 @@
 //!   an elector started from an observation knows only the record it was given, as one
 //!   started at that instant would. This matters only when members use different lease
 //!   durations (give every member the same) or someone else overwrote the record.
-//!
-//! [`Observed::carried`]: crate::Observed::carried
 //! - A member cut off from the API server loses its member term and its shards' terms
 //!   at their deadlines (the renew deadline after their last renewals); the others see
 //!   its member Lease expire and take its shards as their Leases expire. A member whose
@@ -100,6 +96,9 @@
 //! - API load: besides renewing its shards and its member Lease every retry period,
 //!   each member receives every shard Lease's renewals through its watch of the shard
 //!   Leases: S / retry_period events per second per member (one watch request each).
+//!
+//! [`Machine::with_observed`]: crate::machine::Machine::with_observed
+//! [`Observed::carried`]: crate::Observed::carried
 
 mod assign;
 mod store;
