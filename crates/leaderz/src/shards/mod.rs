@@ -56,7 +56,7 @@
 //!   also came before the crash. So when the survivors start campaigning for its shards
 //!   the shards' Leases have expired (or are about to) in their eyes, and each is taken
 //!   at once: a crashed member's shards are owned again within a lease duration + a
-//!   retry period of the crash (measured: 3.0–3.2 s with a 3 s lease duration). Without
+//!   retry period of the crash (measured: 2.8–3.2 s with a 3 s lease duration). Without
 //!   the observation a new owner would wait a lease duration from its own first read,
 //!   two lease durations in all. A member that leaves gracefully hands over in
 //!   milliseconds.
