@@ -19,7 +19,7 @@ use tracing::{Instrument, debug, info, info_span};
 
 use crate::config::{ConfigError, ElectionConfig};
 use crate::handle::{Command, ElectionHandle, Status};
-use crate::lock::{Lock, LockError, LockEvent};
+use crate::lock::{Lock, LockError, LockEvent, Versioned};
 use crate::machine::{Action, Answer, Input, Machine, Op, Request};
 use crate::metrics::Metrics;
 use crate::term::{Term, TermControl, TermInfo};
@@ -59,6 +59,7 @@ pub struct Elector<L> {
     config: ElectionConfig,
     metrics: Option<Metrics>,
     seed: Option<u64>,
+    observed: Option<(Versioned, Instant)>,
 }
 
 impl<L: Lock> Elector<L> {
@@ -70,6 +71,7 @@ impl<L: Lock> Elector<L> {
             config,
             metrics: None,
             seed: None,
+            observed: None,
         })
     }
 
@@ -84,6 +86,16 @@ impl<L: Lock> Elector<L> {
     #[must_use]
     pub fn jitter_seed(mut self, seed: u64) -> Self {
         self.seed = Some(seed);
+        self
+    }
+
+    /// Starts from `v`, which this process first saw in this form at `observed_at`
+    /// (see [`Machine::with_observed`]). Crate-only: the shard set passes what its own
+    /// watch of the shard Leases saw; an instant from anywhere else could end a term
+    /// early.
+    #[must_use]
+    pub(crate) fn observed(mut self, v: Versioned, observed_at: Instant) -> Self {
+        self.observed = Some((v, observed_at));
         self
     }
 
@@ -103,6 +115,9 @@ impl<L: Lock> Elector<L> {
         }
         if let Some(metrics) = self.metrics {
             machine = machine.with_metrics(metrics);
+        }
+        if let Some((v, at)) = self.observed {
+            machine = machine.with_observed(v, at);
         }
         let driver = Driver {
             lock: self.lock,

@@ -519,6 +519,56 @@ impl Machine {
         self
     }
 
+    /// Starts from a record this process saw before the machine existed: `v`, first
+    /// seen in this form at `observed_at` (a shard set, for one, watches the Leases its
+    /// members may campaign for before it runs an election on one). The machine treats
+    /// it exactly as if it had read `v` itself at that instant: its first action is
+    /// still a read; the same record on that read keeps `observed_at` (and so expires a
+    /// lease duration after it, not after the read), a different one is news, seen now.
+    ///
+    /// `observed_at` must be when *this process* first saw that record (the expiry
+    /// rule, [`Observed::expires_at`]); an instant taken from anything else (the
+    /// record's `renewTime`, another process) could make the machine take over while
+    /// the holder still leads. Instants after the machine's start are read as its
+    /// start. Call it before feeding any input; a machine that has seen the lock
+    /// already keeps what it saw.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// use leaderz::machine::{Action, Answer, Input, Machine, Op};
+    /// use leaderz::{ElectionConfig, LeaderRecord, Versioned};
+    /// use tokio::time::Instant;
+    ///
+    /// let seen_at = Instant::now();
+    /// let held = Versioned {
+    ///     record: LeaderRecord { holder_identity: "pod-b".into(), lease_duration_seconds: Some(15), ..Default::default() },
+    ///     version: "7".into(),
+    ///     lease: None,
+    /// };
+    /// let start = seen_at + Duration::from_secs(12);
+    /// let mut m = Machine::new(ElectionConfig::new("pod-a"), "default/my-lock", start)
+    ///     .unwrap()
+    ///     .with_observed(held.clone(), seen_at);
+    /// let Some(Action::Send(read)) = m.poll_action() else { panic!() };
+    /// assert!(matches!(read.op, Op::Get));
+    /// m.handle(Input::Reply(Ok(Answer::Read(Some(held)))), start);
+    /// assert!(matches!(m.poll_action(), Some(Action::Watch { .. })));
+    /// m.handle(Input::WatchOpened(Ok(())), start);
+    /// // Still pod-b's record: it expires 15 s after it was first seen, not after the read.
+    /// assert_eq!(m.poll_timeout(), Some(seen_at + Duration::from_secs(15)));
+    /// ```
+    #[must_use]
+    pub fn with_observed(mut self, v: Versioned, observed_at: Instant) -> Self {
+        if self.observed.is_some() || self.absent || self.started {
+            return self;
+        }
+        self.observe(v, observed_at.min(self.now));
+        // Read before acting on it (the read was asked for when the machine was built).
+        self.stale = true;
+        self.status.observed = self.observed.clone();
+        self
+    }
+
     /// Reads wall-clock time (for the record's MicroTime fields only) from `clock`
     /// instead of the system clock, e.g. to simulate a clock that steps.
     #[must_use]
@@ -2452,6 +2502,125 @@ mod tests {
             panic!("expected a renewal")
         };
         assert_eq!(renewal.renew_time, Some(stepped));
+    }
+
+    fn held_by(holder: &str, version: &str, renewed: &str) -> Versioned {
+        Versioned {
+            record: LeaderRecord {
+                holder_identity: holder.into(),
+                lease_duration_seconds: Some(15),
+                acquire_time: Some("2030-01-01T00:00:00Z".parse().unwrap()),
+                renew_time: Some(renewed.parse().unwrap()),
+                lease_transitions: 4,
+                ..Default::default()
+            },
+            version: version.into(),
+            lease: None,
+        }
+    }
+
+    /// A follower (15 s / 10 s / 2 s) started at `start`, seeded with `seed` if given,
+    /// whose first read shows `first`, watching from then on.
+    fn follower(seed: Option<(Versioned, Instant)>, start: Instant, first: Versioned) -> Machine {
+        let mut m = Machine::new(ElectionConfig::new("a"), "ns/l", start).unwrap();
+        if let Some((v, at)) = seed {
+            m = m.with_observed(v, at);
+        }
+        assert!(matches!(take_send(&mut m).op, Op::Get));
+        m.handle(Input::Reply(Ok(Answer::Read(Some(first)))), start);
+        assert!(matches!(m.poll_action(), Some(Action::Watch { .. })));
+        m.handle(Input::WatchOpened(Ok(())), start);
+        assert!(m.poll_action().is_none());
+        m
+    }
+
+    /// Issue 11: a shard set's new owner of a crashed member's shard waited a lease
+    /// duration from its elector's first read of the shard's Lease, on top of the lease
+    /// duration it took to see the member's own Lease expire (2 lease durations in all).
+    /// Seeded with the set's earlier observation of the same record, the machine takes
+    /// over a lease duration after that observation.
+    #[test]
+    fn a_seeded_follower_takes_over_a_lease_duration_after_the_seed() {
+        let seen = Instant::now();
+        let start = seen + Duration::from_secs(12);
+        let r = held_by("b", "7", "2030-01-01T00:00:05Z");
+        let mut m = follower(Some((r.clone(), seen)), start, r.clone());
+        let expiry = seen + Duration::from_secs(15);
+        // (Unseeded, the next timer is the watch check at start + 2 × 2 s + 1 s = seen + 17 s,
+        // and the record expires at start + 15 s.)
+        assert_eq!(m.poll_timeout(), Some(expiry));
+        assert_eq!(m.leader(expiry - Duration::from_millis(1)), Some("b"));
+        assert_eq!(m.leader(expiry), None);
+        // At the expiry instant: one read (the watch may have died), then the take.
+        m.handle(Input::Tick, expiry);
+        assert!(matches!(take_send(&mut m).op, Op::Get));
+        m.handle(Input::Reply(Ok(Answer::Read(Some(r)))), expiry);
+        let Op::Update(base, record) = take_send(&mut m).op else {
+            panic!("expected a take")
+        };
+        assert_eq!(base.version, "7");
+        assert_eq!(record.holder_identity, "a");
+        assert_eq!(record.lease_transitions, 5);
+    }
+
+    /// The seed is only what this process saw: a different record on the first read (a
+    /// renewal since) is news, seen at the read.
+    #[test]
+    fn a_renewal_since_the_seed_is_news_at_the_first_read() {
+        let seen = Instant::now();
+        let start = seen + Duration::from_secs(12);
+        let old = held_by("b", "7", "2030-01-01T00:00:05Z");
+        let renewed = held_by("b", "8", "2030-01-01T00:00:07Z");
+        let mut m = follower(Some((old, seen)), start, renewed);
+        let observed = m.status().observed.clone().unwrap();
+        assert_eq!(observed.version, "8");
+        assert_eq!(observed.observed_at, start);
+        let at = seen + Duration::from_secs(15);
+        m.handle(Input::Tick, at);
+        assert!(m.poll_action().is_none(), "acted at the seed's expiry");
+        assert_eq!(m.leader(at), Some("b"));
+        assert!(m.poll_timeout().is_some_and(|t| t > at));
+    }
+
+    /// A seeded machine whose first read finds the Lease deleted waits as one that saw
+    /// the record does (a lease duration after learning of the deletion, and the token
+    /// continues), where an unseeded one creates it at once with token 0.
+    #[test]
+    fn a_seeded_follower_that_finds_the_lease_deleted_waits_as_one_that_saw_it() {
+        let seen = Instant::now();
+        let start = seen + Duration::from_secs(1);
+        let r = held_by("b", "7", "2030-01-01T00:00:05Z");
+        let mut m = Machine::new(ElectionConfig::new("a"), "ns/l", start)
+            .unwrap()
+            .with_observed(r, seen);
+        assert!(matches!(take_send(&mut m).op, Op::Get));
+        let mut now = start;
+        m.handle(Input::Reply(Ok(Answer::Read(None))), now);
+        loop {
+            while let Some(action) = m.poll_action() {
+                match action {
+                    Action::Send(Request { op: Op::Get, .. }) => {
+                        m.handle(Input::Reply(Ok(Answer::Read(None))), now);
+                    }
+                    Action::Send(Request {
+                        op: Op::Create(record),
+                        ..
+                    }) => {
+                        assert!(
+                            now >= start + Duration::from_secs(15),
+                            "re-created {:?} after learning of the deletion",
+                            now - start
+                        );
+                        assert_eq!(record.lease_transitions, 5);
+                        return;
+                    }
+                    Action::Watch { .. } => m.handle(Input::WatchOpened(Ok(())), now),
+                    other => panic!("{other:?}"),
+                }
+            }
+            now = m.poll_timeout().unwrap();
+            m.handle(Input::Tick, now);
+        }
     }
 
     #[test]

@@ -12,31 +12,30 @@ use kube::api::{DeleteParams, Preconditions};
 use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, Event};
 use kube::{Api, Client};
-use tokio::sync::watch;
+use tokio::sync::{broadcast, watch};
 
-use super::{ROLE_LABEL, ROLE_MEMBER};
 use crate::lock::{LeaseLock, Lock, LockError, LockEvent, MemoryLock, Versioned, versioned};
 use crate::record::LeaderRecord;
 
 /// Labels of a Lease.
 pub type Labels = BTreeMap<String, String>;
 
-/// A change among the member Leases (see [`ShardStore::members`]).
+/// A change among the Leases a [`ShardStore::leases`] stream follows.
 #[derive(Debug)]
 #[non_exhaustive]
-pub enum MemberEvent {
-    /// Every member Lease there is, after a (re)list: the ones not listed are gone.
+pub enum LeaseEvent {
+    /// Every such Lease there is, after a (re)list: the ones not listed are gone.
     Listed(Vec<(String, Versioned)>),
-    /// A member Lease was created or changed.
+    /// A Lease was created or changed.
     Changed(String, Versioned),
-    /// A member Lease was deleted.
+    /// A Lease was deleted.
     Deleted(String),
     /// Listing or watching failed; the stream tries again by itself (with a backoff).
     Failed(LockError),
 }
 
-/// Where a shard set keeps its Leases: a [`Lock`] per Lease, and a list-and-watch of the
-/// member Leases by label.
+/// Where a shard set keeps its Leases: a [`Lock`] per Lease, and a list-and-watch of
+/// Leases by label (the members', and the shards').
 pub trait ShardStore: Send + Sync + 'static {
     /// The lock on one Lease.
     type Lock: Lock;
@@ -44,10 +43,12 @@ pub trait ShardStore: Send + Sync + 'static {
     /// A lock on Lease `name` that carries `labels`.
     fn lock(&self, name: &str, labels: &Labels) -> Self::Lock;
 
-    /// The Leases that carry every label of `selector`: first a [`MemberEvent::Listed`],
+    /// The Leases that carry every label of `selector`: first a [`LeaseEvent::Listed`],
     /// then changes, and a new `Listed` whenever the watch had to start over. The
-    /// stream does not end; it retries failures by itself.
-    fn members(&self, selector: &Labels) -> BoxStream<'static, MemberEvent>;
+    /// stream does not end; it retries failures by itself. A shard set follows its
+    /// member Leases with one, and its shard Leases with another (what it saw of a shard
+    /// Lease, and when, starts the elector it runs on that shard).
+    fn leases(&self, selector: &Labels) -> BoxStream<'static, LeaseEvent>;
 
     /// Deletes Lease `name` if it is still at `version` ([`LockError::Conflict`] if it
     /// changed, [`LockError::NotFound`] if it is gone).
@@ -64,7 +65,8 @@ pub trait ShardStore: Send + Sync + 'static {
 /// The Leases of a shard set in one Kubernetes namespace.
 ///
 /// Needs, in that namespace: `get`, `create`, `update` and `watch` on the shard and
-/// member Leases, `list` and `watch` on Leases (the members are found by label), and
+/// member Leases, `list` and `watch` on Leases (the members and the shard Leases are
+/// followed by label), and
 /// `delete` to forget departed members (see `kube/shards/role.yaml`).
 #[derive(Clone)]
 pub struct KubeStore {
@@ -102,7 +104,7 @@ fn selector_text(selector: &Labels) -> String {
         .join(",")
 }
 
-/// Maps an API error of `verb` on the member Leases.
+/// Maps an API error of `verb` on the Leases a stream follows.
 fn api_error(verb: &'static str, namespace: &str, what: &str, err: kube::Error) -> LockError {
     match err {
         kube::Error::Api(status) => match status.code {
@@ -158,7 +160,7 @@ impl ShardStore for KubeStore {
         LeaseLock::new(self.client.clone(), &self.namespace, name).with_labels(labels.clone())
     }
 
-    fn members(&self, selector: &Labels) -> BoxStream<'static, MemberEvent> {
+    fn leases(&self, selector: &Labels) -> BoxStream<'static, LeaseEvent> {
         let selector = selector_text(selector);
         let what = format!("every Lease labelled {selector}");
         let namespace = self.namespace.clone();
@@ -176,15 +178,15 @@ impl ShardStore for KubeStore {
                         buffer.push(named(lease));
                         None
                     }
-                    Ok(Event::InitDone) => Some(MemberEvent::Listed(std::mem::take(&mut buffer))),
+                    Ok(Event::InitDone) => Some(LeaseEvent::Listed(std::mem::take(&mut buffer))),
                     Ok(Event::Apply(lease)) => {
                         let (name, v) = named(lease);
-                        Some(MemberEvent::Changed(name, v))
+                        Some(LeaseEvent::Changed(name, v))
                     }
-                    Ok(Event::Delete(lease)) => Some(MemberEvent::Deleted(
-                        lease.metadata.name.unwrap_or_default(),
-                    )),
-                    Err(e) => Some(MemberEvent::Failed(watch_error(&namespace, &what, e))),
+                    Ok(Event::Delete(lease)) => {
+                        Some(LeaseEvent::Deleted(lease.metadata.name.unwrap_or_default()))
+                    }
+                    Err(e) => Some(LeaseEvent::Failed(watch_error(&namespace, &what, e))),
                 };
                 futures::future::ready(out)
             })
@@ -230,9 +232,12 @@ pub struct MemoryStore {
 #[derive(Debug)]
 struct Shared {
     locks: Mutex<BTreeMap<String, Entry>>,
-    /// Bumped on every change of a member Lease.
-    members: watch::Sender<u64>,
+    /// The name of every Lease written or deleted, as it happens.
+    changes: broadcast::Sender<String>,
 }
+
+/// Changes a [`MemoryStore::leases`] stream may fall behind by before it lists again.
+const CHANGES_BUFFER: usize = 4096;
 
 #[derive(Clone, Debug)]
 struct Entry {
@@ -252,7 +257,7 @@ impl MemoryStore {
         Self {
             shared: Arc::new(Shared {
                 locks: Mutex::new(BTreeMap::new()),
-                members: watch::Sender::new(0),
+                changes: broadcast::Sender::new(CHANGES_BUFFER),
             }),
             link: Arc::new(watch::Sender::new(false)),
         }
@@ -267,7 +272,8 @@ impl MemoryStore {
     }
 
     /// Cuts this connection's link (`true`): its calls hang until the link is healed and
-    /// then fail, its watches end, its member list stops changing. `false` heals it.
+    /// then fail, its watches end, its [`leases`](ShardStore::leases) streams stop
+    /// changing (and list again once healed). `false` heals it.
     pub fn cut(&self, cut: bool) {
         self.link.send_replace(cut);
     }
@@ -305,14 +311,19 @@ impl MemoryStore {
             .unwrap_or_else(PoisonError::into_inner);
         locks
             .iter()
-            .filter(|(_, e)| selector.iter().all(|(k, v)| e.labels.get(k) == Some(v)))
+            .filter(|(_, e)| selects(selector, &e.labels))
             .filter_map(|(name, e)| e.lock.peek().map(|v| (name.clone(), v)))
             .collect()
     }
+
+    fn changed(&self, name: &str) {
+        // Nobody listening is fine.
+        let _ = self.shared.changes.send(name.to_owned());
+    }
 }
 
-fn is_member(labels: &Labels) -> bool {
-    labels.get(ROLE_LABEL).map(String::as_str) == Some(ROLE_MEMBER)
+fn selects(selector: &Labels, labels: &Labels) -> bool {
+    selector.iter().all(|(k, v)| labels.get(k) == Some(v))
 }
 
 /// Waits while `link` is cut; `Err` if it was (the call is lost).
@@ -329,15 +340,13 @@ async fn through(link: &watch::Sender<bool>) -> Result<(), LockError> {
 #[derive(Clone, Debug)]
 pub struct MemoryStoreLock {
     inner: MemoryLock,
-    member: bool,
+    name: Arc<str>,
     store: MemoryStore,
 }
 
 impl MemoryStoreLock {
     fn changed(&self) {
-        if self.member {
-            self.store.shared.members.send_modify(|v| *v += 1);
-        }
+        self.store.changed(&self.name);
     }
 }
 
@@ -403,53 +412,85 @@ impl ShardStore for MemoryStore {
                 .clone()
         };
         MemoryStoreLock {
-            member: is_member(&entry.labels),
             inner: entry.lock,
+            name: name.into(),
             store: self.clone(),
         }
     }
 
-    fn members(&self, selector: &Labels) -> BoxStream<'static, MemberEvent> {
-        let store = self.clone();
-        let selector = selector.clone();
-        let mut changes = self.shared.members.subscribe();
-        changes.mark_changed();
-        let link = self.link.subscribe();
-        // Lists whenever a member Lease changed, and after a cut heals.
-        futures::stream::unfold(
-            (
-                store,
-                selector,
-                changes,
-                link,
-                None::<Vec<(String, String)>>,
-            ),
-            |(store, selector, mut changes, mut link, mut last)| async move {
-                loop {
-                    if *link.borrow_and_update() {
-                        link.wait_for(|cut| !*cut).await.ok()?;
-                        // Healed: list again at once.
-                        changes.mark_changed();
-                        last = None;
-                    }
-                    tokio::select! {
-                        changed = changes.changed() => changed.ok()?,
-                        _ = link.changed() => continue,
-                    }
-                    let list = store.list(&selector);
-                    let versions: Vec<(String, String)> = list
-                        .iter()
-                        .map(|(n, v)| (n.clone(), v.version.clone()))
-                        .collect();
-                    if last.as_ref() == Some(&versions) {
-                        continue;
-                    }
-                    last = Some(versions);
-                    let event = MemberEvent::Listed(list);
-                    return Some((event, (store, selector, changes, link, last)));
+    /// Lists at once, then reports each change of a matching Lease as it happens (a
+    /// change that is overtaken before the stream gets to it is reported as the later
+    /// state, as a watch may coalesce). While the link is cut nothing is reported; once
+    /// healed, or if the stream fell behind, it lists again.
+    fn leases(&self, selector: &Labels) -> BoxStream<'static, LeaseEvent> {
+        struct Follow {
+            store: MemoryStore,
+            selector: Labels,
+            changes: broadcast::Receiver<String>,
+            link: watch::Receiver<bool>,
+            /// The version last reported for each Lease; `None`: list next.
+            sent: Option<BTreeMap<String, String>>,
+        }
+        let follow = Follow {
+            store: self.clone(),
+            selector: selector.clone(),
+            changes: self.shared.changes.subscribe(),
+            link: self.link.subscribe(),
+            sent: None,
+        };
+        futures::stream::unfold(follow, |mut f| async move {
+            loop {
+                if *f.link.borrow_and_update() {
+                    f.link.wait_for(|cut| !*cut).await.ok()?;
+                    f.sent = None;
+                    continue;
                 }
-            },
-        )
+                let Some(sent) = f.sent.as_mut() else {
+                    // Changes from now on come after the list.
+                    f.changes = f.changes.resubscribe();
+                    let list = f.store.list(&f.selector);
+                    f.sent = Some(
+                        list.iter()
+                            .map(|(n, v)| (n.clone(), v.version.clone()))
+                            .collect(),
+                    );
+                    return Some((LeaseEvent::Listed(list), f));
+                };
+                let name = tokio::select! {
+                    biased;
+                    _ = f.link.changed() => continue,
+                    change = f.changes.recv() => match change {
+                        Ok(name) => name,
+                        Err(broadcast::error::RecvError::Lagged(_)) => {
+                            f.sent = None;
+                            continue;
+                        }
+                        Err(broadcast::error::RecvError::Closed) => return None,
+                    },
+                };
+                let Some(entry) = f.store.entry(&name) else {
+                    continue;
+                };
+                if !selects(&f.selector, &entry.labels) {
+                    continue;
+                }
+                match entry.lock.peek() {
+                    Some(v) => {
+                        if sent.get(&name) == Some(&v.version) {
+                            continue;
+                        }
+                        sent.insert(name.clone(), v.version.clone());
+                        return Some((LeaseEvent::Changed(name, v), f));
+                    }
+                    None => {
+                        if sent.remove(&name).is_none() {
+                            continue;
+                        }
+                        return Some((LeaseEvent::Deleted(name), f));
+                    }
+                }
+            }
+        })
         .boxed()
     }
 
@@ -461,9 +502,7 @@ impl ShardStore for MemoryStore {
             Some(v) if v.version != version => Err(LockError::Conflict),
             Some(_) => {
                 entry.lock.force(None);
-                if is_member(&entry.labels) {
-                    self.shared.members.send_modify(|v| *v += 1);
-                }
+                self.changed(name);
                 Ok(())
             }
         }
