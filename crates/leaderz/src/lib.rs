@@ -74,6 +74,7 @@ pub mod lock;
 pub mod machine;
 pub mod metrics;
 pub mod record;
+pub mod routing;
 pub mod shards;
 pub mod term;
 
