@@ -75,9 +75,7 @@ use k8s_openapi::api::authorization::v1::{
     ResourceAttributes, SelfSubjectAccessReview, SelfSubjectAccessReviewSpec,
 };
 use k8s_openapi::api::core::v1::{ObjectReference, Pod, Service};
-use k8s_openapi::api::discovery::v1::{
-    Endpoint, EndpointConditions, EndpointPort, EndpointSlice,
-};
+use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::api::{ListParams, ObjectMeta, Patch, PatchParams, PostParams};
@@ -192,7 +190,9 @@ pub type Result<T, E = RouteError> = std::result::Result<T, E>;
 /// ```
 pub fn parse_label(spec: &str) -> Result<(String, String)> {
     let (key, value) = spec.split_once('=').ok_or_else(|| {
-        RouteError::Invalid(format!("label `{spec}` must be KEY=VALUE, e.g. role=leader"))
+        RouteError::Invalid(format!(
+            "label `{spec}` must be KEY=VALUE, e.g. role=leader"
+        ))
     })?;
     check_label(key, value)?;
     Ok((key.to_owned(), value.to_owned()))
@@ -376,13 +376,7 @@ impl std::fmt::Debug for PodLabel {
 impl PodLabel {
     /// Label `key=value` on this process's pod `pod` (`$POD_NAME` from the downward API)
     /// in `namespace`. The label is checked as Kubernetes checks labels.
-    pub fn new(
-        client: Client,
-        namespace: &str,
-        pod: &str,
-        key: &str,
-        value: &str,
-    ) -> Result<Self> {
+    pub fn new(client: Client, namespace: &str, pod: &str, key: &str, value: &str) -> Result<Self> {
         check_name("pod", pod)?;
         check_label(key, value)?;
         Ok(Self {
@@ -452,7 +446,10 @@ impl PodLabel {
         let stamp = Stamp::of(term);
         loop {
             let pod = bounded(limit, async {
-                self.pods.get(&self.pod).await.map_err(|e| self.error("get", e))
+                self.pods
+                    .get(&self.pod)
+                    .await
+                    .map_err(|e| self.error("get", e))
             })
             .await?;
             if self.carries(&pod) && Stamp::read(&pod.metadata).as_ref() == Some(&stamp) {
@@ -513,7 +510,10 @@ impl PodLabel {
                     }
                     Err(e) if e.is_conflict() => {
                         pod = match bounded(limit, async {
-                            self.pods.get_opt(&name).await.map_err(|e| self.error("get", e))
+                            self.pods
+                                .get_opt(&name)
+                                .await
+                                .map_err(|e| self.error("get", e))
                         })
                         .await?
                         {
@@ -563,7 +563,16 @@ impl PodLabel {
     /// The grants this needs, checked without writing anything.
     async fn check_access(&self) -> Result<()> {
         for verb in ["get", "patch"] {
-            if !allowed(&self.client, verb, "", "pods", &self.namespace, Some(&self.pod)).await? {
+            if !allowed(
+                &self.client,
+                verb,
+                "",
+                "pods",
+                &self.namespace,
+                Some(&self.pod),
+            )
+            .await?
+            {
                 return Err(RouteError::Forbidden {
                     verb,
                     resource: "pods",
@@ -898,7 +907,12 @@ impl LeaderEndpoints {
 
     /// Empties the slice if it names `term` (or, with `None` at startup, our identity,
     /// pod or IP). Returns whether it did.
-    async fn point_away(&self, term: Option<&Term>, identity: &str, limit: Duration) -> Result<bool> {
+    async fn point_away(
+        &self,
+        term: Option<&Term>,
+        identity: &str,
+        limit: Duration,
+    ) -> Result<bool> {
         loop {
             let Some(current) = self.get(limit).await? else {
                 return Ok(false);
@@ -917,7 +931,8 @@ impl LeaderEndpoints {
                 }),
                 // At startup: anything a previous process of this identity or pod left.
                 None => {
-                    stamp.as_ref().is_some_and(|s| s.holder == identity) || self.points_here(&current)
+                    stamp.as_ref().is_some_and(|s| s.holder == identity)
+                        || self.points_here(&current)
                 }
             };
             if !ours {
@@ -1116,7 +1131,10 @@ impl Routes {
         };
         let endpoints = async {
             match &self.endpoints {
-                Some(e) => e.point_away(Some(term), term.identity(), limit).await.map(drop),
+                Some(e) => e
+                    .point_away(Some(term), term.identity(), limit)
+                    .await
+                    .map(drop),
                 None => Ok(()),
             }
         };
@@ -1298,7 +1316,8 @@ mod tests {
     fn slice(stamp: Option<&Stamp>, ips: &[&str]) -> EndpointSlice {
         EndpointSlice {
             metadata: ObjectMeta {
-                annotations: stamp.map(|s| serde_json::from_value(s.annotations()).unwrap_or_default()),
+                annotations: stamp
+                    .map(|s| serde_json::from_value(s.annotations()).unwrap_or_default()),
                 ..ObjectMeta::default()
             },
             address_type: "IPv4".into(),
@@ -1323,7 +1342,12 @@ mod tests {
 
     #[test]
     fn labels_are_checked_as_kubernetes_does() {
-        for ok in ["role=leader", "leaderz.io/role=leader", "a=", "a.b_c-d=x.y_z-1"] {
+        for ok in [
+            "role=leader",
+            "leaderz.io/role=leader",
+            "a=",
+            "a.b_c-d=x.y_z-1",
+        ] {
             assert!(parse_label(ok).is_ok(), "{ok}");
         }
         for bad in [
@@ -1349,11 +1373,20 @@ mod tests {
     fn a_leader_overwrites_older_terms_and_never_a_newer_one() {
         let ours = stamp("b", 5);
         let desired = slice(Some(&ours), &["10.0.0.2"]);
-        assert_eq!(LeaderEndpoints::decide(None, &desired, &ours), SliceStep::Create);
+        assert_eq!(
+            LeaderEndpoints::decide(None, &desired, &ours),
+            SliceStep::Create
+        );
         let older = slice(Some(&stamp("a", 4)), &["10.0.0.1"]);
-        assert_eq!(LeaderEndpoints::decide(Some(&older), &desired, &ours), SliceStep::Replace);
+        assert_eq!(
+            LeaderEndpoints::decide(Some(&older), &desired, &ours),
+            SliceStep::Replace
+        );
         let unstamped = slice(None, &["10.0.0.9"]);
-        assert_eq!(LeaderEndpoints::decide(Some(&unstamped), &desired, &ours), SliceStep::Replace);
+        assert_eq!(
+            LeaderEndpoints::decide(Some(&unstamped), &desired, &ours),
+            SliceStep::Replace
+        );
         let newer = slice(Some(&stamp("c", 6)), &["10.0.0.3"]);
         assert_eq!(
             LeaderEndpoints::decide(Some(&newer), &desired, &ours),
@@ -1364,9 +1397,18 @@ mod tests {
             LeaderEndpoints::decide(Some(&newer_but_emptied), &desired, &ours),
             SliceStep::Replace
         );
-        let other_lease = Stamp { lease: "ns/other".into(), ..stamp("c", 6) };
+        let other_lease = Stamp {
+            lease: "ns/other".into(),
+            ..stamp("c", 6)
+        };
         let other = slice(Some(&other_lease), &["10.0.0.3"]);
-        assert_eq!(LeaderEndpoints::decide(Some(&other), &desired, &ours), SliceStep::Replace);
-        assert_eq!(LeaderEndpoints::decide(Some(&desired), &desired, &ours), SliceStep::Done);
+        assert_eq!(
+            LeaderEndpoints::decide(Some(&other), &desired, &ours),
+            SliceStep::Replace
+        );
+        assert_eq!(
+            LeaderEndpoints::decide(Some(&desired), &desired, &ours),
+            SliceStep::Done
+        );
     }
 }
