@@ -88,7 +88,7 @@ use tracing::{debug, info, warn};
 
 use crate::elector::ElectionError;
 use crate::handle::{ElectionHandle, Terms};
-use crate::term::Term;
+use crate::term::{Term, TermInfo};
 
 /// The label that ties an EndpointSlice to its Service (kube-proxy reads it).
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
@@ -261,10 +261,14 @@ struct Stamp {
 
 impl Stamp {
     fn of(term: &Term) -> Self {
+        Self::of_info(term.info())
+    }
+
+    fn of_info(term: &TermInfo) -> Self {
         Self {
-            holder: term.identity().to_owned(),
-            token: term.fencing_token(),
-            lease: term.info().lock.clone(),
+            holder: term.identity.clone(),
+            token: term.fencing_token,
+            lease: term.lock.clone(),
         }
     }
 
@@ -530,7 +534,7 @@ impl PodLabel {
 
     /// Removes the label from our pod if it is there and not stamped by a term newer
     /// than `term` (none: at startup, any). Returns whether it removed it.
-    async fn point_away(&self, term: Option<&Term>, limit: Duration) -> Result<bool> {
+    async fn point_away(&self, term: Option<&TermInfo>, limit: Duration) -> Result<bool> {
         loop {
             let Some(pod) = bounded(limit, async {
                 self.pods
@@ -546,8 +550,8 @@ impl PodLabel {
                 return Ok(false);
             }
             if let (Some(term), Some(stamp)) = (term, Stamp::read(&pod.metadata))
-                && stamp.lease == term.info().lock
-                && stamp.token > term.fencing_token()
+                && stamp.lease == term.lock
+                && stamp.token > term.fencing_token
             {
                 return Ok(false);
             }
@@ -909,7 +913,7 @@ impl LeaderEndpoints {
     /// pod or IP). Returns whether it did.
     async fn point_away(
         &self,
-        term: Option<&Term>,
+        term: Option<&TermInfo>,
         identity: &str,
         limit: Duration,
     ) -> Result<bool> {
@@ -925,9 +929,9 @@ impl LeaderEndpoints {
                 // Ours if it names this term or an older one of ours (a term whose own
                 // clean-up never got through).
                 Some(term) => stamp.as_ref().is_some_and(|s| {
-                    s.holder == term.identity()
-                        && s.lease == term.info().lock
-                        && s.token <= term.fencing_token()
+                    s.holder == term.identity
+                        && s.lease == term.lock
+                        && s.token <= term.fencing_token
                 }),
                 // At startup: anything a previous process of this identity or pod left.
                 None => {
@@ -1121,7 +1125,7 @@ impl Routes {
     }
 
     /// Points traffic away from here after `term`.
-    async fn point_away(&self, term: &Term) -> Result<()> {
+    async fn point_away(&self, term: &TermInfo) -> Result<()> {
         let limit = self.call_timeout;
         let label = async {
             match &self.label {
@@ -1132,7 +1136,7 @@ impl Routes {
         let endpoints = async {
             match &self.endpoints {
                 Some(e) => e
-                    .point_away(Some(term), term.identity(), limit)
+                    .point_away(Some(term), &term.identity, limit)
                     .await
                     .map(drop),
                 None => Ok(()),
@@ -1207,12 +1211,14 @@ impl Routes {
             // The order: the work stops, then traffic is pointed away.
             let _ = work_stopped.await;
         }
-        self.step_down(&term, uncertain).await;
+        // `term` is held until traffic points away (and the drain is over): the engine
+        // releases only after that.
+        self.step_down(term.info(), uncertain).await;
         drop(term);
     }
 
     /// Points traffic away until that is written, holding `term` (see the module docs).
-    async fn step_down(&self, term: &Term, uncertain: Option<Instant>) {
+    async fn step_down(&self, term: &TermInfo, uncertain: Option<Instant>) {
         let began = Instant::now();
         let mut backoff = FIRST_RETRY;
         let mut failures = 0u32;
