@@ -536,14 +536,23 @@ impl PodLabel {
     /// than `term` (none: at startup, any). Returns whether it removed it.
     async fn point_away(&self, term: Option<&TermInfo>, limit: Duration) -> Result<bool> {
         loop {
-            let Some(pod) = bounded(limit, async {
+            let pod = bounded(limit, async {
                 self.pods
                     .get_opt(&self.pod)
                     .await
                     .map_err(|e| self.error("get", e))
             })
-            .await?
-            else {
+            .await?;
+            let Some(pod) = pod else {
+                if term.is_none() {
+                    // At startup: the pod must exist (POD_NAME wrong, or another namespace).
+                    return Err(RouteError::NotFound {
+                        what: "pod",
+                        name: self.pod.clone(),
+                        namespace: self.namespace.clone(),
+                        hint: "set POD_NAME and POD_NAMESPACE from the downward API (metadata.name, metadata.namespace)",
+                    });
+                }
                 return Ok(false); // our pod is gone, and its label with it
             };
             if !self.carries(&pod) {
