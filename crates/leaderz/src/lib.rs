@@ -63,7 +63,8 @@
 //! the election: when to read, take, renew, step down, release, and with which record —
 //! a state machine without I/O), the tokio driver behind [`Elector::spawn`] (the only
 //! place the lock is called), [`Term`] and [`ElectionHandle`], [`Callbacks`],
-//! [`Metrics`].
+//! [`Metrics`]; [`routing`] points a Service at the leader (a pod label, an
+//! EndpointSlice) around its terms.
 
 pub mod callbacks;
 pub mod client;
