@@ -81,29 +81,44 @@ struct Sample {
     /// The answering pod and whether it said it leads; `None`: no answer (refused,
     /// timed out, or not 200).
     answer: Option<(String, bool)>,
+    /// Why there was no answer.
+    error: Option<String>,
 }
 
-/// `GET /status` through `addr` from the pod network.
-async fn ask(cluster: &Cluster, addr: SocketAddr) -> Option<(String, bool)> {
+/// `GET /status` through `addr` from the pod network: the answering pod and whether it
+/// leads, or why there was no answer.
+async fn ask(cluster: &Cluster, addr: SocketAddr) -> Result<(String, bool), String> {
     let call = async {
-        let mut stream = cluster.connect(addr).await.ok()?;
+        let mut stream = cluster
+            .connect(addr)
+            .await
+            .map_err(|e| format!("connect: {e}"))?;
         stream
             .write_all(b"GET /status HTTP/1.0\r\nHost: leader\r\n\r\n")
             .await
-            .ok()?;
+            .map_err(|e| format!("write: {e}"))?;
         let mut response = String::new();
-        stream.read_to_string(&mut response).await.ok()?;
-        let (head, body) = response.split_once("\r\n\r\n")?;
+        stream
+            .read_to_string(&mut response)
+            .await
+            .map_err(|e| format!("read: {e}"))?;
+        let (head, body) = response
+            .split_once("\r\n\r\n")
+            .ok_or_else(|| format!("no HTTP answer: {response:?}"))?;
         if !head.starts_with("HTTP/1.1 200") && !head.starts_with("HTTP/1.0 200") {
-            return None;
+            return Err(head.to_owned());
         }
-        let status: serde_json::Value = serde_json::from_str(body).ok()?;
-        Some((
-            status["identity"].as_str()?.to_owned(),
-            status["is_leader"].as_bool()?,
+        let status: serde_json::Value =
+            serde_json::from_str(body).map_err(|e| format!("{e}: {body}"))?;
+        let identity = status["identity"].as_str().ok_or("no identity")?.to_owned();
+        Ok((
+            identity,
+            status["is_leader"].as_bool().ok_or("no is_leader")?,
         ))
     };
-    timeout(REQUEST_LIMIT, call).await.ok().flatten()
+    timeout(REQUEST_LIMIT, call)
+        .await
+        .unwrap_or_else(|_| Err("timed out".to_owned()))
 }
 
 /// Polls `addr` until `stop`, recording every request.
@@ -113,11 +128,12 @@ fn poll(cluster: &'static Cluster, addr: SocketAddr, stop: Stop) -> Arc<Mutex<Ve
     tokio::spawn(async move {
         while !stop.stopped() {
             let sent = Instant::now();
-            let answer = ask(cluster, addr).await;
+            let result = ask(cluster, addr).await;
             kept.lock().unwrap().push(Sample {
                 sent,
                 received: Instant::now(),
-                answer,
+                error: result.as_ref().err().cloned(),
+                answer: result.ok(),
             });
             sleep(POLL_EVERY).await;
         }
@@ -146,8 +162,8 @@ struct Verdict {
     by_stepping_down: usize,
     /// Answered by a pod while another pod held the Lease throughout the request.
     by_non_leader: Vec<String>,
-    /// No answer.
-    unanswered: usize,
+    /// No answer, by why.
+    unanswered: std::collections::BTreeMap<String, usize>,
 }
 
 fn judge(samples: &[Sample], history: &[LeaseVersion]) -> Verdict {
@@ -157,7 +173,14 @@ fn judge(samples: &[Sample], history: &[LeaseVersion]) -> Verdict {
     };
     for s in samples {
         let Some((pod, leads)) = &s.answer else {
-            v.unanswered += 1;
+            let why: String = s
+                .error
+                .clone()
+                .unwrap_or_default()
+                .chars()
+                .take(48)
+                .collect();
+            *v.unanswered.entry(why).or_default() += 1;
             continue;
         };
         let (first, last) = (holder_at(history, s.sent), holder_at(history, s.received));
@@ -238,10 +261,17 @@ async fn answered_by(
         if hit {
             return Ok(());
         }
-        ensure!(
-            Instant::now() < deadline,
-            "{what} never answered from {pod}"
-        );
+        if Instant::now() >= deadline {
+            let last: Vec<Sample> = samples
+                .lock()
+                .unwrap()
+                .iter()
+                .rev()
+                .take(3)
+                .cloned()
+                .collect();
+            bail!("{what} never answered from {pod}; last requests: {last:?}");
+        }
         sleep(Duration::from_millis(20)).await;
     }
 }
@@ -281,6 +311,20 @@ async fn both_services_reach_only_the_leader_across_ten_handovers() -> Result<()
     };
     let label_addr = addr(services.get(LABEL_SERVICE).await?)?;
     let slice_addr = addr(services.get(SLICE_SERVICE).await?)?;
+    let diagnose = async |cluster: &Cluster| {
+        for args in [
+            &["get", "pods", "-o", "wide", "--show-labels"][..],
+            &["get", "endpointslices", "-o", "yaml"][..],
+            &["logs", "-l", APP, "--prefix", "--tail", "30"][..],
+        ] {
+            let mut full = vec!["-n", ns.as_str()];
+            full.extend(args);
+            println!(
+                "{}",
+                kubectl(cluster, &full).unwrap_or_else(|e| e.to_string())
+            );
+        }
+    };
     let stop = Stop::default();
     let by_label = poll(cluster, label_addr, stop.clone());
     let by_slice = poll(cluster, slice_addr, stop.clone());
@@ -296,8 +340,14 @@ async fn both_services_reach_only_the_leader_across_ten_handovers() -> Result<()
             .await?
             .holder;
         let steady = Instant::now();
-        answered_by(&by_label, &old, steady, "the label Service").await?;
-        answered_by(&by_slice, &old, steady, "the EndpointSlice Service").await?;
+        let both = async {
+            answered_by(&by_label, &old, steady, "the label Service").await?;
+            answered_by(&by_slice, &old, steady, "the EndpointSlice Service").await
+        };
+        if let Err(e) = both.await {
+            diagnose(cluster).await;
+            return Err(e);
+        }
         let began = Instant::now();
         if kind == 'G' {
             pods.delete(&old, &DeleteParams::default()).await?;
@@ -344,7 +394,7 @@ async fn both_services_reach_only_the_leader_across_ten_handovers() -> Result<()
         let samples = samples.lock().unwrap().clone();
         let v = judge(&samples, &history);
         println!(
-            "{name} Service: {} requests: {} answered by the leader, {} by a leader stepping down before its release, {} by a non-leader while another pod led, {} unanswered",
+            "{name} Service: {} requests: {} answered by the leader, {} by a leader stepping down before its release, {} by a non-leader while another pod led, unanswered: {:?}",
             v.requests,
             v.by_leader,
             v.by_stepping_down,
