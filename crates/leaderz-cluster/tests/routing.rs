@@ -23,7 +23,7 @@ use k8s_openapi::api::core::v1::{Pod, Service};
 use kube::api::{DeleteParams, ListParams};
 use kube::{Api, Client};
 use leaderz_cluster::observe::{LeaseVersion, LeaseWatch};
-use leaderz_cluster::{Cluster, shared_or_skip};
+use leaderz_cluster::{Cluster, SERVICE_RANGE, shared_or_skip};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::time::{Instant, sleep, timeout};
 
@@ -325,6 +325,15 @@ async fn both_services_reach_only_the_leader_across_ten_handovers() -> Result<()
             );
         }
     };
+    // The node's own network namespace has no route to the Service range (pods have one
+    // through their default route): give it one over the pod bridge, so that its
+    // connections to ClusterIPs reach kube-proxy's rules as a pod's do.
+    if let Err(e) = cluster
+        .run_in_node("ip", &["route", "replace", SERVICE_RANGE, "dev", "cni0"])
+        .await
+    {
+        bail!("routing the Service range in the node: {e}");
+    }
     let stop = Stop::default();
     let by_label = poll(cluster, label_addr, stop.clone());
     let by_slice = poll(cluster, slice_addr, stop.clone());
