@@ -210,11 +210,49 @@ impl ElectionArgs {
     }
 }
 
+/// Traffic to the leader (`run` and `serve`): a label on its pod, and the EndpointSlice
+/// of a selector-less Service. Both need this pod's name in `$POD_NAME`; the
+/// EndpointSlice also its IP in `$POD_IP` (the downward API's `metadata.name` and
+/// `status.podIP`). Pod and Service are in the Lease's namespace.
+#[derive(Debug, Args)]
+pub(crate) struct RouteArgs {
+    /// While leading, label this pod KEY=VALUE, for a Service that selects it. Set when
+    /// a term starts (alongside the work), removed after the work stopped and before the
+    /// Lease is released; also taken off other pods that carry it for an older term; a
+    /// stale one on this pod is removed at startup. Needs kube/label-pod/role.yaml.
+    #[arg(long, env = "LEADERZ_LABEL_POD", value_name = "KEY=VALUE")]
+    pub(crate) label_pod: Option<String>,
+
+    /// While leading, point the EndpointSlice named SERVICE, of the selector-less Service
+    /// SERVICE, at this pod's IP ($POD_IP) with the Service's ports; emptied after the
+    /// work stopped and before the Lease is released; the next leader takes it over.
+    /// Needs kube/leader-endpoints/role.yaml.
+    #[arg(long, env = "LEADERZ_LEADER_ENDPOINTS", value_name = "SERVICE")]
+    pub(crate) leader_endpoints: Option<String>,
+
+    /// With --label-pod or --leader-endpoints: after traffic was pointed away, wait this
+    /// long before releasing the Lease, so that kube-proxy (which applies changes about
+    /// once a second) stops sending connections here before the next leader starts. The
+    /// Service reaches nobody for that much longer at each graceful handover.
+    #[arg(long, env = "LEADERZ_ROUTING_DRAIN", value_name = "DURATION", default_value = "0s", value_parser = parse_duration)]
+    pub(crate) routing_drain: Duration,
+}
+
+impl RouteArgs {
+    /// Whether any route is asked for.
+    pub(crate) fn any(&self) -> bool {
+        self.label_pod.is_some() || self.leader_endpoints.is_some()
+    }
+}
+
 /// `leaderz run`.
 #[derive(Debug, Args)]
 pub(crate) struct RunArgs {
     #[command(flatten)]
     pub(crate) election: ElectionArgs,
+
+    #[command(flatten)]
+    pub(crate) routes: RouteArgs,
 
     /// Join the shard set named by --lease with this many shards instead of leading one
     /// Lease: CMD runs from the start and is told which shards this member owns, in the
@@ -224,7 +262,7 @@ pub(crate) struct RunArgs {
     /// shard is released only then (SIGKILL if it does not within --grace, or before
     /// another member may take the shard). See README "Sharded leases".
     #[arg(long, env = "LEADERZ_SHARDS", value_name = "S",
-          conflicts_with_all = ["exit_on_loss", "http", "events", "coordinated"])]
+          conflicts_with_all = ["exit_on_loss", "http", "events", "coordinated", "label_pod", "leader_endpoints"])]
     pub(crate) shards: Option<u32>,
 
     /// Where --shards writes the shard file (the ack file is the same path with `.ack`
@@ -261,6 +299,9 @@ pub(crate) struct RunArgs {
 pub(crate) struct ServeArgs {
     #[command(flatten)]
     pub(crate) election: ElectionArgs,
+
+    #[command(flatten)]
+    pub(crate) routes: RouteArgs,
 
     /// Address to serve HTTP on. Use `0.0.0.0:4040` for kubelet probes.
     #[arg(
@@ -442,6 +483,43 @@ mod tests {
             assert!(parse(&args).is_err(), "{flag} with --shards was accepted");
         }
         assert!(parse(&["run", "--lease", "j", "--shards-file", "/f", "--", "w"]).is_err());
+    }
+
+    #[test]
+    fn routing_flags_for_run_and_serve_and_not_with_shards() {
+        let r = run_args(&["run", "--lease", "l", "--", "x"]);
+        assert!(!r.routes.any());
+        assert_eq!(r.routes.routing_drain, Duration::ZERO);
+        let r = run_args(&[
+            "run",
+            "--lease",
+            "l",
+            "--label-pod",
+            "leaderz.io/role=leader",
+            "--leader-endpoints",
+            "svc",
+            "--routing-drain",
+            "2s",
+            "--",
+            "x",
+        ]);
+        assert_eq!(
+            r.routes.label_pod.as_deref(),
+            Some("leaderz.io/role=leader")
+        );
+        assert_eq!(r.routes.leader_endpoints.as_deref(), Some("svc"));
+        assert_eq!(r.routes.routing_drain, Duration::from_secs(2));
+        let Command::Serve(s) = parse(&["serve", "--lease", "l", "--label-pod", "a=b"])
+            .unwrap()
+            .command
+        else {
+            panic!()
+        };
+        assert!(s.routes.any());
+        for flag in ["--label-pod=a=b", "--leader-endpoints=svc"] {
+            let args = ["run", "--lease", "jobs", "--shards", "8", flag, "--", "w"];
+            assert!(parse(&args).is_err(), "{flag} with --shards was accepted");
+        }
     }
 
     #[test]

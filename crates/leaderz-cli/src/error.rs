@@ -81,6 +81,10 @@ pub(crate) enum CliError {
         /// Its namespace.
         namespace: String,
     },
+    /// `--label-pod` or `--leader-endpoints` cannot work: a grant, the pod or the
+    /// Service is missing (checked before campaigning).
+    #[error("{0}")]
+    Route(#[from] leaderz::routing::RouteError),
     /// The shard set's configuration was refused, or it stopped with an error.
     #[error("{0}")]
     Shards(#[from] leaderz::shards::ShardSetError),

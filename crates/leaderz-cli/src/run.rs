@@ -78,8 +78,10 @@ pub(crate) async fn run(args: RunArgs) -> Result<u8, CliError> {
     };
     // The library warns (and /healthz fails) when a lost term's work outlives this; the
     // command gets `grace` and then SIGKILL, so only a command SIGKILL cannot end does.
-    let overdue = args.grace + KILL_SLACK;
-    let mut election = Election::start(&args.election, |c| c.shutdown_grace(overdue)).await?;
+    // Pointing traffic away comes after the command stopped, before the release.
+    let overdue = args.grace + KILL_SLACK + crate::election::routing_allowance(&args.routes);
+    let mut election =
+        Election::start(&args.election, &args.routes, |c| c.shutdown_grace(overdue)).await?;
     let slack = takeover_slack(args.election.lease_duration, args.election.renew_deadline);
     let while_stopped = while_stopped(
         args.election.renew_deadline,
@@ -123,6 +125,9 @@ pub(crate) async fn run(args: RunArgs) -> Result<u8, CliError> {
             fencing_token = term.fencing_token(),
             "leading: started the command"
         );
+        // Traffic to this pod (--label-pod, --leader-endpoints) alongside the command;
+        // pointed away once it has stopped, and only then is the term dropped.
+        let routed = election.routes.route(&term);
 
         let token = term.token();
         let limit = KillLimit {
@@ -135,6 +140,7 @@ pub(crate) async fn run(args: RunArgs) -> Result<u8, CliError> {
                 child.kill_leftovers();
                 let code = exit_code(status);
                 info!(code, "the command exited: releasing the lease");
+                routed.finish().await;
                 drop(term);
                 finish(election).await;
                 return Ok(code);
@@ -142,6 +148,7 @@ pub(crate) async fn run(args: RunArgs) -> Result<u8, CliError> {
             () = token.cancelled() => {
                 warn!("lost leadership: stopping the command");
                 let (status, signal) = child.stop(Signal::SIGTERM, limit, &mut signals, 0).await;
+                routed.finish().await;
                 drop(term);
                 if let Some(signal) = signal {
                     info!(%signal, "asked to stop while stopping the command: shutting down");
@@ -158,6 +165,7 @@ pub(crate) async fn run(args: RunArgs) -> Result<u8, CliError> {
             signal = signals.recv() => {
                 info!(%signal, "forwarding to the command, then releasing the lease");
                 let (status, _) = child.stop(signal, limit, &mut signals, 1).await;
+                routed.finish().await;
                 drop(term);
                 finish(election).await;
                 return Ok(exit_code(status));

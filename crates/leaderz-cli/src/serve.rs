@@ -13,10 +13,20 @@ use crate::signals::Signals;
 pub(crate) async fn serve(args: ServeArgs) -> Result<u8, CliError> {
     let mut signals = Signals::install()?;
     let listener = http::bind(&args.http).await?;
-    let mut election = Election::start(&args.election, |c| c).await?;
+    let allowance = crate::election::routing_allowance(&args.routes);
+    let mut election = Election::start(&args.election, &args.routes, |c| {
+        let grace = c.shutdown_grace + allowance;
+        c.shutdown_grace(grace)
+    })
+    .await?;
     http::spawn(listener, http::AppState::for_election(&election));
-    // Nothing here holds a Term: the sidecar's "work" is answering who leads, so a lost
-    // term ends at once and shutdown releases without waiting.
+    // The sidecar's "work" is answering who leads, which holds no Term: a lost term ends
+    // at once and shutdown releases without waiting — except for the routes, which hold
+    // the term until traffic is pointed away (--label-pod, --leader-endpoints).
+    if !election.routes.is_empty() {
+        let (routes, terms) = (election.routes.clone(), election.handle.terms());
+        tokio::spawn(async move { routes.follow(terms).await });
+    }
     tokio::select! {
         signal = signals.recv() => {
             info!(%signal, "shutting down");

@@ -590,6 +590,163 @@ async fn bad_input_fails_with_one_line_and_writes_nothing() {
     assert!(written.items.is_empty(), "{:?}", written.items);
 }
 
+/// `--label-pod` and `--leader-endpoints` without what they need from the pod's
+/// environment exit 2 before any API call (the kubeconfig points nowhere, so a call
+/// would fail with 1); a missing Service or pod exits 1 before campaigning.
+#[tokio::test]
+async fn routing_flags_without_their_pod_environment_exit_2_before_any_api_call() {
+    let ns = cp().new_namespace("bad-routes").await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let unreachable = unreachable_kubeconfig(dir.path());
+    // (flags, POD_NAME, POD_IP, expected start of the line)
+    type Case<'a> = (Vec<&'a str>, Option<&'a str>, Option<&'a str>, &'a str);
+    let cases: Vec<Case<'_>> = vec![
+        (
+            vec!["--label-pod", "leaderz.io/role=leader"],
+            None,
+            None,
+            "error: --label-pod needs this pod's name in POD_NAME: set it from the downward API",
+        ),
+        (
+            vec!["--leader-endpoints", "leaderz-leader"],
+            None,
+            Some("10.0.0.1"),
+            "error: --leader-endpoints needs this pod's name in POD_NAME",
+        ),
+        (
+            vec!["--leader-endpoints", "leaderz-leader"],
+            Some("me"),
+            None,
+            "error: --leader-endpoints needs this pod's IP in POD_IP: set it from the downward API (env valueFrom fieldRef fieldPath: status.podIP)",
+        ),
+        (
+            vec!["--leader-endpoints", "leaderz-leader"],
+            Some("me"),
+            Some("not-an-ip"),
+            "error: POD_IP `not-an-ip` is not an IP address",
+        ),
+        (
+            vec!["--label-pod", "role"],
+            Some("me"),
+            None,
+            "error: --label-pod: label `role` must be KEY=VALUE",
+        ),
+        (
+            vec!["--label-pod", "role=not ok"],
+            Some("me"),
+            None,
+            "error: --label-pod: label value `not ok` is not valid",
+        ),
+    ];
+    for (flags, pod, ip, want) in cases {
+        for sub in ["run", "serve"] {
+            let mut args = vec![sub, "--lease", "bad"];
+            args.extend(&flags);
+            if sub == "serve" {
+                args.extend(["--http", "127.0.0.1:0"]);
+            } else {
+                args.extend(["--", "true"]);
+            }
+            let mut cmd = leaderz(&unreachable, &args);
+            cmd.env("POD_NAMESPACE", &ns);
+            if let Some(pod) = pod {
+                cmd.env("POD_NAME", pod);
+            }
+            if let Some(ip) = ip {
+                cmd.env("POD_IP", ip);
+            }
+            let out = cmd.output().await.unwrap();
+            let stderr = String::from_utf8(out.stderr).unwrap();
+            assert_eq!(out.status.code(), Some(2), "{sub} {flags:?}: {stderr}");
+            assert_eq!(stderr.lines().count(), 1, "{sub} {flags:?}: {stderr}");
+            assert!(stderr.starts_with(want), "{sub} {flags:?}: {stderr}");
+        }
+    }
+    // Reachable, but the Service or the pod does not exist: 1, nothing written.
+    let admin = admin_kubeconfig();
+    let cases: [(&[&str], &str); 2] = [
+        (
+            &["--leader-endpoints", "no-such-service"],
+            "error: service `no-such-service` not found in namespace",
+        ),
+        (
+            &["--label-pod", "leaderz.io/role=leader"],
+            "error: pod `me` not found in namespace",
+        ),
+    ];
+    for (flags, want) in cases {
+        let mut args = vec!["serve", "--lease", "bad", "--http", "127.0.0.1:0"];
+        args.extend(flags);
+        let out = leaderz(&admin, &args)
+            .env("POD_NAMESPACE", &ns)
+            .env("POD_NAME", "me")
+            .env("POD_IP", "192.0.2.1")
+            .output()
+            .await
+            .unwrap();
+        let stderr = String::from_utf8(out.stderr).unwrap();
+        assert_eq!(out.status.code(), Some(1), "{flags:?}: {stderr}");
+        assert_eq!(stderr.lines().count(), 1, "{flags:?}: {stderr}");
+        assert!(stderr.starts_with(want), "{flags:?}: {stderr}");
+    }
+    let written = leases(&ns)
+        .await
+        .list(&ListParams::default())
+        .await
+        .unwrap();
+    assert!(written.items.is_empty(), "{:?}", written.items);
+}
+
+/// `leaderz serve --label-pod` on a pod: the label is on while it leads, and on SIGTERM
+/// it is removed before the Lease is released.
+#[tokio::test]
+async fn serve_labels_its_pod_while_leading_and_removes_the_label_before_releasing() {
+    use k8s_openapi::api::core::v1::Pod;
+    let ns = cp().new_namespace("serve-label").await.unwrap();
+    let pods: Api<Pod> = Api::namespaced(cp().admin_client().unwrap(), &ns);
+    let pod: Pod = serde_json::from_value(serde_json::json!({
+        "metadata": { "name": "pod-1" },
+        "spec": { "containers": [{ "name": "app", "image": "leaderz:0.1.0" }] },
+    }))
+    .unwrap();
+    pods.create(&PostParams::default(), &pod).await.unwrap();
+    let labelled = |p: &Pod| {
+        p.metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get("leaderz.io/role"))
+            .is_some_and(|v| v == "leader")
+    };
+    let mut args = vec!["serve", "--lease", "side", "--http", "127.0.0.1:0"];
+    args.extend(TIMINGS);
+    args.extend(["--label-pod", "leaderz.io/role=leader"]);
+    let mut cmd = leaderz(&admin_kubeconfig(), &args);
+    cmd.env("POD_NAME", "pod-1").env("POD_NAMESPACE", &ns);
+    let mut leaderz = Running::start(cmd);
+    holder_becomes(&ns, "side", "pod-1").await;
+    timeout(Duration::from_secs(10), async {
+        while !labelled(&pods.get("pod-1").await.unwrap()) {
+            sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("the leader's pod was not labelled");
+    leaderz.signal(Signal::SIGTERM);
+    assert_eq!(leaderz.wait(Duration::from_secs(20)).await.code(), Some(0));
+    let pod = pods.get("pod-1").await.unwrap();
+    assert!(!labelled(&pod), "the label outlived leaderz");
+    let lease = leases(&ns).await.get("side").await.unwrap();
+    assert_eq!(lease.spec.unwrap().holder_identity.as_deref(), Some(""));
+    let (label_gone, released): (u64, u64) = (
+        pod.metadata.resource_version.unwrap().parse().unwrap(),
+        lease.metadata.resource_version.unwrap().parse().unwrap(),
+    );
+    assert!(
+        label_gone < released,
+        "released (v{released}) before the label was removed (v{label_gone})"
+    );
+}
+
 /// Pids of the processes in group `pgid` that have not exited (zombies excluded), from
 /// /proc.
 fn live_group_members(pgid: i32) -> Vec<i32> {

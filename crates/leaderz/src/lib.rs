@@ -63,7 +63,8 @@
 //! the election: when to read, take, renew, step down, release, and with which record —
 //! a state machine without I/O), the tokio driver behind [`Elector::spawn`] (the only
 //! place the lock is called), [`Term`] and [`ElectionHandle`], [`Callbacks`],
-//! [`Metrics`].
+//! [`Metrics`]; [`routing`] points a Service at the leader (a pod label, an
+//! EndpointSlice) around its terms.
 
 pub mod callbacks;
 pub mod client;
@@ -74,6 +75,7 @@ pub mod lock;
 pub mod machine;
 pub mod metrics;
 pub mod record;
+pub mod routing;
 pub mod shards;
 pub mod term;
 
