@@ -821,8 +821,13 @@ impl Machine {
             return;
         }
         if !self.can_take(observed, now) {
-            // Shortly before the holder's lease expires, read it once more (see below).
+            // Shortly before the holder's lease expires, read it once more (see below);
+            // the read checks the watch too.
             if self.confirm_at().is_some_and(|t| now >= t) {
+                if let Watch::Open(w) = &mut self.watch {
+                    w.checked = true;
+                    w.checked_at = Some(now);
+                }
                 self.send(Purpose::Read, Op::Get, now);
             }
             return;
@@ -2033,7 +2038,12 @@ impl Machine {
         let last = self.last_change_at?;
         observed.record.holder()?;
         let expected = last.max(w.opened_at) + gap * 2 + Duration::from_secs(1);
-        Some(expected.min(self.observed_expiry().unwrap_or(expected)))
+        // At the latest when the read ahead of the expiry is due: that read checks the
+        // watch too.
+        let ahead = self
+            .observed_expiry()
+            .map(|e| e.checked_sub(self.confirm_ahead()).unwrap_or(e));
+        Some(expected.min(ahead.unwrap_or(expected)))
     }
 
     // ---- observing ----------------------------------------------------------------------
@@ -2547,16 +2557,21 @@ mod tests {
         let mut m = follower(Some((r.clone(), seen)), start, r.clone());
         let expiry = seen + Duration::from_secs(15);
         // (Unseeded, the next timer is the watch check at start + 2 × 2 s + 1 s = seen + 17 s,
-        // and the record expires at start + 15 s.)
+        // and the record expires at start + 15 s.) First: one read shortly before the
+        // expiry (the watch may have died).
+        let ahead = expiry - CONFIRM_AHEAD;
+        assert_eq!(m.poll_timeout(), Some(ahead));
+        m.handle(Input::Tick, ahead);
+        assert!(matches!(take_send(&mut m).op, Op::Get));
+        m.handle(Input::Reply(Ok(Answer::Read(Some(r)))), ahead);
         assert_eq!(m.poll_timeout(), Some(expiry));
         assert_eq!(m.leader(expiry - Duration::from_millis(1)), Some("b"));
         assert_eq!(m.leader(expiry), None);
-        // At the expiry instant: one read (the watch may have died), then the take.
+        // At the expiry instant: the take.
         m.handle(Input::Tick, expiry);
-        assert!(matches!(take_send(&mut m).op, Op::Get));
-        m.handle(Input::Reply(Ok(Answer::Read(Some(r)))), expiry);
-        let Op::Update(base, record) = take_send(&mut m).op else {
-            panic!("expected a take")
+        let op = take_send(&mut m).op;
+        let Op::Update(base, record) = op else {
+            panic!("expected a take: {op:?}")
         };
         assert_eq!(base.version, "7");
         assert_eq!(record.holder_identity, "a");
