@@ -1149,7 +1149,11 @@ impl Machine {
         if inflight.orphaned {
             // Only what it tells about the record still counts.
             match reply {
-                Ok(Answer::Read(Some(v)) | Answer::Wrote(v)) => self.observe(v, now),
+                Ok(Answer::Wrote(v)) => {
+                    self.landed_while_giving_up(&v);
+                    self.observe(v, now);
+                }
+                Ok(Answer::Read(Some(v))) => self.observe(v, now),
                 Ok(Answer::Read(None)) => self.observe_absent(false, now),
                 Err(e) => self.api_failed("request", &e, now),
             }
@@ -1177,6 +1181,24 @@ impl Machine {
                     self.back_off(now);
                 }
             },
+        }
+    }
+
+    /// A renewal of the ended term, still in flight when it ended, landed: the release
+    /// is written on its version (else it would meet a 409 and read first).
+    fn landed_while_giving_up(&mut self, v: &Versioned) {
+        if v.record.holder_identity != self.config.identity || !self.wrote(&v.record) {
+            return;
+        }
+        let ours = |token: i32| v.record.lease_transitions == token;
+        match &mut self.role {
+            Role::Giving(g) if g.current.is_some() && ours(g.token) => {
+                g.current = Some(v.clone());
+            }
+            Role::ShuttingDown(Closing::WaitingForWork { token, last, .. }) if ours(*token) => {
+                **last = v.clone();
+            }
+            _ => {}
         }
     }
 

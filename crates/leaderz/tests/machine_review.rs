@@ -689,3 +689,24 @@ fn a_give_up_that_runs_out_of_time_leaves_a_follower_that_wakes() {
         now - t0
     );
 }
+
+/// A renewal in flight when the leader shuts down lands afterwards: the release is
+/// written on the renewal's version, not on the older one (which would meet a 409 and
+/// cost a read and another write).
+#[test]
+fn a_renewal_landing_during_shutdown_is_what_the_release_replaces() {
+    let t0 = Instant::now();
+    let (mut a, mine) = leading(ElectionConfig::new("pod-a"), None, t0);
+    let at = a.poll_timeout().unwrap();
+    let did = step(&mut a, Input::Tick, at);
+    let renewal = did.writes()[0].clone();
+    step(&mut a, Input::Shutdown, at + ms(1));
+    step(&mut a, wrote(&renewal, "3"), at + ms(5));
+    let did = step(&mut a, Input::WorkStopped, at + ms(10));
+    let [Op::Update(base, released)] = did.ops.as_slice() else {
+        panic!("one write: {did:?}");
+    };
+    assert_eq!(base.version, "3", "on the landed renewal's version");
+    assert_eq!(released.holder_identity, "");
+    assert_eq!(released.lease_transitions, mine.record.lease_transitions);
+}
