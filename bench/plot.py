@@ -109,7 +109,8 @@ def main():
     if len(sys.argv) != 3:
         sys.exit("usage: plot.py results.csv chart.png")
     rows = load(sys.argv[1])
-    peers = peers_in(rows)
+    # The lighter-leader runs (leaderz-renew-*) appear in the scaling chart only.
+    peers = [p for p in peers_in(rows) if not p.startswith("leaderz-renew-")]
     fig, axes = plt.subplots(2, 3, figsize=(17, 10))
 
     dot_plot(
@@ -231,7 +232,7 @@ def main():
     fig.suptitle("leaderz side by side: one kube-apiserver 1.34 + etcd on loopback", fontsize=12)
     fig.tight_layout()
     fig.savefig(sys.argv[2], dpi=110)
-    scaling(rows, peers, os.path.join(os.path.dirname(sys.argv[2]) or ".", "scaling.png"))
+    scaling(rows, peers_in(rows), os.path.join(os.path.dirname(sys.argv[2]) or ".", "scaling.png"))
 
 
 def many_by_n(rows):
@@ -245,6 +246,9 @@ def many_by_n(rows):
 
 def scaling(rows, peers, path):
     """Many leases in one process: leases -> RSS, CPU, connections, API-server CPU."""
+    for p in peers:
+        if p.startswith("leaderz-renew-"):
+            COLORS.setdefault(p, "#e377c2")
     many = many_by_n(rows)
     names = [p for p in peers if many.get(p)]
     if not names:

@@ -71,6 +71,13 @@ struct Args {
     /// Lease duration, renew deadline and retry period of the many-leases scenario.
     #[arg(long, value_delimiter = ',', default_value = "15s,10s,2s")]
     many_timings: Vec<String>,
+    /// Also run leaderz's many-leases program with this renew interval (the lighter
+    /// leader, `ElectionConfig::renew_interval`) at these lease counts; `0` skips it.
+    #[arg(long, default_value = "7s")]
+    many_renew_interval: String,
+    /// Lease counts of the lighter-leader runs (default: the largest of --many).
+    #[arg(long, value_delimiter = ',')]
+    many_light: Vec<usize>,
     /// Do not draw the chart.
     #[arg(long)]
     no_plot: bool,
@@ -113,6 +120,9 @@ fn options(args: &Args) -> Result<Options> {
             .many_window
             .unwrap_or(Duration::from_secs(if q { 20 } else { 120 })),
         many_timings: timings,
+        many_renew_interval: (args.many_renew_interval != "0")
+            .then(|| args.many_renew_interval.clone()),
+        many_light: args.many_light.clone(),
     })
 }
 
@@ -411,10 +421,37 @@ async fn main() -> Result<()> {
         {
             programs.push(("client-go", p));
         }
+        // The lighter leader: leaderz renewing every `many_renew_interval`.
+        let light = opts.many_renew_interval.as_ref().map(|every| {
+            let counts = if opts.many_light.is_empty() {
+                opts.many.iter().copied().max().into_iter().collect()
+            } else {
+                opts.many_light.clone()
+            };
+            (format!("leaderz-renew-{every}"), every.clone(), counts)
+        });
+        let mut runs: Vec<(usize, String, PathBuf, Vec<String>)> = Vec::new();
         for &n in &opts.many {
             for (name, program) in &programs {
+                runs.push((n, (*name).to_owned(), program.clone(), Vec::new()));
+            }
+            if let Some((name, every, counts)) = &light
+                && counts.contains(&n)
+                && ready.iter().any(|p| p.spec.name == "leaderz")
+            {
+                runs.push((
+                    n,
+                    name.clone(),
+                    paths.release_dir.join("leaderz-many"),
+                    vec!["--renew-interval".to_owned(), every.clone()],
+                ));
+            }
+        }
+        for (n, name, program, extra) in &runs {
+            let n = *n;
+            {
                 step(started, &format!("{name}: {n} leases in one process"));
-                match bench.many(name, program, n).await {
+                match bench.many(name, program, n, extra).await {
                     Ok(m) => {
                         println!(
                             "  ramp {:?} s, {:.1} lease req/s {:?}, process {:?}, \
@@ -431,7 +468,7 @@ async fn main() -> Result<()> {
                                 .map(|p| format!("; PROBLEM: {p}"))
                                 .unwrap_or_default()
                         );
-                        report.many.push(((*name).to_owned(), m));
+                        report.many.push((name.clone(), m));
                     }
                     Err(e) => println!("  failed: {e:#}"),
                 }

@@ -574,7 +574,9 @@ fn markdown(r: &Report, analysis: &str) -> String {
         "One process runs N electors (N = {}), each the only candidate on its own Lease, \
          sharing one client; timings LD {}, RD {}, RP {}: N / 2 s renewals per second asked \
          of the API server. leaderz: `bench/src/bin/leaderz-many.rs` (`leaderz::client`: \
-         HTTP/2); client-go: `bench/clientgo-many` (N LeaderElectors as goroutines on one \
+         HTTP/2; one shared watch on the namespace's Leases); `leaderz-renew-<d>`: the same, \
+         renewing every <d> instead of every retry period (`ElectionConfig::renew_interval`, \
+         the lighter leader); client-go: `bench/clientgo-many` (N LeaderElectors as goroutines on one \
          clientset, client-side rate limit lifted). Ramp = start to every elector leading; then \
          {:?} settle and a {:?} window: losses count over both, requests and CPU over the \
          window. Connections = the process's TCP connections to the API server at the end \
@@ -831,8 +833,23 @@ fn targets(w: &mut String, r: &Report) {
     let _ = writeln!(w);
 }
 
-/// The many-leases targets, at the largest lease count both programs ran.
+/// The many-leases targets, at the largest lease count leaderz ran: for leaderz renewing
+/// every retry period, and for each lighter-leader variant (`leaderz-renew-*`).
 fn many_targets(w: &mut String, r: &Report) {
+    let mut names: Vec<&str> = r
+        .many
+        .iter()
+        .map(|(p, _)| p.as_str())
+        .filter(|p| *p == "leaderz" || p.starts_with("leaderz-renew-"))
+        .collect();
+    names.sort_unstable();
+    names.dedup();
+    for name in names {
+        many_targets_of(w, r, name);
+    }
+}
+
+fn many_targets_of(w: &mut String, r: &Report, name: &str) {
     let at = |name: &str, n: usize| {
         r.many
             .iter()
@@ -842,19 +859,20 @@ fn many_targets(w: &mut String, r: &Report) {
     let Some(n) = r
         .many
         .iter()
-        .filter(|(p, _)| p == "leaderz")
+        .filter(|(p, _)| p == name)
         .map(|(_, m)| m.n)
         .max()
     else {
         return;
     };
-    let lz = at("leaderz", n);
+    let lz = at(name, n);
     let cg = at("client-go", n);
     let lz_problem = r
         .many
         .iter()
-        .find(|(p, m)| p == "leaderz" && m.n == n)
+        .find(|(p, m)| p == name && m.n == n)
         .and_then(|(_, m)| m.problem.clone());
+    let n = format!("{name}, {n}");
     if let Some(problem) = lz_problem {
         let _ = writeln!(w, "| {n} leases in one process | {problem} | **missed** |");
         return;

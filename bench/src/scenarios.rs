@@ -47,6 +47,10 @@ pub(crate) struct Options {
     pub(crate) many_window: Duration,
     /// `--lease-duration`, `--renew-deadline`, `--retry-period` of the many-leases scenario.
     pub(crate) many_timings: [String; 3],
+    /// leaderz's lighter leader: also run leaderz-many renewing this often.
+    pub(crate) many_renew_interval: Option<String>,
+    /// Lease counts of the lighter-leader runs (empty: the largest of `many`).
+    pub(crate) many_light: Vec<usize>,
 }
 
 /// The shared state of a run.
@@ -452,6 +456,7 @@ impl Bench {
         name: &str,
         program: &std::path::Path,
         n: usize,
+        extra: &[String],
     ) -> Result<Many> {
         let ns = self
             .cp
@@ -468,6 +473,7 @@ impl Bench {
             .args(["--count", &n.to_string(), "--namespace", &ns])
             .args(["--lease-duration", ld, "--renew-deadline", rd])
             .args(["--retry-period", rp])
+            .args(extra)
             .env("KUBECONFIG", self.cp.kubeconfig_path())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -512,7 +518,7 @@ impl Bench {
                 }
             })
         };
-        let ramp_limit = Duration::from_secs(300);
+        let ramp_limit = Duration::from_secs(120);
         let all_leading = timeout(ramp_limit, async {
             while let Some(event) = events.recv().await {
                 if event == "all_leading" {
