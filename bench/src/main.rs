@@ -339,6 +339,8 @@ async fn main() -> Result<()> {
         peers: results,
         many: Vec::new(),
         serve_rss: None,
+        static_candidate_rss: None,
+        static_serve_rss: None,
         chart: None,
         csv: relative(&csv_path, &report_dir),
     };
@@ -404,6 +406,26 @@ async fn main() -> Result<()> {
                     report.serve_rss = Some(rss);
                 }
                 Err(e) => println!("  failed: {e:#}"),
+            }
+            step(started, "leaderz as the image ships it (static): RSS");
+            match peers::build_static_bins(&paths) {
+                Ok(dir) => {
+                    match bench.candidate_rss(&dir.join("leaderz-candidate")).await {
+                        Ok(rss) => {
+                            println!("  leaderz-candidate {rss:.1} MiB");
+                            report.static_candidate_rss = Some(rss);
+                        }
+                        Err(e) => println!("  failed: {e:#}"),
+                    }
+                    match bench.serve_rss(&dir.join("leaderz")).await {
+                        Ok(rss) => {
+                            println!("  leaderz serve {rss:.1} MiB");
+                            report.static_serve_rss = Some(rss);
+                        }
+                        Err(e) => println!("  failed: {e:#}"),
+                    }
+                }
+                Err(e) => println!("  no static build: {e:#}"),
             }
         }
         report.run_secs = started.elapsed().as_secs_f64();

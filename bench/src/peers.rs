@@ -201,6 +201,32 @@ pub(crate) fn build_workspace_bins(paths: &Paths) -> Result<()> {
     Ok(())
 }
 
+/// Builds `leaderz-candidate` and `leaderz` as the image ships them: static
+/// (`+crt-static` on the gnu target), same release profile. Returns their directory.
+pub(crate) fn build_static_bins(paths: &Paths) -> Result<PathBuf> {
+    let target = "x86_64-unknown-linux-gnu";
+    let mut command = std::process::Command::new(cargo());
+    command
+        .current_dir(&paths.root)
+        .args(["build", "--release", "--target", target])
+        .args(["-p", "leaderz-interop", "--bin", "leaderz-candidate"])
+        .args(["-p", "leaderz-cli", "--bin", "leaderz"])
+        .env("RUSTFLAGS", "-C target-feature=+crt-static")
+        .env_remove("CARGO_ENCODED_RUSTFLAGS");
+    run_logged(
+        command,
+        &paths.logs.join("build-leaderz-static.log"),
+        "cargo build (leaderz, static)",
+    )?;
+    let dir = paths
+        .release_dir
+        .parent()
+        .context("no target directory")?
+        .join(target)
+        .join("release");
+    Ok(dir)
+}
+
 /// Runs a cached-Go-build script (`interop/build.sh`, `bench/build-go.sh`) and returns
 /// the path it prints.
 pub(crate) fn build_go(paths: &Paths, script: &Path, log_name: &str) -> Result<PathBuf> {

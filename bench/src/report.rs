@@ -75,6 +75,10 @@ pub(crate) struct Report {
     pub(crate) many: Vec<(String, Many)>,
     /// RSS of `leaderz serve` (MiB), leading one Lease.
     pub(crate) serve_rss: Option<f64>,
+    /// `leaderz-candidate`, static as the image ships it, leading alone (MiB).
+    pub(crate) static_candidate_rss: Option<f64>,
+    /// `leaderz serve`, static as the image ships it (MiB).
+    pub(crate) static_serve_rss: Option<f64>,
     /// The chart's path as the report links it, if a chart was drawn.
     pub(crate) chart: Option<String>,
     pub(crate) csv: String,
@@ -223,6 +227,12 @@ pub(crate) fn write_csv(path: &Path, report: &Report) -> Result<()> {
                 );
             }
         }
+    }
+    if let Some(rss) = report.static_candidate_rss {
+        row("leaderz", "static_candidate_rss", "n=1", Some(rss), "MiB");
+    }
+    if let Some(rss) = report.static_serve_rss {
+        row("leaderz", "static_serve_rss", "n=1", Some(rss), "MiB");
     }
     if let Some(rss) = report.serve_rss {
         row("leaderz", "serve_rss", "n=1", Some(rss), "MiB");
@@ -819,15 +829,17 @@ fn targets(w: &mut String, r: &Report) {
     );
     let _ = writeln!(
         w,
-        "| RSS ≤ 6 MiB for the minimal library process | max {} MiB over all leaderz candidates (`leaderz-candidate`: the library in a minimal process) | {} |",
+        "| RSS ≤ 6 MiB for the minimal library process | static as the image ships it: {} MiB; dynamically linked as the table above: max {} MiB over all leaderz candidates (`leaderz-candidate`: the library in a minimal process) | {} |",
+        fmt(r.static_candidate_rss, 1),
         fmt(rss, 1),
-        verdict(rss.map(|m| m <= 6.0))
+        verdict(r.static_candidate_rss.or(rss).map(|m| m <= 6.0))
     );
     let _ = writeln!(
         w,
-        "| `leaderz serve` RSS ≤ 8 MiB | {} MiB (leading, after answering `/` and `/metrics`) | {} |",
+        "| `leaderz serve` RSS ≤ 8 MiB | static as the image ships it: {} MiB; dynamically linked: {} MiB (leading, after answering `/` and `/metrics`) | {} |",
+        fmt(r.static_serve_rss, 1),
         fmt(r.serve_rss, 1),
-        verdict(r.serve_rss.map(|m| m <= 8.0))
+        verdict(r.static_serve_rss.or(r.serve_rss).map(|m| m <= 8.0))
     );
     many_targets(w, r);
     let _ = writeln!(w);

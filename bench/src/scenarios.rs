@@ -262,6 +262,40 @@ impl Bench {
         Ok(rss)
     }
 
+    /// RSS of one `leaderz-candidate` (`program`) leading alone, after `settle`.
+    pub(crate) async fn candidate_rss(&self, program: &std::path::Path) -> Result<f64> {
+        let ns = self
+            .cp
+            .new_namespace("lz-rss")
+            .await
+            .context("creating a namespace")?;
+        let mut child = Command::new(program)
+            .args(["--id", "rss-0", "--namespace", &ns, "--lease", LEASE])
+            .args(TIMING_FLAGS)
+            .env("KUBECONFIG", self.cp.kubeconfig_path())
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("starting {}", program.display()))?;
+        let pid = child.id().context("the candidate exited at once")?;
+        let api = self.leases(&ns);
+        lease::wait_for_holder(&api, LEASE, Duration::from_secs(30), |h| h == "rss-0")
+            .await
+            .context("the candidate did not lead within 30 s")?;
+        sleep(self.opts.settle).await;
+        let rss = fleet::sample(pid, self.ticks)
+            .map(|s| s.rss_mib)
+            .context("the candidate exited")?;
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(pid)?);
+        nix::sys::signal::kill(pid, Signal::SIGTERM).ok();
+        if timeout(STOP_GRACE, child.wait()).await.is_err() {
+            child.start_kill().ok();
+        }
+        Ok(rss)
+    }
+
     /// Lease requests/s with nothing of ours running, over `window`.
     pub(crate) async fn measure_baseline(&self, window: Duration) -> Result<(Rates, f64)> {
         let before = apimetrics::scrape(&self.admin).await?;
