@@ -299,6 +299,11 @@ impl<L: Lock> Driver<L> {
         let Request { op, deadline, .. } = req;
         Box::pin(async move {
             let limit = deadline.saturating_duration_since(Instant::now());
+            if limit.is_zero() {
+                // Too late already (a starved runtime): do not send what cannot be
+                // answered in time, only to be cancelled.
+                return Err(LockError::Timeout(limit));
+            }
             let call = async {
                 match op {
                     Op::Get => lock.get().await.map(Answer::Read),

@@ -1038,8 +1038,21 @@ impl Machine {
         let Role::Leader(l) = &self.role else { return };
         let record = self.renewed(&l.current.record, l.token);
         let op = Op::Update(l.current.clone(), record);
-        let limit = Some(l.last_ok + self.config.renew_deadline);
-        self.send_until(Purpose::Renew, op, now, limit);
+        self.send_for_term(Purpose::Renew, op, now);
+    }
+
+    /// Sends a leader's call (a renewal, or the slow path's read and write), due by the
+    /// term's deadline — unless less than [`renew_floor`](Self::renew_floor) is left: an
+    /// answer could not come in time to count, and under overload such calls only add
+    /// load. The term then ends at its deadline.
+    fn send_for_term(&mut self, purpose: Purpose, op: Op, now: Instant) {
+        let Role::Leader(l) = &self.role else { return };
+        let limit = l.last_ok + self.config.renew_deadline;
+        if limit < now + self.renew_floor() {
+            debug!("too close to the renew deadline to renew; the term ends at it");
+            return;
+        }
+        self.send_until(purpose, op, now, Some(limit));
     }
 
     /// The leader asks to hand its lease over to `to` (none: any leaderz candidate):
@@ -1358,9 +1371,7 @@ impl Machine {
                 if let Some(m) = &self.metrics {
                     m.slowpath(&self.metric_name());
                 }
-                let Role::Leader(l) = &self.role else { return };
-                let limit = Some(l.last_ok + self.config.renew_deadline);
-                self.send_until(Purpose::RenewRead, Op::Get, now, limit);
+                self.send_for_term(Purpose::RenewRead, Op::Get, now);
             }
         }
     }
@@ -1410,9 +1421,7 @@ impl Machine {
                     self.lose_then(reason, Some(to), now);
                 } else if ours && renewed_by_us {
                     let record = self.renewed(&v.record, token);
-                    let Role::Leader(l) = &self.role else { return };
-                    let limit = Some(l.last_ok + self.config.renew_deadline);
-                    self.send_until(Purpose::RenewWrite, Op::Update(v, record), now, limit);
+                    self.send_for_term(Purpose::RenewWrite, Op::Update(v, record), now);
                 } else if ours {
                     let msg = format!(
                         "another process uses identity {}: it wrote the lease under our name; stepping down",
@@ -2432,6 +2441,13 @@ impl Machine {
     /// The time limit of one call: the configured request timeout, but at most half the
     /// renew deadline — a call slower than that is failing in effect, and waiting longer
     /// on a silently dead connection would only delay the retry on a new one.
+    /// The least time a renewal must have before the term's deadline to be worth sending
+    /// (a twentieth of the retry period). Under overload, renewals sent at the very end
+    /// of a failing term only add load: they cannot be answered in time.
+    fn renew_floor(&self) -> Duration {
+        self.config.retry_period / 20
+    }
+
     fn request_timeout(&self) -> Duration {
         self.config
             .request_timeout

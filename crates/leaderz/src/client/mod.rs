@@ -225,6 +225,13 @@ impl Options {
         let http2 = self.http2.then(|| {
             let mut h2 = hyper::client::conn::http2::Builder::new(TokioExecutor::new());
             h2.timer(TokioTimer::new());
+            // h2 sends GOAWAY and drops the whole connection after 1024 streams it reset
+            // itself (a guard against a hostile peer making it reset streams): answers
+            // still arriving for requests we gave up on count, so an overloaded API
+            // server answering thousands of elections' timed-out requests late killed
+            // the connection all of them shared (seen with 10 000 elections in one
+            // process). The peer here is the API server: no limit.
+            h2.max_local_error_reset_streams(None);
             if let Some((interval, timeout)) = self.keepalive {
                 h2.keep_alive_interval(interval)
                     .keep_alive_timeout(timeout)
