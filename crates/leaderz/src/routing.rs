@@ -67,8 +67,11 @@
 //!   while it is Ready. Where a write must never come from a deposed leader, the
 //!   resource still needs the [fencing token](Term::fencing_token).
 
+use std::collections::BTreeSet;
 use std::future::Future;
 use std::net::IpAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use k8s_openapi::api::authorization::v1::{
@@ -83,7 +86,7 @@ use kube::{Api, Client};
 use serde_json::json;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
-use tokio::time::{Instant, sleep, sleep_until, timeout};
+use tokio::time::{Instant, sleep, timeout};
 use tracing::{debug, info, warn};
 
 use crate::elector::ElectionError;
@@ -103,6 +106,12 @@ pub const HOLDER_ANNOTATION: &str = "leaderz.io/holder";
 pub const TOKEN_ANNOTATION: &str = "leaderz.io/fencing-token";
 /// Annotation: the lease (`namespace/name`) of that term.
 pub const LEASE_ANNOTATION: &str = "leaderz.io/lease";
+/// Annotation written by every step-down (`<fencing token>@<time>`): the last term that
+/// took its route back from this object. A step-down that does not know whether a write
+/// of its term's start landed writes it even when there is nothing else to change, so
+/// that the object's resourceVersion moves and that write, based on an older version,
+/// can no longer land.
+pub const STEPPED_DOWN_ANNOTATION: &str = "leaderz.io/stepped-down";
 
 /// How long one API call may take, unless [`Routes::call_timeout`] says otherwise.
 pub const DEFAULT_CALL_TIMEOUT: Duration = Duration::from_secs(5);
@@ -174,6 +183,26 @@ pub enum RouteError {
 impl RouteError {
     fn is_conflict(&self) -> bool {
         matches!(self, RouteError::Api(kube::Error::Api(s)) if s.code == 409)
+    }
+
+    fn is_not_found(&self) -> bool {
+        matches!(self, RouteError::Api(kube::Error::Api(s)) if s.code == 404)
+    }
+
+    /// Whether a write that failed with this error may still have landed, or land
+    /// later: no answer in time, a transport error, or a 5xx (the API server may have
+    /// passed the write on to etcd). A 4xx answer means it was refused.
+    fn outcome_unknown(&self) -> bool {
+        match self {
+            RouteError::Timeout(_) => true,
+            RouteError::Api(kube::Error::Api(s)) => s.code >= 500,
+            RouteError::Api(_) => true,
+            RouteError::Forbidden { .. }
+            | RouteError::NotFound { .. }
+            | RouteError::Invalid(_)
+            | RouteError::Superseded { .. }
+            | RouteError::TermEnded => false,
+        }
     }
 }
 
@@ -290,6 +319,18 @@ impl Stamp {
     }
 }
 
+/// The value of [`STEPPED_DOWN_ANNOTATION`] for a step-down of `term` on an object
+/// whose annotation is `current`; never equal to it, so the write always changes the
+/// object (a write that changes nothing leaves the resourceVersion where it was).
+fn stepped_down(term: &TermInfo, current: Option<&String>) -> String {
+    let value = format!("{}@{}", term.fencing_token, jiff::Timestamp::now());
+    if current == Some(&value) {
+        format!("{value}+")
+    } else {
+        value
+    }
+}
+
 fn api_error(
     err: kube::Error,
     verb: &'static str,
@@ -364,6 +405,19 @@ pub struct PodLabel {
     pod: String,
     key: String,
     value: String,
+    /// Whether a pod that carries the label for another Lease (or none) was warned about.
+    warned_foreign: Arc<AtomicBool>,
+}
+
+/// A write of [`PodLabel`] (see [`PodLabel::write`]).
+#[derive(Clone, Copy, Debug)]
+enum LabelChange<'a> {
+    /// The label, stamped with this term.
+    Set(&'a Stamp),
+    /// No label and no stamp; the step-down annotation if given.
+    Remove { stepped_down: Option<&'a str> },
+    /// Only the step-down annotation (to move the resourceVersion).
+    SteppedDown(&'a str),
 }
 
 impl std::fmt::Debug for PodLabel {
@@ -390,6 +444,7 @@ impl PodLabel {
             pod: pod.to_owned(),
             key: key.to_owned(),
             value: value.to_owned(),
+            warned_foreign: Arc::default(),
         })
     }
 
@@ -398,10 +453,13 @@ impl PodLabel {
         format!("{}={}", self.key, self.value)
     }
 
-    fn error(&self, verb: &'static str, err: kube::Error) -> RouteError {
+    /// The error for `verb` on pod `name`: a 404 on our own pod means `POD_NAME` is
+    /// wrong; on another pod, that it is gone (left as the API's 404).
+    fn error(&self, name: &str, verb: &'static str, err: kube::Error) -> RouteError {
         if let kube::Error::Api(s) = &err
             && s.code == 404
             && verb != "list"
+            && name == self.pod
         {
             return RouteError::NotFound {
                 what: "pod",
@@ -421,39 +479,50 @@ impl PodLabel {
             .is_some_and(|v| *v == self.value)
     }
 
-    /// Patches `name`'s label (`Some`: set, with the stamp; `None`: removed, with the
-    /// stamp) if the pod is still at `version`.
-    async fn write(&self, name: &str, version: &str, stamp: Option<&Stamp>) -> Result<()> {
-        let patch = match stamp {
-            Some(stamp) => json!({ "metadata": {
+    /// Patches pod `name` if it is still at `version` (compare-and-swap: a merge patch
+    /// that carries the resourceVersion). `Set`: the label and the term's stamp;
+    /// `Remove`: no label, no stamp; `SteppedDown`: only the step-down annotation.
+    async fn write(&self, name: &str, version: &str, change: LabelChange<'_>) -> Result<()> {
+        let metadata = match change {
+            LabelChange::Set(stamp) => json!({
                 "resourceVersion": version,
                 "labels": { self.key.as_str(): self.value },
                 "annotations": stamp.annotations(),
-            }}),
-            None => json!({ "metadata": {
+            }),
+            LabelChange::Remove { stepped_down } => json!({
                 "resourceVersion": version,
                 "labels": { self.key.as_str(): null },
                 "annotations": {
                     HOLDER_ANNOTATION: null, TOKEN_ANNOTATION: null, LEASE_ANNOTATION: null,
+                    STEPPED_DOWN_ANNOTATION: stepped_down,
                 },
-            }}),
+            }),
+            LabelChange::SteppedDown(value) => json!({
+                "resourceVersion": version,
+                "annotations": { STEPPED_DOWN_ANNOTATION: value },
+            }),
         };
         self.pods
-            .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+            .patch(
+                name,
+                &PatchParams::default(),
+                &Patch::Merge(&json!({ "metadata": metadata })),
+            )
             .await
-            .map_err(|e| self.error("patch", e))?;
+            .map_err(|e| self.error(name, "patch", e))?;
         Ok(())
     }
 
-    /// Sets the label on our pod while `term` is active.
-    async fn point_here(&self, term: &Term, limit: Duration) -> Result<()> {
+    /// Sets the label on our pod while `term` is active. Sets `unsure` when a write's
+    /// outcome is unknown (it may land later).
+    async fn point_here(&self, term: &Term, limit: Duration, unsure: &mut bool) -> Result<()> {
         let stamp = Stamp::of(term);
         loop {
             let pod = bounded(limit, async {
                 self.pods
                     .get(&self.pod)
                     .await
-                    .map_err(|e| self.error("get", e))
+                    .map_err(|e| self.error(&self.pod, "get", e))
             })
             .await?;
             if self.carries(&pod) && Stamp::read(&pod.metadata).as_ref() == Some(&stamp) {
@@ -461,22 +530,34 @@ impl PodLabel {
             }
             term.check().map_err(|_| RouteError::TermEnded)?;
             let version = pod.metadata.resource_version.unwrap_or_default();
-            match bounded(limit, self.write(&self.pod, &version, Some(&stamp))).await {
+            match bounded(
+                limit,
+                self.write(&self.pod, &version, LabelChange::Set(&stamp)),
+            )
+            .await
+            {
                 Err(e) if e.is_conflict() => continue,
-                other => return other,
+                Err(e) => {
+                    *unsure |= e.outcome_unknown();
+                    return Err(e);
+                }
+                Ok(()) => return Ok(()),
             }
         }
     }
 
-    /// Removes the label from other pods that carry it for an older term (a crashed or
-    /// partitioned leader's). Returns how many; a refused `list` is `Ok(None)`.
+    /// Removes the label from other pods that carry it for an older term of OUR Lease (a
+    /// crashed or partitioned leader's). A pod that carries the label without our
+    /// Lease's stamp (another election that uses the same label, or a label set by hand)
+    /// is left alone, with a warning (once). Returns how many; a refused `list` is
+    /// `Ok(None)`.
     async fn take_from_others(&self, term: &Term, limit: Duration) -> Result<Option<usize>> {
         let ours = Stamp::of(term);
         let listed = bounded(limit, async {
             self.pods
                 .list(&ListParams::default().labels(&self.selector()))
                 .await
-                .map_err(|e| self.error("list", e))
+                .map_err(|e| self.error("", "list", e))
         })
         .await;
         let pods = match listed {
@@ -493,23 +574,42 @@ impl PodLabel {
                 continue;
             }
             loop {
-                let stamp = Stamp::read(&pod.metadata);
                 if !self.carries(&pod) {
                     break;
                 }
-                if let Some(stamp) = &stamp
-                    && stamp.lease == ours.lease
-                    && stamp.token >= ours.token
-                {
-                    warn!(pod = %name, theirs = stamp.token, ours = ours.token, "another pod carries the leader label for a term not older than ours; leaving it");
-                    break;
+                let stamp = Stamp::read(&pod.metadata);
+                match &stamp {
+                    Some(stamp) if stamp.lease == ours.lease && stamp.token < ours.token => {}
+                    Some(stamp) if stamp.lease == ours.lease => {
+                        warn!(pod = %name, theirs = stamp.token, ours = ours.token, "another pod carries the leader label for a term of this lease not older than ours; leaving it");
+                        break;
+                    }
+                    other => {
+                        if !self.warned_foreign.swap(true, Ordering::Relaxed) {
+                            warn!(
+                                pod = %name,
+                                lease = ?other.as_ref().map(|s| s.lease.as_str()),
+                                label = %self.selector(),
+                                "another pod carries the leader label but not for this lease (another election uses the same label, or it was set by hand); leaving it, and any such pod (a Service selecting the label reaches them too: give each election a label of its own)"
+                            );
+                        } else {
+                            debug!(pod = %name, "another pod carries the leader label but not for this lease; leaving it");
+                        }
+                        break;
+                    }
                 }
                 term.check().map_err(|_| RouteError::TermEnded)?;
                 let version = pod.metadata.resource_version.clone().unwrap_or_default();
-                match bounded(limit, self.write(&name, &version, None)).await {
+                let removed = LabelChange::Remove { stepped_down: None };
+                match bounded(limit, self.write(&name, &version, removed)).await {
                     Ok(()) => {
                         info!(pod = %name, stale = ?stamp.map(|s| s.token), "removed the leader label from a pod of an older term");
                         taken += 1;
+                        break;
+                    }
+                    // Deleted since the listing: its label went with it.
+                    Err(e) if e.is_not_found() => {
+                        debug!(pod = %name, "a pod with the leader label is gone");
                         break;
                     }
                     Err(e) if e.is_conflict() => {
@@ -517,7 +617,7 @@ impl PodLabel {
                             self.pods
                                 .get_opt(&name)
                                 .await
-                                .map_err(|e| self.error("get", e))
+                                .map_err(|e| self.error(&name, "get", e))
                         })
                         .await?
                         {
@@ -533,14 +633,22 @@ impl PodLabel {
     }
 
     /// Removes the label from our pod if it is there and not stamped by a term newer
-    /// than `term` (none: at startup, any). Returns whether it removed it.
-    async fn point_away(&self, term: Option<&TermInfo>, limit: Duration) -> Result<bool> {
+    /// than `term` (none: at startup, any). With `bump` (a write of the term's start may
+    /// still land), writes the step-down annotation even when there is nothing to
+    /// remove, so that the pod's resourceVersion moves past every version that write
+    /// could be based on. Returns whether it removed the label.
+    async fn point_away(
+        &self,
+        term: Option<&TermInfo>,
+        bump: bool,
+        limit: Duration,
+    ) -> Result<bool> {
         loop {
             let pod = bounded(limit, async {
                 self.pods
                     .get_opt(&self.pod)
                     .await
-                    .map_err(|e| self.error("get", e))
+                    .map_err(|e| self.error(&self.pod, "get", e))
             })
             .await?;
             let Some(pod) = pod else {
@@ -555,20 +663,31 @@ impl PodLabel {
                 }
                 return Ok(false); // our pod is gone, and its label with it
             };
-            if !self.carries(&pod) {
+            let newer = match (term, Stamp::read(&pod.metadata)) {
+                (Some(term), Some(stamp)) => {
+                    stamp.lease == term.lock && stamp.token > term.fencing_token
+                }
+                _ => false,
+            };
+            let remove = self.carries(&pod) && !newer;
+            if !remove && !bump {
                 return Ok(false);
             }
-            if let (Some(term), Some(stamp)) = (term, Stamp::read(&pod.metadata))
-                && stamp.lease == term.lock
-                && stamp.token > term.fencing_token
-            {
-                return Ok(false);
-            }
-            let version = pod.metadata.resource_version.unwrap_or_default();
-            match bounded(limit, self.write(&self.pod, &version, None)).await {
+            let annotations = pod.metadata.annotations.as_ref();
+            let stepped_down = term
+                .map(|t| stepped_down(t, annotations.and_then(|a| a.get(STEPPED_DOWN_ANNOTATION))));
+            let change = match (&stepped_down, remove) {
+                (_, true) => LabelChange::Remove {
+                    stepped_down: stepped_down.as_deref(),
+                },
+                (Some(value), false) => LabelChange::SteppedDown(value),
+                (None, false) => return Ok(false),
+            };
+            let version = pod.metadata.resource_version.clone().unwrap_or_default();
+            match bounded(limit, self.write(&self.pod, &version, change)).await {
                 Err(e) if e.is_conflict() => continue,
                 Err(e) => return Err(e),
-                Ok(()) => return Ok(true),
+                Ok(()) => return Ok(remove),
             }
         }
     }
@@ -637,6 +756,16 @@ impl std::fmt::Debug for LeaderEndpoints {
             .field("ip", &self.ip)
             .finish_non_exhaustive()
     }
+}
+
+/// Writes of a term's start to the slice whose outcome is unknown (they may land
+/// later, see [`LeaderEndpoints::point_away`]).
+#[derive(Debug, Default)]
+struct SliceUnsure {
+    /// A create.
+    create: bool,
+    /// Replaces, based on these resourceVersions.
+    versions: BTreeSet<String>,
 }
 
 /// What a leader does to the slice it found (see [`LeaderEndpoints::decide`]).
@@ -866,14 +995,20 @@ impl LeaderEndpoints {
         .await
     }
 
-    /// Points the slice here while `term` is active.
-    async fn point_here(&self, term: &Term, limit: Duration) -> Result<()> {
+    /// Points the slice here while `term` is active. Notes in `unsure` each write whose
+    /// outcome is unknown (it may land later).
+    async fn point_here(
+        &self,
+        term: &Term,
+        limit: Duration,
+        unsure: &mut SliceUnsure,
+    ) -> Result<()> {
         let ours = Stamp::of(term);
         let desired = self.desired(&ours, limit).await?;
         loop {
             let current = self.get(limit).await?;
             let step = Self::decide(current.as_ref(), &desired, &ours);
-            let result = match step {
+            let (result, based_on) = match step {
                 SliceStep::Done => return Ok(()),
                 SliceStep::Superseded(theirs) => {
                     return Err(RouteError::Superseded {
@@ -885,14 +1020,15 @@ impl LeaderEndpoints {
                 }
                 SliceStep::Create => {
                     term.check().map_err(|_| RouteError::TermEnded)?;
-                    bounded(limit, async {
+                    let created = bounded(limit, async {
                         self.slices
                             .create(&PostParams::default(), &desired)
                             .await
                             .map(drop)
                             .map_err(|e| self.slice_error("create", e))
                     })
-                    .await
+                    .await;
+                    (created, None)
                 }
                 SliceStep::Replace => {
                     let current = current.unwrap_or_default();
@@ -907,32 +1043,80 @@ impl LeaderEndpoints {
                     let mut next = desired.clone();
                     next.metadata.resource_version = current.metadata.resource_version;
                     term.check().map_err(|_| RouteError::TermEnded)?;
-                    self.replace(&next, limit).await
+                    let version = next.metadata.resource_version.clone().unwrap_or_default();
+                    (self.replace(&next, limit).await, Some(version))
                 }
             };
             match result {
                 // Someone wrote in between (or created it first): read again, decide again.
                 Err(e) if e.is_conflict() => continue,
-                other => return other,
+                Err(e) => {
+                    if e.outcome_unknown() {
+                        match based_on {
+                            Some(version) => {
+                                unsure.versions.insert(version);
+                            }
+                            None => unsure.create = true,
+                        }
+                    }
+                    return Err(e);
+                }
+                Ok(()) => return Ok(()),
             }
         }
     }
 
     /// Empties the slice if it names `term` (or, with `None` at startup, our identity,
-    /// pod or IP). Returns whether it did.
+    /// pod or IP). Also when a write of the term's start may still land (`unsure`): if
+    /// the slice is still at a version such a write was based on, it is emptied (the
+    /// resourceVersion moves on, so that write can no longer land), and if a create may
+    /// land, an emptied slice is created first. Returns whether it wrote.
     async fn point_away(
         &self,
         term: Option<&TermInfo>,
         identity: &str,
+        unsure: &SliceUnsure,
         limit: Duration,
     ) -> Result<bool> {
         loop {
             let Some(current) = self.get(limit).await? else {
-                return Ok(false);
+                let Some(term) = term.filter(|_| unsure.create) else {
+                    return Ok(false);
+                };
+                // A create of this term's start may still land: take the name first.
+                let mut empty = match self.desired(&Stamp::of_info(term), limit).await {
+                    Ok(slice) => slice,
+                    // The Service is gone: a slice it owns is garbage-collected.
+                    Err(RouteError::NotFound { .. }) => return Ok(false),
+                    Err(e) => return Err(e),
+                };
+                empty.endpoints.clear();
+                empty
+                    .metadata
+                    .annotations
+                    .get_or_insert_default()
+                    .insert(STEPPED_DOWN_ANNOTATION.to_owned(), stepped_down(term, None));
+                let created = bounded(limit, async {
+                    self.slices
+                        .create(&PostParams::default(), &empty)
+                        .await
+                        .map(drop)
+                        .map_err(|e| self.slice_error("create", e))
+                })
+                .await;
+                match created {
+                    Err(e) if e.is_conflict() => continue,
+                    Err(e) => return Err(e),
+                    Ok(()) => return Ok(true),
+                }
             };
-            if current.endpoints.is_empty() {
-                return Ok(false);
-            }
+            let version = current
+                .metadata
+                .resource_version
+                .clone()
+                .unwrap_or_default();
+            // Still at a version a write of the term's start was based on.
+            let stale = term.is_some() && unsure.versions.contains(&version);
             let stamp = Stamp::read(&current.metadata);
             let ours = match term {
                 // Ours if it names this term or an older one of ours (a term whose own
@@ -948,12 +1132,18 @@ impl LeaderEndpoints {
                         || self.points_here(&current)
                 }
             };
-            if !ours {
+            let points_for_us = ours && !current.endpoints.is_empty();
+            if !(stale || points_for_us) {
                 return Ok(false);
             }
             let mut next = current;
             next.endpoints.clear();
             next.metadata.managed_fields = None;
+            if let Some(term) = term {
+                let annotations = next.metadata.annotations.get_or_insert_default();
+                let value = stepped_down(term, annotations.get(STEPPED_DOWN_ANNOTATION));
+                annotations.insert(STEPPED_DOWN_ANNOTATION.to_owned(), value);
+            }
             match self.replace(&next, limit).await {
                 Err(e) if e.is_conflict() => continue,
                 Err(e) => return Err(e),
@@ -997,6 +1187,42 @@ impl LeaderEndpoints {
 }
 
 // ---- both, around a term ---------------------------------------------------------------
+
+/// Writes of a term's start whose outcome is unknown (no answer in time, a transport
+/// error, a 5xx): they may land at any time later, even after the step-down. So the
+/// step-down does not just look (a label not there yet, a slice not pointing here yet)
+/// but writes on the version it read — the step-down annotation on the pod, an emptied
+/// slice at a version such a write was based on, an emptied slice where a create may
+/// land — and every such write, being compare-and-swap on an older version (or a create
+/// of a name taken), then fails.
+#[derive(Debug, Default)]
+struct Unsure {
+    /// A write of the label.
+    label: bool,
+    /// Writes of the slice.
+    slice: SliceUnsure,
+}
+
+impl Unsure {
+    fn any(&self) -> bool {
+        self.label || self.slice.create || !self.slice.versions.is_empty()
+    }
+}
+
+/// The outcome of two sides done at once: the first error that keeps the task trying
+/// (an API failure, a timeout) over one that would stop it, so a side that failed
+/// for good never hides one that may still succeed.
+fn both(a: Result<()>, b: Result<()>) -> Result<()> {
+    let last = |e: &RouteError| matches!(e, RouteError::TermEnded | RouteError::Superseded { .. });
+    match (a, b) {
+        (Ok(()), Ok(())) => Ok(()),
+        (Err(e), Ok(())) | (Ok(()), Err(e)) => Err(e),
+        (Err(RouteError::TermEnded), Err(_)) | (Err(_), Err(RouteError::TermEnded)) => {
+            Err(RouteError::TermEnded)
+        }
+        (Err(a), Err(b)) => Err(if last(&a) && !last(&b) { b } else { a }),
+    }
+}
 
 /// Where traffic to the leader is pointed: a pod label, an EndpointSlice, both, or
 /// neither (then every call does nothing). Cheap to clone.
@@ -1096,13 +1322,16 @@ impl Routes {
         let limit = self.call_timeout;
         if let Some(label) = &self.label {
             label.check_access().await?;
-            if label.point_away(None, limit).await? {
+            if label.point_away(None, false, limit).await? {
                 info!(pod = %label.pod, label = %label.selector(), "removed a stale leader label from this pod");
             }
         }
         if let Some(endpoints) = &self.endpoints {
             endpoints.check_access(limit).await?;
-            if endpoints.point_away(None, identity, limit).await? {
+            if endpoints
+                .point_away(None, identity, &SliceUnsure::default(), limit)
+                .await?
+            {
                 info!(slice = %endpoints.slice_name(), "emptied an EndpointSlice a previous process left pointing here");
             }
         }
@@ -1110,13 +1339,19 @@ impl Routes {
     }
 
     /// Points traffic here for `term` (once; see [`Routes::route`] for the retrying task).
-    async fn point_here(&self, term: &Term) -> Result<()> {
+    /// Notes in `unsure` every write whose outcome is unknown, on either side, whatever
+    /// the other side did.
+    async fn point_here(&self, term: &Term, unsure: &mut Unsure) -> Result<()> {
         let limit = self.call_timeout;
+        let Unsure {
+            label: label_unsure,
+            slice: slice_unsure,
+        } = unsure;
         let label = async {
             let Some(label) = &self.label else {
                 return Ok(());
             };
-            label.point_here(term, limit).await?;
+            label.point_here(term, limit, label_unsure).await?;
             match label.take_from_others(term, limit).await? {
                 Some(_) => {}
                 None => debug!("no `list` on pods: not looking for other pods with the label"),
@@ -1125,34 +1360,38 @@ impl Routes {
         };
         let endpoints = async {
             match &self.endpoints {
-                Some(e) => e.point_here(term, limit).await,
+                Some(e) => e.point_here(term, limit, slice_unsure).await,
                 None => Ok(()),
             }
         };
         let (label, endpoints): (Result<()>, Result<()>) = tokio::join!(label, endpoints);
-        label.and(endpoints)
+        both(label, endpoints)
     }
 
-    /// Points traffic away from here after `term`.
-    async fn point_away(&self, term: &TermInfo) -> Result<()> {
+    /// Points traffic away from here after `term`; see [`Unsure`] for what more it
+    /// writes when a write of the term's start may still land.
+    async fn point_away(&self, term: &TermInfo, unsure: &Unsure) -> Result<()> {
         let limit = self.call_timeout;
         let label = async {
             match &self.label {
-                Some(l) => l.point_away(Some(term), limit).await.map(drop),
+                Some(l) => l
+                    .point_away(Some(term), unsure.label, limit)
+                    .await
+                    .map(drop),
                 None => Ok(()),
             }
         };
         let endpoints = async {
             match &self.endpoints {
                 Some(e) => e
-                    .point_away(Some(term), &term.identity, limit)
+                    .point_away(Some(term), &term.identity, &unsure.slice, limit)
                     .await
                     .map(drop),
                 None => Ok(()),
             }
         };
         let (label, endpoints): (Result<()>, Result<()>) = tokio::join!(label, endpoints);
-        label.and(endpoints)
+        both(label, endpoints)
     }
 
     /// Starts routing traffic for `term`: a task that points traffic here alongside the
@@ -1179,17 +1418,16 @@ impl Routes {
         let started = Instant::now();
         let mut backoff = FIRST_RETRY;
         let mut failing = false;
-        // When a call whose outcome is unknown (timed out) was sent: it may land late.
-        let mut uncertain: Option<Instant> = None;
+        let mut unsure = Unsure::default();
         let mut work_done = false;
         loop {
             if !term.is_active() {
                 break;
             }
-            let sent = Instant::now();
             // Never cut a call short: a write cancelled in flight could land after the
-            // clean-up read and leave traffic pointing here.
-            match self.point_here(&term).await {
+            // clean-up read; the calls have their own limits, and a write whose outcome
+            // is unknown is noted in `unsure` for the step-down.
+            match self.point_here(&term, &mut unsure).await {
                 Ok(()) => {
                     info!(after = ?started.elapsed(), fencing_token = term.fencing_token(), "traffic points at this pod");
                     break;
@@ -1200,9 +1438,6 @@ impl Routes {
                     break;
                 }
                 Err(e) => {
-                    if matches!(e, RouteError::Timeout(_)) {
-                        uncertain = Some(sent);
-                    }
                     if !failing {
                         warn!(error = %e, "pointing traffic at this pod failed; retrying while the term lasts");
                         failing = true;
@@ -1222,17 +1457,23 @@ impl Routes {
         }
         // `term` is held until traffic points away (and the drain is over): the engine
         // releases only after that.
-        self.step_down(term.info(), uncertain).await;
+        self.step_down(term.info(), &unsure).await;
         drop(term);
     }
 
     /// Points traffic away until that is written, holding `term` (see the module docs).
-    async fn step_down(&self, term: &TermInfo, uncertain: Option<Instant>) {
+    async fn step_down(&self, term: &TermInfo, unsure: &Unsure) {
         let began = Instant::now();
+        if unsure.any() {
+            info!(
+                ?unsure,
+                "a write pointing traffic here may still land: stepping down with writes it cannot outlive"
+            );
+        }
         let mut backoff = FIRST_RETRY;
         let mut failures = 0u32;
         loop {
-            match self.point_away(term).await {
+            match self.point_away(term, unsure).await {
                 Ok(()) => break,
                 Err(e) => {
                     failures += 1;
@@ -1243,12 +1484,6 @@ impl Routes {
                     backoff = (backoff * 2).min(LAST_RETRY);
                 }
             }
-        }
-        // A timed-out write of the term's start may still land: look once more after
-        // it can no longer be in flight at our end.
-        if let Some(sent) = uncertain {
-            sleep_until(sent + self.call_timeout * 2).await;
-            let _ = self.point_away(term).await;
         }
         if failures > 0 {
             info!(after = ?began.elapsed(), failures, "traffic no longer points at this pod");
