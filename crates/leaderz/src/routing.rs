@@ -1590,6 +1590,59 @@ mod tests {
         }
     }
 
+    fn api(code: u16) -> RouteError {
+        RouteError::Api(kube::Error::Api(
+            kube::core::Status::failure("test", "Test")
+                .with_code(code)
+                .boxed(),
+        ))
+    }
+
+    /// Review finding 2: a write that timed out, failed in transport or got a 5xx may
+    /// still land; a 4xx answer (conflict, forbidden, invalid) means it did not.
+    #[test]
+    fn a_write_may_still_land_after_a_timeout_a_transport_error_or_a_5xx() {
+        assert!(RouteError::Timeout(Duration::from_secs(1)).outcome_unknown());
+        assert!(api(500).outcome_unknown());
+        assert!(api(503).outcome_unknown());
+        assert!(api(504).outcome_unknown());
+        let transport = RouteError::Api(kube::Error::Service("connection reset".into()));
+        assert!(transport.outcome_unknown());
+        for code in [400, 404, 409, 422, 429] {
+            assert!(!api(code).outcome_unknown(), "{code}");
+        }
+        assert!(!RouteError::TermEnded.outcome_unknown());
+    }
+
+    /// Review finding 2: with both routes, the outcome of the two sides is combined so
+    /// that an error to retry is never hidden behind one that stops the task.
+    #[test]
+    fn a_side_that_failed_for_good_never_hides_one_to_retry() {
+        let superseded = || RouteError::Superseded {
+            slice: "s".into(),
+            holder: "z".into(),
+            theirs: 2,
+            ours: 1,
+        };
+        assert!(both(Ok(()), Ok(())).is_ok());
+        assert!(matches!(
+            both(Err(superseded()), Err(api(503))),
+            Err(RouteError::Api(_))
+        ));
+        assert!(matches!(
+            both(Err(api(503)), Err(superseded())),
+            Err(RouteError::Api(_))
+        ));
+        assert!(matches!(
+            both(Ok(()), Err(superseded())),
+            Err(RouteError::Superseded { .. })
+        ));
+        assert!(matches!(
+            both(Err(api(503)), Err(RouteError::TermEnded)),
+            Err(RouteError::TermEnded)
+        ));
+    }
+
     #[test]
     fn labels_are_checked_as_kubernetes_does() {
         for ok in [
