@@ -1245,6 +1245,25 @@ impl Default for Routes {
     }
 }
 
+/// What the routes point here, for logs: e.g. ``label `role=leader` on pod `p`,
+/// EndpointSlice `s` `` (`nothing` when empty).
+impl std::fmt::Display for Routes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut parts = Vec::new();
+        if let Some(l) = &self.label {
+            parts.push(format!("label `{}` on pod `{}`", l.selector(), l.pod));
+        }
+        if let Some(e) = &self.endpoints {
+            parts.push(format!("EndpointSlice `{}`", e.slice_name()));
+        }
+        if parts.is_empty() {
+            f.write_str("nothing")
+        } else {
+            f.write_str(&parts.join(", "))
+        }
+    }
+}
+
 impl Routes {
     /// No routes.
     pub fn new() -> Self {
