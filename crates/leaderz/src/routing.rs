@@ -38,9 +38,13 @@
 //! If the clean-up cannot be written (API server unreachable, RBAC revoked), the task
 //! keeps trying (200 ms, doubling to 5 s) and keeps holding the term, so no release
 //! happens over a label or slice that still points here: on shutdown the engine gives
-//! up after `shutdown_grace` and lets the Lease **expire** instead of releasing it; after
-//! a lost term the process does not campaign again until the clean-up is written
-//! (`Status::work_overdue` and the health check say so meanwhile).
+//! up after `shutdown_grace` and lets the Lease **expire** instead of releasing it (the
+//! handover then takes a lease duration); after a lost term the process does not
+//! campaign again until the clean-up is written (`Status::work_overdue` and the health
+//! check say so meanwhile). A caller that stops waiting for [`Routed::finish`] (as
+//! `leaderz run` and `serve` do after `--routing-drain` + 2 call timeouts) must then
+//! stop the election without a release — the routing task's clone of the term sees to
+//! that while it lives — and exit.
 //!
 //! # What each one guarantees
 //!
@@ -56,16 +60,33 @@
 //!   server leads, the slice names only it, or nobody for the one write after its term
 //!   began.
 //! - **Pod label**: each process labels only its own pod, and on taking a term also
-//!   removes the label from any other pod that carries it with an older stamp (needs
-//!   `list` on pods; without it this step is skipped with a warning, and a crashed or
-//!   partitioned leader's pod keeps its label until its process can remove it or the pod
-//!   is gone). A restarted container removes its pod's stale label before campaigning.
+//!   removes the label from any other pod that carries it for an **older term of the
+//!   same Lease** (needs `list` on pods; without it this step is skipped with a warning,
+//!   and a crashed or partitioned leader's pod keeps its label until its process can
+//!   remove it or the pod is gone). A pod that carries the label for another Lease (two
+//!   elections using one label) or without a stamp (set by hand) is left alone, with a
+//!   warning: a Service selecting the label reaches it too, so give each election a label
+//!   of its own. A restarted container removes its pod's stale label before campaigning.
+//! - **A start write whose answer is lost** (no answer within the call timeout, a
+//!   transport error, a 5xx) may still land later, even after the step-down. So the
+//!   step-down then writes even where nothing points here yet: the annotation
+//!   [`STEPPED_DOWN_ANNOTATION`] on the pod, an emptied slice while the slice is at a
+//!   version such a write was based on, an emptied slice created where a create may
+//!   land. The late write, compare-and-swap on an older version or a create of a taken
+//!   name, then fails (409).
 //! - **Neither is atomic with the Lease.** The label and the slice lag the term by a
 //!   write at its start and lead it by one at its end; kube-proxy adds its own delay
 //!   (seconds under load). A leader that cannot reach the API server cannot take its
 //!   label or slice back, and a Service selecting the label also selects a pod only
 //!   while it is Ready. Where a write must never come from a deposed leader, the
 //!   resource still needs the [fencing token](Term::fencing_token).
+//! - **Deleting the Lease resets the tokens.** A Lease deleted and created again starts
+//!   from token 0, and the stamps of its earlier terms are then newer: a leader does not
+//!   overwrite a non-empty slice of such a term ([`RouteError::Superseded`] says so) nor
+//!   take the label off such a pod. If the leader of those terms is gone for good (a
+//!   live one takes its own routes back at its step-down, a restarted container at
+//!   startup), delete the slice (`kubectl delete endpointslice <service>`) and remove the
+//!   label (`kubectl label pod <pod> <key>-`) by hand.
 
 use std::collections::BTreeSet;
 use std::future::Future;
@@ -581,7 +602,7 @@ impl PodLabel {
                 match &stamp {
                     Some(stamp) if stamp.lease == ours.lease && stamp.token < ours.token => {}
                     Some(stamp) if stamp.lease == ours.lease => {
-                        warn!(pod = %name, theirs = stamp.token, ours = ours.token, "another pod carries the leader label for a term of this lease not older than ours; leaving it");
+                        warn!(pod = %name, theirs = stamp.token, ours = ours.token, "another pod carries the leader label for a term of this lease not older than ours; leaving it (if the Lease was deleted and its tokens started again, remove the label by hand)");
                         break;
                     }
                     other => {
@@ -1538,7 +1559,10 @@ pub struct Routed {
 
 impl Routed {
     /// The work has stopped: points traffic away and waits until that is written (the
-    /// term's clone is dropped then).
+    /// term's clone is dropped then). Unbounded while the clean-up cannot be written; a
+    /// caller that gives up waiting (drops this future) leaves the task running, still
+    /// holding the term — so the election cannot release until the task is done — and
+    /// should then stop the election and exit (the Lease expires).
     pub async fn finish(mut self) {
         self.work_stopped.take();
         if let Some(task) = self.task.take() {
