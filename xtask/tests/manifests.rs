@@ -202,7 +202,7 @@ async fn the_traffic_manifests_are_accepted_and_consistent() {
         .unwrap();
     for rule in role.rules.unwrap() {
         if let Some(names) = &rule.resource_names {
-            assert_eq!(names, &[service_name.clone()], "{rule:?}");
+            assert_eq!(names, std::slice::from_ref(&service_name), "{rule:?}");
         }
     }
     let pod_ip = container
