@@ -1538,14 +1538,30 @@ impl Routes {
 
     /// For a process whose work holds no terms itself (a sidecar): routes every term of
     /// the election behind `terms` — here at its start, away at its end, then the term
-    /// is dropped. Returns when the elector stops.
+    /// is dropped. Returns when the elector stops (also while a clean-up is still being
+    /// tried: the elector then did not release, see [`run_while_leading`]).
     pub async fn follow(&self, mut terms: Terms) {
         while let Ok(term) = terms.acquired().await {
             let routed = self.route(&term);
             term.cancelled().await;
             drop(term);
-            routed.finish().await;
+            tokio::select! {
+                () = routed.finish() => {}
+                () = terms.stopped() => {
+                    self.gave_up();
+                    return;
+                }
+            }
         }
+    }
+
+    /// The elector stopped while the routing task still held its term: it did not
+    /// release (its `shutdown_grace` ran out first), and the task goes on trying.
+    fn gave_up(&self) {
+        warn!(
+            routes = %self,
+            "the elector stopped before traffic was pointed away: it did not release the lease, and traffic may still point here until the next leader takes it over"
+        );
     }
 }
 
@@ -1580,7 +1596,9 @@ impl Drop for Routed {
 
 /// [`ElectionHandle::run_while_leading`] with [`Routes`]: each term, traffic is pointed
 /// here alongside `work`; when the term ends `work` is dropped, then traffic is pointed
-/// away, and only then is the term dropped and the Lease released.
+/// away, and only then is the term dropped and the Lease released. If that cannot be
+/// written before the elector stops (a shutdown whose `shutdown_grace` runs out), the
+/// Lease is not released and this returns as the elector ended, with a warning.
 pub async fn run_while_leading<F, Fut>(
     handle: &mut ElectionHandle,
     routes: &Routes,
@@ -1597,7 +1615,15 @@ where
             () = work(term) => token.cancelled().await,
             () = token.cancelled() => {}
         }
-        routed.finish().await;
+        // Until traffic points away; but not past the elector's end (a shutdown whose
+        // `shutdown_grace` ran out first: it stopped without releasing).
+        tokio::select! {
+            () = routed.finish() => {}
+            stopped = handle.join() => {
+                routes.gave_up();
+                return stopped;
+            }
+        }
     }
     handle.join().await
 }

@@ -1168,3 +1168,66 @@ async fn lost_answer(case: &str) {
         }
     }
 }
+
+/// `run_while_leading` and `Routes::follow` waited for ever for a clean-up that could
+/// not be written, even after the elector had stopped without releasing (its shutdown
+/// grace ran out): they return when the elector ends, and the Lease is not released.
+#[tokio::test]
+async fn the_library_helpers_return_when_the_elector_gives_up_on_the_clean_up() {
+    let cp = ControlPlane::shared().unwrap();
+    let admin = cp.admin_client().unwrap();
+    for helper in ["run_while_leading", "follow"] {
+        let ns = cp.new_namespace("gives-up").await.unwrap();
+        create_pod(&admin, &ns, "a").await;
+        let pods: Api<Pod> = Api::namespaced(admin.clone(), &ns);
+        let (tapped, tap) = tap::Tap::client(cp.config(&cp.admin_credentials()).unwrap());
+        let routes =
+            routes_for(&tapped, &ns, "a", true, false).call_timeout(Duration::from_secs(1));
+        let config = config("a").shutdown_grace(Duration::from_secs(1));
+        let mut handle = Elector::new(LeaseLock::new(admin.clone(), &ns, LEASE), config)
+            .unwrap()
+            .spawn();
+        let stop = handle.shutdown_token();
+        let task = match helper {
+            "run_while_leading" => tokio::spawn(async move {
+                leaderz::routing::run_while_leading(&mut handle, &routes, |term| async move {
+                    term.cancelled().await;
+                })
+                .await
+                .unwrap();
+            }),
+            _ => {
+                let terms = handle.terms();
+                tokio::spawn(async move {
+                    routes.follow(terms).await;
+                    drop(handle);
+                })
+            }
+        };
+        until("a labelled", Duration::from_secs(10), async || {
+            labelled(&pods.get("a").await.unwrap())
+        })
+        .await;
+        // The label can no longer be taken back.
+        tap.refuse(
+            Method::PATCH,
+            &format!("/api/v1/namespaces/{ns}/pods/a"),
+            403,
+        );
+        stop.cancel();
+        timeout(Duration::from_secs(5), task)
+            .await
+            .unwrap_or_else(|_| panic!("{helper} did not return after the elector stopped"))
+            .unwrap();
+        let lease = Api::<Lease>::namespaced(admin.clone(), &ns)
+            .get(LEASE)
+            .await
+            .unwrap();
+        assert_eq!(
+            lease.spec.unwrap().holder_identity.as_deref(),
+            Some("a"),
+            "{helper}: released while the label still pointed here"
+        );
+        assert!(labelled(&pods.get("a").await.unwrap()));
+    }
+}

@@ -36,6 +36,7 @@ pub enum Lost {
 enum Rule {
     Lose(Lost),
     Before(Action),
+    Refuse(u16),
 }
 
 /// A request whose answer was lost, held back from the API server.
@@ -109,6 +110,15 @@ impl Tap {
             .push((method, path.to_owned(), Rule::Before(action)));
     }
 
+    /// Answers every `method` request on `path` from now on with `code`, without passing
+    /// it on (RBAC revoked, say).
+    pub fn refuse(&self, method: Method, path: &str, code: u16) {
+        self.rules
+            .lock()
+            .unwrap()
+            .push((method, path.to_owned(), Rule::Refuse(code)));
+    }
+
     /// The next request whose answer was lost.
     pub async fn held(&self) -> Held {
         self.held_rx.lock().await.recv().await.unwrap()
@@ -164,14 +174,21 @@ impl Service<Request<Body>> for TapService {
         self.tap.seen.lock().unwrap().push(what.clone());
         let rule = {
             let mut rules = self.tap.rules.lock().unwrap();
-            rules
+            match rules
                 .iter()
                 .position(|(m, p, _)| m == req.method() && *p == path)
-                .map(|i| rules.remove(i).2)
+            {
+                Some(i) => match rules[i].2 {
+                    Rule::Refuse(code) => Some(Rule::Refuse(code)),
+                    _ => Some(rules.remove(i).2),
+                },
+                None => None,
+            }
         };
         let inner = self.inner.clone();
         match rule {
             None => Box::pin(forward(inner, req)),
+            Some(Rule::Refuse(code)) => Box::pin(async move { Ok(status(code)) }),
             Some(Rule::Before(action)) => Box::pin(async move {
                 action().await;
                 forward(inner, req).await
