@@ -510,14 +510,19 @@ impl PodLabel {
                 "labels": { self.key.as_str(): self.value },
                 "annotations": stamp.annotations(),
             }),
-            LabelChange::Remove { stepped_down } => json!({
-                "resourceVersion": version,
-                "labels": { self.key.as_str(): null },
-                "annotations": {
+            LabelChange::Remove { stepped_down } => {
+                let mut annotations = json!({
                     HOLDER_ANNOTATION: null, TOKEN_ANNOTATION: null, LEASE_ANNOTATION: null,
-                    STEPPED_DOWN_ANNOTATION: stepped_down,
-                },
-            }),
+                });
+                if let Some(value) = stepped_down {
+                    annotations[STEPPED_DOWN_ANNOTATION] = json!(value);
+                }
+                json!({
+                    "resourceVersion": version,
+                    "labels": { self.key.as_str(): null },
+                    "annotations": annotations,
+                })
+            }
             LabelChange::SteppedDown(value) => json!({
                 "resourceVersion": version,
                 "annotations": { STEPPED_DOWN_ANNOTATION: value },
