@@ -6,7 +6,7 @@ use std::time::Duration;
 use leaderz::routing::{LeaderEndpoints, PodLabel, Routes, parse_label};
 use leaderz::{ElectionConfig, ElectionHandle, Elector, LeaseLock, Metrics};
 use prometheus_client::registry::Registry;
-use tracing::debug;
+use tracing::{debug, warn};
 
 use crate::cli::{ElectionArgs, RouteArgs};
 use crate::cluster;
@@ -23,6 +23,17 @@ pub(crate) fn routing_allowance(args: &RouteArgs) -> Duration {
     } else {
         Duration::ZERO
     }
+}
+
+/// Logs what may still point here when leaderz exits without releasing because traffic
+/// could not be pointed away (see [`Election::abandon`]).
+pub(crate) fn left_behind(routes: &Routes, info: &ElectionInfo) {
+    warn!(
+        %routes,
+        lease = %info.lease,
+        lease_duration = ?info.lease_duration,
+        "traffic may still point here: not releasing the lease; it expires a lease duration after its last renewal, and the next leader then takes the routes over"
+    );
 }
 
 /// What the HTTP endpoints and the child's environment need to know about the election.
@@ -197,6 +208,19 @@ impl Election {
             Err(e) => CliError::Election(e),
             Ok(()) => CliError::Io("the elector stopped unexpectedly".into()),
         }
+    }
+
+    /// Stops the election WITHOUT releasing the Lease, for when traffic could not be
+    /// pointed away in time (the API server unreachable, `patch` or `update` revoked):
+    /// the routing task still holds its clone of the [`leaderz::Term`], so the elector,
+    /// told to stop, waits for it instead of releasing; the caller returns and the
+    /// process exits, which ends both where they stand, as a crash would. The Lease
+    /// expires a lease duration after its last renewal and the next leader takes the
+    /// routes over then (the slice with its first write; the label if it may `list`
+    /// pods). Logs what was left behind.
+    pub(crate) fn abandon(self) {
+        left_behind(&self.routes, &self.info);
+        self.handle.shutdown_token().cancel();
     }
 
     /// Stops the election: releases the Lease if this process leads and no [`leaderz::Term`]

@@ -10,7 +10,9 @@
 use std::time::Duration;
 
 use leaderz::Term;
+use leaderz::routing::Routed;
 use nix::sys::signal::Signal;
+use tokio::time::{Instant, sleep_until};
 use tracing::{info, warn};
 
 use crate::child::{Child, KillLimit, exit_code};
@@ -79,7 +81,8 @@ pub(crate) async fn run(args: RunArgs) -> Result<u8, CliError> {
     // The library warns (and /healthz fails) when a lost term's work outlives this; the
     // command gets `grace` and then SIGKILL, so only a command SIGKILL cannot end does.
     // Pointing traffic away comes after the command stopped, before the release.
-    let overdue = args.grace + KILL_SLACK + crate::election::routing_allowance(&args.routes);
+    let allowance = crate::election::routing_allowance(&args.routes);
+    let overdue = args.grace + KILL_SLACK + allowance;
     let mut election =
         Election::start(&args.election, &args.routes, |c| c.shutdown_grace(overdue)).await?;
     let slack = takeover_slack(args.election.lease_duration, args.election.renew_deadline);
@@ -140,17 +143,27 @@ pub(crate) async fn run(args: RunArgs) -> Result<u8, CliError> {
                 child.kill_leftovers();
                 let code = exit_code(status);
                 info!(code, "the command exited: releasing the lease");
-                routed.finish().await;
+                let away = routes_away(routed, &mut signals, true, allowance).await;
                 drop(term);
-                finish(election).await;
+                if away.written {
+                    finish(election).await;
+                } else {
+                    election.abandon();
+                }
                 return Ok(code);
             }
             () = token.cancelled() => {
                 warn!("lost leadership: stopping the command");
                 let (status, signal) = child.stop(Signal::SIGTERM, limit, &mut signals, 0).await;
-                routed.finish().await;
+                // Until traffic points away the process does not campaign again; asked to
+                // stop meanwhile, it waits `allowance` more at most.
+                let away = routes_away(routed, &mut signals, signal.is_some(), allowance).await;
                 drop(term);
-                if let Some(signal) = signal {
+                if !away.written {
+                    election.abandon();
+                    return Ok(exit_code(status));
+                }
+                if let Some(signal) = signal.or(away.signal) {
                     info!(%signal, "asked to stop while stopping the command: shutting down");
                     finish(election).await;
                     return Ok(exit_code(status));
@@ -165,10 +178,59 @@ pub(crate) async fn run(args: RunArgs) -> Result<u8, CliError> {
             signal = signals.recv() => {
                 info!(%signal, "forwarding to the command, then releasing the lease");
                 let (status, _) = child.stop(signal, limit, &mut signals, 1).await;
-                routed.finish().await;
+                let away = routes_away(routed, &mut signals, true, allowance).await;
                 drop(term);
-                finish(election).await;
+                if away.written {
+                    finish(election).await;
+                } else {
+                    election.abandon();
+                }
                 return Ok(exit_code(status));
+            }
+        }
+    }
+}
+
+/// How waiting for traffic to be pointed away ended (see [`routes_away`]).
+struct Away {
+    /// Whether it was written (the routing task has dropped its term).
+    written: bool,
+    /// A signal that came meanwhile.
+    signal: Option<Signal>,
+}
+
+/// Waits for `routed`'s clean-up after the command stopped: while `stopping` (asked to
+/// stop, or the command exited) for `allowance` at most, and not past a further SIGTERM
+/// or SIGINT; otherwise until written, or until a signal makes it `stopping`. Whatever
+/// it returns, the routing task goes on holding its clone of the term until its
+/// clean-up is written, so the Lease is not released before that (see
+/// [`Election::abandon`] for a clean-up that never gets through).
+async fn routes_away(
+    routed: Routed,
+    signals: &mut Signals,
+    stopping: bool,
+    allowance: Duration,
+) -> Away {
+    let finished = routed.finish();
+    tokio::pin!(finished);
+    let mut deadline = stopping.then(|| Instant::now() + allowance);
+    let mut signal = None;
+    loop {
+        tokio::select! {
+            biased;
+            () = &mut finished => return Away { written: true, signal },
+            () = sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => {
+                warn!(?allowance, "traffic was not pointed away in time");
+                return Away { written: false, signal };
+            }
+            s = signals.recv() => {
+                if deadline.is_some() {
+                    warn!(signal = %s, "asked again to stop: not waiting for traffic to be pointed away");
+                    return Away { written: false, signal: signal.or(Some(s)) };
+                }
+                info!(signal = %s, ?allowance, "asked to stop: waiting at most this long for traffic to be pointed away");
+                deadline = Some(Instant::now() + allowance);
+                signal = Some(s);
             }
         }
     }

@@ -1,6 +1,6 @@
 //! `leaderz serve`: a sidecar candidate that serves who leads over HTTP.
 
-use tracing::info;
+use tracing::{info, warn};
 
 use crate::cli::ServeArgs;
 use crate::election::Election;
@@ -30,8 +30,32 @@ pub(crate) async fn serve(args: ServeArgs) -> Result<u8, CliError> {
     tokio::select! {
         signal = signals.recv() => {
             info!(%signal, "shutting down");
-            election.shutdown().await?;
-            Ok(0)
+            if election.routes.is_empty() {
+                election.shutdown().await?;
+                return Ok(0);
+            }
+            // The term ends now; the routing task points traffic away and only then
+            // drops its term, and the elector releases after that. Bounded: if that is not
+            // written within the allowance, or on a second signal, exit without releasing
+            // (the routing task still holds the term, so the elector has not released,
+            // and the process exit ends it).
+            let (routes, info) = (election.routes.clone(), election.info.clone());
+            let shutdown = election.shutdown();
+            tokio::pin!(shutdown);
+            tokio::select! {
+                biased;
+                done = &mut shutdown => done.map(|()| 0),
+                () = tokio::time::sleep(allowance) => {
+                    warn!(?allowance, "traffic was not pointed away in time");
+                    crate::election::left_behind(&routes, &info);
+                    Ok(0)
+                }
+                signal = signals.recv() => {
+                    warn!(%signal, "asked again to stop: not waiting for traffic to be pointed away");
+                    crate::election::left_behind(&routes, &info);
+                    Ok(0)
+                }
+            }
         }
         () = election.stopped() => Err(election.stop_reason().await),
     }

@@ -1269,3 +1269,169 @@ async fn run_kills_a_stubborn_command_before_another_candidate_may_lead() {
         "{stderr:#?}"
     );
 }
+
+/// Applies the Role in `kube/{file}` in `ns`, bound to user `user`; returns the binding's
+/// name.
+async fn grant_user(ns: &str, file: &str, user: &str) -> String {
+    use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+    let admin = cp().admin_client().unwrap();
+    let path = format!("{}/../../kube/{file}", env!("CARGO_MANIFEST_DIR"));
+    let mut role: Role = serde_yaml::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    role.metadata.namespace = Some(ns.into());
+    let name = role.metadata.name.clone().unwrap();
+    Api::<Role>::namespaced(admin.clone(), ns)
+        .create(&PostParams::default(), &role)
+        .await
+        .unwrap();
+    let binding: RoleBinding = serde_json::from_value(serde_json::json!({
+        "metadata": { "name": name },
+        "roleRef": { "apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name },
+        "subjects": [{ "apiGroup": "rbac.authorization.k8s.io", "kind": "User", "name": user }],
+    }))
+    .unwrap();
+    Api::<RoleBinding>::namespaced(admin, ns)
+        .create(&PostParams::default(), &binding)
+        .await
+        .unwrap();
+    name
+}
+
+/// Whether `client` may `verb` pods in `ns` (a SelfSubjectAccessReview).
+async fn may_pods(client: &kube::Client, ns: &str, verb: &str) -> bool {
+    use k8s_openapi::api::authorization::v1::{
+        ResourceAttributes, SelfSubjectAccessReview, SelfSubjectAccessReviewSpec,
+    };
+    let review = SelfSubjectAccessReview {
+        spec: SelfSubjectAccessReviewSpec {
+            resource_attributes: Some(ResourceAttributes {
+                verb: Some(verb.into()),
+                resource: Some("pods".into()),
+                namespace: Some(ns.into()),
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    Api::<SelfSubjectAccessReview>::all(client.clone())
+        .create(&PostParams::default(), &review)
+        .await
+        .unwrap()
+        .status
+        .is_some_and(|s| s.allowed)
+}
+
+/// Review finding 3 (`leaderz run` hung for ever on SIGTERM when traffic could not be
+/// pointed away): leaderz leads with `--label-pod`, then loses `patch` on pods, then gets
+/// SIGTERM. It must exit within the routing allowance (2 × the 5 s call timeout, no
+/// drain) — at once on a second signal — WITHOUT releasing the Lease (the label still
+/// points at its pod, so the Lease is left to expire), and say what it left behind.
+/// `run` and `serve`.
+#[tokio::test]
+async fn a_route_that_cannot_be_taken_back_bounds_the_exit_and_the_lease_is_not_released() {
+    use k8s_openapi::api::core::v1::Pod;
+    use k8s_openapi::api::rbac::v1::RoleBinding;
+    const ALLOWANCE: Duration = Duration::from_secs(10);
+    let dir = tempfile::tempdir().unwrap();
+    let labelled = |p: &Pod| {
+        p.metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get("leaderz.io/role"))
+            .is_some_and(|v| v == "leader")
+    };
+    for (sub, second_signal) in [("run", false), ("run", true), ("serve", false)] {
+        let ns = cp().new_namespace("stuck-route").await.unwrap();
+        let user = format!("router-{sub}-{second_signal}");
+        let creds = cp().user_credentials(&user, &[]).unwrap();
+        let kubeconfig = dir.path().join(format!("{user}.kubeconfig"));
+        cp().write_kubeconfig(&kubeconfig, &creds).unwrap();
+        let as_user = cp().client(&creds).unwrap();
+        grant_user(&ns, "role.yaml", &user).await;
+        let label_binding = grant_user(&ns, "label-pod/role.yaml", &user).await;
+        let admin = cp().admin_client().unwrap();
+        let pods: Api<Pod> = Api::namespaced(admin.clone(), &ns);
+        let pod: Pod = serde_json::from_value(serde_json::json!({
+            "metadata": { "name": "pod-1" },
+            "spec": { "containers": [{ "name": "app", "image": "leaderz:0.1.0" }] },
+        }))
+        .unwrap();
+        pods.create(&PostParams::default(), &pod).await.unwrap();
+        timeout(Duration::from_secs(10), async {
+            while !may_pods(&as_user, &ns, "patch").await {
+                sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await
+        .unwrap();
+
+        let mut args = vec![sub, "--lease", "my-lock"];
+        args.extend(TIMINGS);
+        args.extend(["--label-pod", "leaderz.io/role=leader"]);
+        if sub == "serve" {
+            args.extend(["--http", "127.0.0.1:0"]);
+        } else {
+            args.extend(["--", "sleep", "300"]);
+        }
+        let mut cmd = leaderz(&kubeconfig, &args);
+        cmd.env("POD_NAME", "pod-1").env("POD_NAMESPACE", &ns);
+        let mut leaderz = Running::start(cmd);
+        holder_becomes(&ns, "my-lock", "pod-1").await;
+        timeout(Duration::from_secs(10), async {
+            while !labelled(&pods.get("pod-1").await.unwrap()) {
+                sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await
+        .expect("the leader's pod was not labelled");
+        let transitions = |l: &Lease| l.spec.as_ref().and_then(|s| s.lease_transitions);
+        let before = transitions(&leases(&ns).await.get("my-lock").await.unwrap());
+
+        // `patch` on pods revoked: the label cannot be taken back.
+        Api::<RoleBinding>::namespaced(admin.clone(), &ns)
+            .delete(&label_binding, &Default::default())
+            .await
+            .unwrap();
+        timeout(Duration::from_secs(10), async {
+            while may_pods(&as_user, &ns, "patch").await {
+                sleep(Duration::from_millis(50)).await;
+            }
+        })
+        .await
+        .unwrap();
+        let asked = Instant::now();
+        leaderz.signal(Signal::SIGTERM);
+        let within = if second_signal {
+            sleep(Duration::from_secs(1)).await;
+            leaderz.signal(Signal::SIGTERM);
+            Duration::from_secs(4)
+        } else {
+            ALLOWANCE + Duration::from_secs(4)
+        };
+        let status = leaderz.wait(within).await;
+        let took = asked.elapsed();
+        println!(
+            "{sub} (second signal: {second_signal}): exited {status:?} {took:?} after SIGTERM"
+        );
+        leaderz
+            .line_with("not releasing the lease", Duration::ZERO)
+            .await;
+        let lease = leases(&ns).await.get("my-lock").await.unwrap();
+        assert_eq!(
+            lease.spec.as_ref().unwrap().holder_identity.as_deref(),
+            Some("pod-1"),
+            "{sub}: released although the label still points at its pod"
+        );
+        assert_eq!(transitions(&lease), before);
+        assert!(
+            labelled(&pods.get("pod-1").await.unwrap()),
+            "{sub}: the label went (the grant was revoked?)"
+        );
+        if !second_signal {
+            assert!(
+                took >= ALLOWANCE - Duration::from_millis(500),
+                "{sub}: gave up after {took:?}, before the allowance"
+            );
+        }
+    }
+}

@@ -307,6 +307,11 @@ impl Terms {
             .map_err(|_| Stopped)?;
         term.clone().ok_or(Stopped)
     }
+
+    /// Completes once the elector has ended.
+    pub(crate) async fn stopped(&mut self) {
+        while self.0.changed().await.is_ok() {}
+    }
 }
 
 /// A cloneable, `'static` health check on a running election (see

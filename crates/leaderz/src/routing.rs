@@ -38,9 +38,13 @@
 //! If the clean-up cannot be written (API server unreachable, RBAC revoked), the task
 //! keeps trying (200 ms, doubling to 5 s) and keeps holding the term, so no release
 //! happens over a label or slice that still points here: on shutdown the engine gives
-//! up after `shutdown_grace` and lets the Lease **expire** instead of releasing it; after
-//! a lost term the process does not campaign again until the clean-up is written
-//! (`Status::work_overdue` and the health check say so meanwhile).
+//! up after `shutdown_grace` and lets the Lease **expire** instead of releasing it (the
+//! handover then takes a lease duration); after a lost term the process does not
+//! campaign again until the clean-up is written (`Status::work_overdue` and the health
+//! check say so meanwhile). A caller that stops waiting for [`Routed::finish`] (as
+//! `leaderz run` and `serve` do after `--routing-drain` + 2 call timeouts) must then
+//! stop the election without a release — the routing task's clone of the term sees to
+//! that while it lives — and exit.
 //!
 //! # What each one guarantees
 //!
@@ -56,19 +60,39 @@
 //!   server leads, the slice names only it, or nobody for the one write after its term
 //!   began.
 //! - **Pod label**: each process labels only its own pod, and on taking a term also
-//!   removes the label from any other pod that carries it with an older stamp (needs
-//!   `list` on pods; without it this step is skipped with a warning, and a crashed or
-//!   partitioned leader's pod keeps its label until its process can remove it or the pod
-//!   is gone). A restarted container removes its pod's stale label before campaigning.
+//!   removes the label from any other pod that carries it for an **older term of the
+//!   same Lease** (needs `list` on pods; without it this step is skipped with a warning,
+//!   and a crashed or partitioned leader's pod keeps its label until its process can
+//!   remove it or the pod is gone). A pod that carries the label for another Lease (two
+//!   elections using one label) or without a stamp (set by hand) is left alone, with a
+//!   warning: a Service selecting the label reaches it too, so give each election a label
+//!   of its own. A restarted container removes its pod's stale label before campaigning.
+//! - **A start write whose answer is lost** (no answer within the call timeout, a
+//!   transport error, a 5xx) may still land later, even after the step-down. So the
+//!   step-down then writes even where nothing points here yet: the annotation
+//!   [`STEPPED_DOWN_ANNOTATION`] on the pod, an emptied slice while the slice is at a
+//!   version such a write was based on, an emptied slice created where a create may
+//!   land. The late write, compare-and-swap on an older version or a create of a taken
+//!   name, then fails (409).
 //! - **Neither is atomic with the Lease.** The label and the slice lag the term by a
 //!   write at its start and lead it by one at its end; kube-proxy adds its own delay
 //!   (seconds under load). A leader that cannot reach the API server cannot take its
 //!   label or slice back, and a Service selecting the label also selects a pod only
 //!   while it is Ready. Where a write must never come from a deposed leader, the
 //!   resource still needs the [fencing token](Term::fencing_token).
+//! - **Deleting the Lease resets the tokens.** A Lease deleted and created again starts
+//!   from token 0, and the stamps of its earlier terms are then newer: a leader does not
+//!   overwrite a non-empty slice of such a term ([`RouteError::Superseded`] says so) nor
+//!   take the label off such a pod. If the leader of those terms is gone for good (a
+//!   live one takes its own routes back at its step-down, a restarted container at
+//!   startup), delete the slice (`kubectl delete endpointslice <service>`) and remove the
+//!   label (`kubectl label pod <pod> <key>-`) by hand.
 
+use std::collections::BTreeSet;
 use std::future::Future;
 use std::net::IpAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use k8s_openapi::api::authorization::v1::{
@@ -83,7 +107,7 @@ use kube::{Api, Client};
 use serde_json::json;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
-use tokio::time::{Instant, sleep, sleep_until, timeout};
+use tokio::time::{Instant, sleep, timeout};
 use tracing::{debug, info, warn};
 
 use crate::elector::ElectionError;
@@ -103,6 +127,12 @@ pub const HOLDER_ANNOTATION: &str = "leaderz.io/holder";
 pub const TOKEN_ANNOTATION: &str = "leaderz.io/fencing-token";
 /// Annotation: the lease (`namespace/name`) of that term.
 pub const LEASE_ANNOTATION: &str = "leaderz.io/lease";
+/// Annotation written by every step-down (`<fencing token>@<time>`): the last term that
+/// took its route back from this object. A step-down that does not know whether a write
+/// of its term's start landed writes it even when there is nothing else to change, so
+/// that the object's resourceVersion moves and that write, based on an older version,
+/// can no longer land.
+pub const STEPPED_DOWN_ANNOTATION: &str = "leaderz.io/stepped-down";
 
 /// How long one API call may take, unless [`Routes::call_timeout`] says otherwise.
 pub const DEFAULT_CALL_TIMEOUT: Duration = Duration::from_secs(5);
@@ -174,6 +204,26 @@ pub enum RouteError {
 impl RouteError {
     fn is_conflict(&self) -> bool {
         matches!(self, RouteError::Api(kube::Error::Api(s)) if s.code == 409)
+    }
+
+    fn is_not_found(&self) -> bool {
+        matches!(self, RouteError::Api(kube::Error::Api(s)) if s.code == 404)
+    }
+
+    /// Whether a write that failed with this error may still have landed, or land
+    /// later: no answer in time, a transport error, or a 5xx (the API server may have
+    /// passed the write on to etcd). A 4xx answer means it was refused.
+    fn outcome_unknown(&self) -> bool {
+        match self {
+            RouteError::Timeout(_) => true,
+            RouteError::Api(kube::Error::Api(s)) => s.code >= 500,
+            RouteError::Api(_) => true,
+            RouteError::Forbidden { .. }
+            | RouteError::NotFound { .. }
+            | RouteError::Invalid(_)
+            | RouteError::Superseded { .. }
+            | RouteError::TermEnded => false,
+        }
     }
 }
 
@@ -290,6 +340,18 @@ impl Stamp {
     }
 }
 
+/// The value of [`STEPPED_DOWN_ANNOTATION`] for a step-down of `term` on an object
+/// whose annotation is `current`; never equal to it, so the write always changes the
+/// object (a write that changes nothing leaves the resourceVersion where it was).
+fn stepped_down(term: &TermInfo, current: Option<&String>) -> String {
+    let value = format!("{}@{}", term.fencing_token, jiff::Timestamp::now());
+    if current == Some(&value) {
+        format!("{value}+")
+    } else {
+        value
+    }
+}
+
 fn api_error(
     err: kube::Error,
     verb: &'static str,
@@ -364,6 +426,19 @@ pub struct PodLabel {
     pod: String,
     key: String,
     value: String,
+    /// Whether a pod that carries the label for another Lease (or none) was warned about.
+    warned_foreign: Arc<AtomicBool>,
+}
+
+/// A write of [`PodLabel`] (see [`PodLabel::write`]).
+#[derive(Clone, Copy, Debug)]
+enum LabelChange<'a> {
+    /// The label, stamped with this term.
+    Set(&'a Stamp),
+    /// No label and no stamp; the step-down annotation if given.
+    Remove { stepped_down: Option<&'a str> },
+    /// Only the step-down annotation (to move the resourceVersion).
+    SteppedDown(&'a str),
 }
 
 impl std::fmt::Debug for PodLabel {
@@ -390,6 +465,7 @@ impl PodLabel {
             pod: pod.to_owned(),
             key: key.to_owned(),
             value: value.to_owned(),
+            warned_foreign: Arc::default(),
         })
     }
 
@@ -398,10 +474,13 @@ impl PodLabel {
         format!("{}={}", self.key, self.value)
     }
 
-    fn error(&self, verb: &'static str, err: kube::Error) -> RouteError {
+    /// The error for `verb` on pod `name`: a 404 on our own pod means `POD_NAME` is
+    /// wrong; on another pod, that it is gone (left as the API's 404).
+    fn error(&self, name: &str, verb: &'static str, err: kube::Error) -> RouteError {
         if let kube::Error::Api(s) = &err
             && s.code == 404
             && verb != "list"
+            && name == self.pod
         {
             return RouteError::NotFound {
                 what: "pod",
@@ -421,39 +500,55 @@ impl PodLabel {
             .is_some_and(|v| *v == self.value)
     }
 
-    /// Patches `name`'s label (`Some`: set, with the stamp; `None`: removed, with the
-    /// stamp) if the pod is still at `version`.
-    async fn write(&self, name: &str, version: &str, stamp: Option<&Stamp>) -> Result<()> {
-        let patch = match stamp {
-            Some(stamp) => json!({ "metadata": {
+    /// Patches pod `name` if it is still at `version` (compare-and-swap: a merge patch
+    /// that carries the resourceVersion). `Set`: the label and the term's stamp;
+    /// `Remove`: no label, no stamp; `SteppedDown`: only the step-down annotation.
+    async fn write(&self, name: &str, version: &str, change: LabelChange<'_>) -> Result<()> {
+        let metadata = match change {
+            LabelChange::Set(stamp) => json!({
                 "resourceVersion": version,
                 "labels": { self.key.as_str(): self.value },
                 "annotations": stamp.annotations(),
-            }}),
-            None => json!({ "metadata": {
-                "resourceVersion": version,
-                "labels": { self.key.as_str(): null },
-                "annotations": {
+            }),
+            LabelChange::Remove { stepped_down } => {
+                let mut annotations = json!({
                     HOLDER_ANNOTATION: null, TOKEN_ANNOTATION: null, LEASE_ANNOTATION: null,
-                },
-            }}),
+                });
+                if let Some(value) = stepped_down {
+                    annotations[STEPPED_DOWN_ANNOTATION] = json!(value);
+                }
+                json!({
+                    "resourceVersion": version,
+                    "labels": { self.key.as_str(): null },
+                    "annotations": annotations,
+                })
+            }
+            LabelChange::SteppedDown(value) => json!({
+                "resourceVersion": version,
+                "annotations": { STEPPED_DOWN_ANNOTATION: value },
+            }),
         };
         self.pods
-            .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+            .patch(
+                name,
+                &PatchParams::default(),
+                &Patch::Merge(&json!({ "metadata": metadata })),
+            )
             .await
-            .map_err(|e| self.error("patch", e))?;
+            .map_err(|e| self.error(name, "patch", e))?;
         Ok(())
     }
 
-    /// Sets the label on our pod while `term` is active.
-    async fn point_here(&self, term: &Term, limit: Duration) -> Result<()> {
+    /// Sets the label on our pod while `term` is active. Sets `unsure` when a write's
+    /// outcome is unknown (it may land later).
+    async fn point_here(&self, term: &Term, limit: Duration, unsure: &mut bool) -> Result<()> {
         let stamp = Stamp::of(term);
         loop {
             let pod = bounded(limit, async {
                 self.pods
                     .get(&self.pod)
                     .await
-                    .map_err(|e| self.error("get", e))
+                    .map_err(|e| self.error(&self.pod, "get", e))
             })
             .await?;
             if self.carries(&pod) && Stamp::read(&pod.metadata).as_ref() == Some(&stamp) {
@@ -461,22 +556,34 @@ impl PodLabel {
             }
             term.check().map_err(|_| RouteError::TermEnded)?;
             let version = pod.metadata.resource_version.unwrap_or_default();
-            match bounded(limit, self.write(&self.pod, &version, Some(&stamp))).await {
+            match bounded(
+                limit,
+                self.write(&self.pod, &version, LabelChange::Set(&stamp)),
+            )
+            .await
+            {
                 Err(e) if e.is_conflict() => continue,
-                other => return other,
+                Err(e) => {
+                    *unsure |= e.outcome_unknown();
+                    return Err(e);
+                }
+                Ok(()) => return Ok(()),
             }
         }
     }
 
-    /// Removes the label from other pods that carry it for an older term (a crashed or
-    /// partitioned leader's). Returns how many; a refused `list` is `Ok(None)`.
+    /// Removes the label from other pods that carry it for an older term of OUR Lease (a
+    /// crashed or partitioned leader's). A pod that carries the label without our
+    /// Lease's stamp (another election that uses the same label, or a label set by hand)
+    /// is left alone, with a warning (once). Returns how many; a refused `list` is
+    /// `Ok(None)`.
     async fn take_from_others(&self, term: &Term, limit: Duration) -> Result<Option<usize>> {
         let ours = Stamp::of(term);
         let listed = bounded(limit, async {
             self.pods
                 .list(&ListParams::default().labels(&self.selector()))
                 .await
-                .map_err(|e| self.error("list", e))
+                .map_err(|e| self.error("", "list", e))
         })
         .await;
         let pods = match listed {
@@ -493,23 +600,42 @@ impl PodLabel {
                 continue;
             }
             loop {
-                let stamp = Stamp::read(&pod.metadata);
                 if !self.carries(&pod) {
                     break;
                 }
-                if let Some(stamp) = &stamp
-                    && stamp.lease == ours.lease
-                    && stamp.token >= ours.token
-                {
-                    warn!(pod = %name, theirs = stamp.token, ours = ours.token, "another pod carries the leader label for a term not older than ours; leaving it");
-                    break;
+                let stamp = Stamp::read(&pod.metadata);
+                match &stamp {
+                    Some(stamp) if stamp.lease == ours.lease && stamp.token < ours.token => {}
+                    Some(stamp) if stamp.lease == ours.lease => {
+                        warn!(pod = %name, theirs = stamp.token, ours = ours.token, "another pod carries the leader label for a term of this lease not older than ours; leaving it (if the Lease was deleted and its tokens started again, remove the label by hand)");
+                        break;
+                    }
+                    other => {
+                        if !self.warned_foreign.swap(true, Ordering::Relaxed) {
+                            warn!(
+                                pod = %name,
+                                lease = ?other.as_ref().map(|s| s.lease.as_str()),
+                                label = %self.selector(),
+                                "another pod carries the leader label but not for this lease (another election uses the same label, or it was set by hand); leaving it, and any such pod (a Service selecting the label reaches them too: give each election a label of its own)"
+                            );
+                        } else {
+                            debug!(pod = %name, "another pod carries the leader label but not for this lease; leaving it");
+                        }
+                        break;
+                    }
                 }
                 term.check().map_err(|_| RouteError::TermEnded)?;
                 let version = pod.metadata.resource_version.clone().unwrap_or_default();
-                match bounded(limit, self.write(&name, &version, None)).await {
+                let removed = LabelChange::Remove { stepped_down: None };
+                match bounded(limit, self.write(&name, &version, removed)).await {
                     Ok(()) => {
                         info!(pod = %name, stale = ?stamp.map(|s| s.token), "removed the leader label from a pod of an older term");
                         taken += 1;
+                        break;
+                    }
+                    // Deleted since the listing: its label went with it.
+                    Err(e) if e.is_not_found() => {
+                        debug!(pod = %name, "a pod with the leader label is gone");
                         break;
                     }
                     Err(e) if e.is_conflict() => {
@@ -517,7 +643,7 @@ impl PodLabel {
                             self.pods
                                 .get_opt(&name)
                                 .await
-                                .map_err(|e| self.error("get", e))
+                                .map_err(|e| self.error(&name, "get", e))
                         })
                         .await?
                         {
@@ -533,14 +659,22 @@ impl PodLabel {
     }
 
     /// Removes the label from our pod if it is there and not stamped by a term newer
-    /// than `term` (none: at startup, any). Returns whether it removed it.
-    async fn point_away(&self, term: Option<&TermInfo>, limit: Duration) -> Result<bool> {
+    /// than `term` (none: at startup, any). With `bump` (a write of the term's start may
+    /// still land), writes the step-down annotation even when there is nothing to
+    /// remove, so that the pod's resourceVersion moves past every version that write
+    /// could be based on. Returns whether it removed the label.
+    async fn point_away(
+        &self,
+        term: Option<&TermInfo>,
+        bump: bool,
+        limit: Duration,
+    ) -> Result<bool> {
         loop {
             let pod = bounded(limit, async {
                 self.pods
                     .get_opt(&self.pod)
                     .await
-                    .map_err(|e| self.error("get", e))
+                    .map_err(|e| self.error(&self.pod, "get", e))
             })
             .await?;
             let Some(pod) = pod else {
@@ -555,20 +689,31 @@ impl PodLabel {
                 }
                 return Ok(false); // our pod is gone, and its label with it
             };
-            if !self.carries(&pod) {
+            let newer = match (term, Stamp::read(&pod.metadata)) {
+                (Some(term), Some(stamp)) => {
+                    stamp.lease == term.lock && stamp.token > term.fencing_token
+                }
+                _ => false,
+            };
+            let remove = self.carries(&pod) && !newer;
+            if !remove && !bump {
                 return Ok(false);
             }
-            if let (Some(term), Some(stamp)) = (term, Stamp::read(&pod.metadata))
-                && stamp.lease == term.lock
-                && stamp.token > term.fencing_token
-            {
-                return Ok(false);
-            }
-            let version = pod.metadata.resource_version.unwrap_or_default();
-            match bounded(limit, self.write(&self.pod, &version, None)).await {
+            let annotations = pod.metadata.annotations.as_ref();
+            let stepped_down = term
+                .map(|t| stepped_down(t, annotations.and_then(|a| a.get(STEPPED_DOWN_ANNOTATION))));
+            let change = match (&stepped_down, remove) {
+                (_, true) => LabelChange::Remove {
+                    stepped_down: stepped_down.as_deref(),
+                },
+                (Some(value), false) => LabelChange::SteppedDown(value),
+                (None, false) => return Ok(false),
+            };
+            let version = pod.metadata.resource_version.clone().unwrap_or_default();
+            match bounded(limit, self.write(&self.pod, &version, change)).await {
                 Err(e) if e.is_conflict() => continue,
                 Err(e) => return Err(e),
-                Ok(()) => return Ok(true),
+                Ok(()) => return Ok(remove),
             }
         }
     }
@@ -637,6 +782,16 @@ impl std::fmt::Debug for LeaderEndpoints {
             .field("ip", &self.ip)
             .finish_non_exhaustive()
     }
+}
+
+/// Writes of a term's start to the slice whose outcome is unknown (they may land
+/// later, see [`LeaderEndpoints::point_away`]).
+#[derive(Debug, Default)]
+struct SliceUnsure {
+    /// A create.
+    create: bool,
+    /// Replaces, based on these resourceVersions.
+    versions: BTreeSet<String>,
 }
 
 /// What a leader does to the slice it found (see [`LeaderEndpoints::decide`]).
@@ -866,14 +1021,20 @@ impl LeaderEndpoints {
         .await
     }
 
-    /// Points the slice here while `term` is active.
-    async fn point_here(&self, term: &Term, limit: Duration) -> Result<()> {
+    /// Points the slice here while `term` is active. Notes in `unsure` each write whose
+    /// outcome is unknown (it may land later).
+    async fn point_here(
+        &self,
+        term: &Term,
+        limit: Duration,
+        unsure: &mut SliceUnsure,
+    ) -> Result<()> {
         let ours = Stamp::of(term);
         let desired = self.desired(&ours, limit).await?;
         loop {
             let current = self.get(limit).await?;
             let step = Self::decide(current.as_ref(), &desired, &ours);
-            let result = match step {
+            let (result, based_on) = match step {
                 SliceStep::Done => return Ok(()),
                 SliceStep::Superseded(theirs) => {
                     return Err(RouteError::Superseded {
@@ -885,14 +1046,15 @@ impl LeaderEndpoints {
                 }
                 SliceStep::Create => {
                     term.check().map_err(|_| RouteError::TermEnded)?;
-                    bounded(limit, async {
+                    let created = bounded(limit, async {
                         self.slices
                             .create(&PostParams::default(), &desired)
                             .await
                             .map(drop)
                             .map_err(|e| self.slice_error("create", e))
                     })
-                    .await
+                    .await;
+                    (created, None)
                 }
                 SliceStep::Replace => {
                     let current = current.unwrap_or_default();
@@ -907,32 +1069,80 @@ impl LeaderEndpoints {
                     let mut next = desired.clone();
                     next.metadata.resource_version = current.metadata.resource_version;
                     term.check().map_err(|_| RouteError::TermEnded)?;
-                    self.replace(&next, limit).await
+                    let version = next.metadata.resource_version.clone().unwrap_or_default();
+                    (self.replace(&next, limit).await, Some(version))
                 }
             };
             match result {
                 // Someone wrote in between (or created it first): read again, decide again.
                 Err(e) if e.is_conflict() => continue,
-                other => return other,
+                Err(e) => {
+                    if e.outcome_unknown() {
+                        match based_on {
+                            Some(version) => {
+                                unsure.versions.insert(version);
+                            }
+                            None => unsure.create = true,
+                        }
+                    }
+                    return Err(e);
+                }
+                Ok(()) => return Ok(()),
             }
         }
     }
 
     /// Empties the slice if it names `term` (or, with `None` at startup, our identity,
-    /// pod or IP). Returns whether it did.
+    /// pod or IP). Also when a write of the term's start may still land (`unsure`): if
+    /// the slice is still at a version such a write was based on, it is emptied (the
+    /// resourceVersion moves on, so that write can no longer land), and if a create may
+    /// land, an emptied slice is created first. Returns whether it wrote.
     async fn point_away(
         &self,
         term: Option<&TermInfo>,
         identity: &str,
+        unsure: &SliceUnsure,
         limit: Duration,
     ) -> Result<bool> {
         loop {
             let Some(current) = self.get(limit).await? else {
-                return Ok(false);
+                let Some(term) = term.filter(|_| unsure.create) else {
+                    return Ok(false);
+                };
+                // A create of this term's start may still land: take the name first.
+                let mut empty = match self.desired(&Stamp::of_info(term), limit).await {
+                    Ok(slice) => slice,
+                    // The Service is gone: a slice it owns is garbage-collected.
+                    Err(RouteError::NotFound { .. }) => return Ok(false),
+                    Err(e) => return Err(e),
+                };
+                empty.endpoints.clear();
+                empty
+                    .metadata
+                    .annotations
+                    .get_or_insert_default()
+                    .insert(STEPPED_DOWN_ANNOTATION.to_owned(), stepped_down(term, None));
+                let created = bounded(limit, async {
+                    self.slices
+                        .create(&PostParams::default(), &empty)
+                        .await
+                        .map(drop)
+                        .map_err(|e| self.slice_error("create", e))
+                })
+                .await;
+                match created {
+                    Err(e) if e.is_conflict() => continue,
+                    Err(e) => return Err(e),
+                    Ok(()) => return Ok(true),
+                }
             };
-            if current.endpoints.is_empty() {
-                return Ok(false);
-            }
+            let version = current
+                .metadata
+                .resource_version
+                .clone()
+                .unwrap_or_default();
+            // Still at a version a write of the term's start was based on.
+            let stale = term.is_some() && unsure.versions.contains(&version);
             let stamp = Stamp::read(&current.metadata);
             let ours = match term {
                 // Ours if it names this term or an older one of ours (a term whose own
@@ -948,12 +1158,18 @@ impl LeaderEndpoints {
                         || self.points_here(&current)
                 }
             };
-            if !ours {
+            let points_for_us = ours && !current.endpoints.is_empty();
+            if !(stale || points_for_us) {
                 return Ok(false);
             }
             let mut next = current;
             next.endpoints.clear();
             next.metadata.managed_fields = None;
+            if let Some(term) = term {
+                let annotations = next.metadata.annotations.get_or_insert_default();
+                let value = stepped_down(term, annotations.get(STEPPED_DOWN_ANNOTATION));
+                annotations.insert(STEPPED_DOWN_ANNOTATION.to_owned(), value);
+            }
             match self.replace(&next, limit).await {
                 Err(e) if e.is_conflict() => continue,
                 Err(e) => return Err(e),
@@ -998,6 +1214,42 @@ impl LeaderEndpoints {
 
 // ---- both, around a term ---------------------------------------------------------------
 
+/// Writes of a term's start whose outcome is unknown (no answer in time, a transport
+/// error, a 5xx): they may land at any time later, even after the step-down. So the
+/// step-down does not just look (a label not there yet, a slice not pointing here yet)
+/// but writes on the version it read — the step-down annotation on the pod, an emptied
+/// slice at a version such a write was based on, an emptied slice where a create may
+/// land — and every such write, being compare-and-swap on an older version (or a create
+/// of a name taken), then fails.
+#[derive(Debug, Default)]
+struct Unsure {
+    /// A write of the label.
+    label: bool,
+    /// Writes of the slice.
+    slice: SliceUnsure,
+}
+
+impl Unsure {
+    fn any(&self) -> bool {
+        self.label || self.slice.create || !self.slice.versions.is_empty()
+    }
+}
+
+/// The outcome of two sides done at once: the first error that keeps the task trying
+/// (an API failure, a timeout) over one that would stop it, so a side that failed
+/// for good never hides one that may still succeed.
+fn both(a: Result<()>, b: Result<()>) -> Result<()> {
+    let last = |e: &RouteError| matches!(e, RouteError::TermEnded | RouteError::Superseded { .. });
+    match (a, b) {
+        (Ok(()), Ok(())) => Ok(()),
+        (Err(e), Ok(())) | (Ok(()), Err(e)) => Err(e),
+        (Err(RouteError::TermEnded), Err(_)) | (Err(_), Err(RouteError::TermEnded)) => {
+            Err(RouteError::TermEnded)
+        }
+        (Err(a), Err(b)) => Err(if last(&a) && !last(&b) { b } else { a }),
+    }
+}
+
 /// Where traffic to the leader is pointed: a pod label, an EndpointSlice, both, or
 /// neither (then every call does nothing). Cheap to clone.
 #[derive(Clone, Debug)]
@@ -1015,6 +1267,25 @@ impl Default for Routes {
             endpoints: None,
             call_timeout: DEFAULT_CALL_TIMEOUT,
             drain: Duration::ZERO,
+        }
+    }
+}
+
+/// What the routes point here, for logs: e.g. ``label `role=leader` on pod `p`,
+/// EndpointSlice `s` `` (`nothing` when empty).
+impl std::fmt::Display for Routes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut parts = Vec::new();
+        if let Some(l) = &self.label {
+            parts.push(format!("label `{}` on pod `{}`", l.selector(), l.pod));
+        }
+        if let Some(e) = &self.endpoints {
+            parts.push(format!("EndpointSlice `{}`", e.slice_name()));
+        }
+        if parts.is_empty() {
+            f.write_str("nothing")
+        } else {
+            f.write_str(&parts.join(", "))
         }
     }
 }
@@ -1096,13 +1367,16 @@ impl Routes {
         let limit = self.call_timeout;
         if let Some(label) = &self.label {
             label.check_access().await?;
-            if label.point_away(None, limit).await? {
+            if label.point_away(None, false, limit).await? {
                 info!(pod = %label.pod, label = %label.selector(), "removed a stale leader label from this pod");
             }
         }
         if let Some(endpoints) = &self.endpoints {
             endpoints.check_access(limit).await?;
-            if endpoints.point_away(None, identity, limit).await? {
+            if endpoints
+                .point_away(None, identity, &SliceUnsure::default(), limit)
+                .await?
+            {
                 info!(slice = %endpoints.slice_name(), "emptied an EndpointSlice a previous process left pointing here");
             }
         }
@@ -1110,13 +1384,19 @@ impl Routes {
     }
 
     /// Points traffic here for `term` (once; see [`Routes::route`] for the retrying task).
-    async fn point_here(&self, term: &Term) -> Result<()> {
+    /// Notes in `unsure` every write whose outcome is unknown, on either side, whatever
+    /// the other side did.
+    async fn point_here(&self, term: &Term, unsure: &mut Unsure) -> Result<()> {
         let limit = self.call_timeout;
+        let Unsure {
+            label: label_unsure,
+            slice: slice_unsure,
+        } = unsure;
         let label = async {
             let Some(label) = &self.label else {
                 return Ok(());
             };
-            label.point_here(term, limit).await?;
+            label.point_here(term, limit, label_unsure).await?;
             match label.take_from_others(term, limit).await? {
                 Some(_) => {}
                 None => debug!("no `list` on pods: not looking for other pods with the label"),
@@ -1125,34 +1405,38 @@ impl Routes {
         };
         let endpoints = async {
             match &self.endpoints {
-                Some(e) => e.point_here(term, limit).await,
+                Some(e) => e.point_here(term, limit, slice_unsure).await,
                 None => Ok(()),
             }
         };
         let (label, endpoints): (Result<()>, Result<()>) = tokio::join!(label, endpoints);
-        label.and(endpoints)
+        both(label, endpoints)
     }
 
-    /// Points traffic away from here after `term`.
-    async fn point_away(&self, term: &TermInfo) -> Result<()> {
+    /// Points traffic away from here after `term`; see [`Unsure`] for what more it
+    /// writes when a write of the term's start may still land.
+    async fn point_away(&self, term: &TermInfo, unsure: &Unsure) -> Result<()> {
         let limit = self.call_timeout;
         let label = async {
             match &self.label {
-                Some(l) => l.point_away(Some(term), limit).await.map(drop),
+                Some(l) => l
+                    .point_away(Some(term), unsure.label, limit)
+                    .await
+                    .map(drop),
                 None => Ok(()),
             }
         };
         let endpoints = async {
             match &self.endpoints {
                 Some(e) => e
-                    .point_away(Some(term), &term.identity, limit)
+                    .point_away(Some(term), &term.identity, &unsure.slice, limit)
                     .await
                     .map(drop),
                 None => Ok(()),
             }
         };
         let (label, endpoints): (Result<()>, Result<()>) = tokio::join!(label, endpoints);
-        label.and(endpoints)
+        both(label, endpoints)
     }
 
     /// Starts routing traffic for `term`: a task that points traffic here alongside the
@@ -1179,17 +1463,16 @@ impl Routes {
         let started = Instant::now();
         let mut backoff = FIRST_RETRY;
         let mut failing = false;
-        // When a call whose outcome is unknown (timed out) was sent: it may land late.
-        let mut uncertain: Option<Instant> = None;
+        let mut unsure = Unsure::default();
         let mut work_done = false;
         loop {
             if !term.is_active() {
                 break;
             }
-            let sent = Instant::now();
             // Never cut a call short: a write cancelled in flight could land after the
-            // clean-up read and leave traffic pointing here.
-            match self.point_here(&term).await {
+            // clean-up read; the calls have their own limits, and a write whose outcome
+            // is unknown is noted in `unsure` for the step-down.
+            match self.point_here(&term, &mut unsure).await {
                 Ok(()) => {
                     info!(after = ?started.elapsed(), fencing_token = term.fencing_token(), "traffic points at this pod");
                     break;
@@ -1200,9 +1483,6 @@ impl Routes {
                     break;
                 }
                 Err(e) => {
-                    if matches!(e, RouteError::Timeout(_)) {
-                        uncertain = Some(sent);
-                    }
                     if !failing {
                         warn!(error = %e, "pointing traffic at this pod failed; retrying while the term lasts");
                         failing = true;
@@ -1222,17 +1502,23 @@ impl Routes {
         }
         // `term` is held until traffic points away (and the drain is over): the engine
         // releases only after that.
-        self.step_down(term.info(), uncertain).await;
+        self.step_down(term.info(), &unsure).await;
         drop(term);
     }
 
     /// Points traffic away until that is written, holding `term` (see the module docs).
-    async fn step_down(&self, term: &TermInfo, uncertain: Option<Instant>) {
+    async fn step_down(&self, term: &TermInfo, unsure: &Unsure) {
         let began = Instant::now();
+        if unsure.any() {
+            info!(
+                ?unsure,
+                "a write pointing traffic here may still land: stepping down with writes it cannot outlive"
+            );
+        }
         let mut backoff = FIRST_RETRY;
         let mut failures = 0u32;
         loop {
-            match self.point_away(term).await {
+            match self.point_away(term, unsure).await {
                 Ok(()) => break,
                 Err(e) => {
                     failures += 1;
@@ -1243,12 +1529,6 @@ impl Routes {
                     backoff = (backoff * 2).min(LAST_RETRY);
                 }
             }
-        }
-        // A timed-out write of the term's start may still land: look once more after
-        // it can no longer be in flight at our end.
-        if let Some(sent) = uncertain {
-            sleep_until(sent + self.call_timeout * 2).await;
-            let _ = self.point_away(term).await;
         }
         if failures > 0 {
             info!(after = ?began.elapsed(), failures, "traffic no longer points at this pod");
@@ -1263,14 +1543,30 @@ impl Routes {
 
     /// For a process whose work holds no terms itself (a sidecar): routes every term of
     /// the election behind `terms` — here at its start, away at its end, then the term
-    /// is dropped. Returns when the elector stops.
+    /// is dropped. Returns when the elector stops (also while a clean-up is still being
+    /// tried: the elector then did not release, see [`run_while_leading`]).
     pub async fn follow(&self, mut terms: Terms) {
         while let Ok(term) = terms.acquired().await {
             let routed = self.route(&term);
             term.cancelled().await;
             drop(term);
-            routed.finish().await;
+            tokio::select! {
+                () = routed.finish() => {}
+                () = terms.stopped() => {
+                    self.gave_up();
+                    return;
+                }
+            }
         }
+    }
+
+    /// The elector stopped while the routing task still held its term: it did not
+    /// release (its `shutdown_grace` ran out first), and the task goes on trying.
+    fn gave_up(&self) {
+        warn!(
+            routes = %self,
+            "the elector stopped before traffic was pointed away: it did not release the lease, and traffic may still point here until the next leader takes it over"
+        );
     }
 }
 
@@ -1284,7 +1580,10 @@ pub struct Routed {
 
 impl Routed {
     /// The work has stopped: points traffic away and waits until that is written (the
-    /// term's clone is dropped then).
+    /// term's clone is dropped then). Unbounded while the clean-up cannot be written; a
+    /// caller that gives up waiting (drops this future) leaves the task running, still
+    /// holding the term — so the election cannot release until the task is done — and
+    /// should then stop the election and exit (the Lease expires).
     pub async fn finish(mut self) {
         self.work_stopped.take();
         if let Some(task) = self.task.take() {
@@ -1302,7 +1601,9 @@ impl Drop for Routed {
 
 /// [`ElectionHandle::run_while_leading`] with [`Routes`]: each term, traffic is pointed
 /// here alongside `work`; when the term ends `work` is dropped, then traffic is pointed
-/// away, and only then is the term dropped and the Lease released.
+/// away, and only then is the term dropped and the Lease released. If that cannot be
+/// written before the elector stops (a shutdown whose `shutdown_grace` runs out), the
+/// Lease is not released and this returns as the elector ended, with a warning.
 pub async fn run_while_leading<F, Fut>(
     handle: &mut ElectionHandle,
     routes: &Routes,
@@ -1319,7 +1620,15 @@ where
             () = work(term) => token.cancelled().await,
             () = token.cancelled() => {}
         }
-        routed.finish().await;
+        // Until traffic points away; but not past the elector's end (a shutdown whose
+        // `shutdown_grace` ran out first: it stopped without releasing).
+        tokio::select! {
+            () = routed.finish() => {}
+            stopped = handle.join() => {
+                routes.gave_up();
+                return stopped;
+            }
+        }
     }
     handle.join().await
 }
@@ -1353,6 +1662,59 @@ mod tests {
             token,
             lease: "ns/l".into(),
         }
+    }
+
+    fn api(code: u16) -> RouteError {
+        RouteError::Api(kube::Error::Api(
+            kube::core::Status::failure("test", "Test")
+                .with_code(code)
+                .boxed(),
+        ))
+    }
+
+    /// Review finding 2: a write that timed out, failed in transport or got a 5xx may
+    /// still land; a 4xx answer (conflict, forbidden, invalid) means it did not.
+    #[test]
+    fn a_write_may_still_land_after_a_timeout_a_transport_error_or_a_5xx() {
+        assert!(RouteError::Timeout(Duration::from_secs(1)).outcome_unknown());
+        assert!(api(500).outcome_unknown());
+        assert!(api(503).outcome_unknown());
+        assert!(api(504).outcome_unknown());
+        let transport = RouteError::Api(kube::Error::Service("connection reset".into()));
+        assert!(transport.outcome_unknown());
+        for code in [400, 404, 409, 422, 429] {
+            assert!(!api(code).outcome_unknown(), "{code}");
+        }
+        assert!(!RouteError::TermEnded.outcome_unknown());
+    }
+
+    /// Review finding 2: with both routes, the outcome of the two sides is combined so
+    /// that an error to retry is never hidden behind one that stops the task.
+    #[test]
+    fn a_side_that_failed_for_good_never_hides_one_to_retry() {
+        let superseded = || RouteError::Superseded {
+            slice: "s".into(),
+            holder: "z".into(),
+            theirs: 2,
+            ours: 1,
+        };
+        assert!(both(Ok(()), Ok(())).is_ok());
+        assert!(matches!(
+            both(Err(superseded()), Err(api(503))),
+            Err(RouteError::Api(_))
+        ));
+        assert!(matches!(
+            both(Err(api(503)), Err(superseded())),
+            Err(RouteError::Api(_))
+        ));
+        assert!(matches!(
+            both(Ok(()), Err(superseded())),
+            Err(RouteError::Superseded { .. })
+        ));
+        assert!(matches!(
+            both(Err(api(503)), Err(RouteError::TermEnded)),
+            Err(RouteError::TermEnded)
+        ));
     }
 
     #[test]

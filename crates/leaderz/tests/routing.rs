@@ -10,11 +10,14 @@
 
 #![allow(clippy::unwrap_used)] // tests: a panic is the failure report
 
+mod tap;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt;
+use http::Method;
 use k8s_openapi::api::authorization::v1::ResourceAttributes;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{Pod, Service};
@@ -24,7 +27,8 @@ use kube::api::{Patch, PatchParams, PostParams};
 use kube::runtime::watcher;
 use kube::{Api, Client};
 use leaderz::routing::{
-    HOLDER_ANNOTATION, LeaderEndpoints, PodLabel, RouteError, Routes, TOKEN_ANNOTATION,
+    HOLDER_ANNOTATION, LEASE_ANNOTATION, LeaderEndpoints, PodLabel, RouteError, Routes,
+    TOKEN_ANNOTATION,
 };
 use leaderz::{ElectionConfig, ElectionHandle, Elector, LeaseLock};
 use leaderz_testenv::ControlPlane;
@@ -840,5 +844,390 @@ async fn the_shipped_roles_are_enough_and_a_missing_verb_is_named() {
                 "{msg}"
             );
         }
+    }
+}
+
+/// Creates Lease `name`, held by nobody, with `leaseTransitions` = `transitions`: the
+/// next term's fencing token is `transitions + 1`.
+async fn vacant_lease(client: &Client, ns: &str, name: &str, transitions: i32) {
+    let lease: Lease = serde_json::from_value(serde_json::json!({
+        "metadata": { "name": name },
+        "spec": { "holderIdentity": "", "leaseDurationSeconds": 1, "leaseTransitions": transitions },
+    }))
+    .unwrap();
+    Api::<Lease>::namespaced(client.clone(), ns)
+        .create(&PostParams::default(), &lease)
+        .await
+        .unwrap();
+}
+
+/// Labels pod `name` KEY=VALUE as a leaderz term would, with `stamp` (holder, token,
+/// lease), or without a stamp (by hand).
+async fn label_by_hand(client: &Client, ns: &str, name: &str, stamp: Option<(&str, i64, &str)>) {
+    let annotations = match stamp {
+        Some((holder, token, lease)) => serde_json::json!({
+            HOLDER_ANNOTATION: holder, TOKEN_ANNOTATION: token.to_string(), LEASE_ANNOTATION: lease,
+        }),
+        None => serde_json::json!({}),
+    };
+    let patch = serde_json::json!({ "metadata": {
+        "labels": { KEY: VALUE }, "annotations": annotations,
+    }});
+    Api::<Pod>::namespaced(client.clone(), ns)
+        .patch(name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .unwrap();
+}
+
+/// A candidate of `lease` that routes each term with `routes` (the work waits for the
+/// term to end). Returns the token that stops it and its task.
+fn campaign(
+    client: &Client,
+    ns: &str,
+    lease: &str,
+    id: &str,
+    routes: Routes,
+) -> (tokio_util::sync::CancellationToken, JoinHandle<()>) {
+    let mut handle = Elector::new(LeaseLock::new(client.clone(), ns, lease), config(id))
+        .unwrap()
+        .spawn();
+    let stop = handle.shutdown_token();
+    let task = tokio::spawn(async move {
+        leaderz::routing::run_while_leading(&mut handle, &routes, |term| async move {
+            term.cancelled().await;
+        })
+        .await
+        .unwrap();
+    });
+    (stop, task)
+}
+
+async fn until(what: &str, within: Duration, mut f: impl AsyncFnMut() -> bool) {
+    timeout(within, async {
+        while !f().await {
+            sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("timed out waiting for {what}"));
+}
+
+/// Review finding 1 (a new leader stripped the leader label from OTHER elections'
+/// pods): two elections in one namespace use the same label; a term of one takes the
+/// label off a pod of an older term of its OWN Lease only, and leaves the other
+/// election's pod, a pod labelled by hand, and a newer term's pod alone.
+#[tokio::test]
+async fn a_new_term_never_takes_the_label_from_another_elections_pod() {
+    let cp = ControlPlane::shared().unwrap();
+    let ns = cp.new_namespace("two-elections").await.unwrap();
+    let client = cp.admin_client().unwrap();
+    for p in ["a", "b", "c", "d", "e"] {
+        create_pod(&client, &ns, p).await;
+    }
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    // Lease "one": a's term will have token 6.
+    vacant_lease(&client, &ns, "one", 5).await;
+    let one = format!("{ns}/one");
+    // b leads Lease "two" with the same label.
+    let (stop_b, task_b) = campaign(
+        &client,
+        &ns,
+        "two",
+        "b",
+        routes_for(&client, &ns, "b", true, false),
+    );
+    until("b labelled", Duration::from_secs(10), async || {
+        labelled(&pods.get("b").await.unwrap())
+    })
+    .await;
+    // c: labelled by hand. d: an older term of Lease one (a crashed leader's). e: a
+    // newer term of Lease one.
+    label_by_hand(&client, &ns, "c", None).await;
+    label_by_hand(&client, &ns, "d", Some(("d", 3, &one))).await;
+    label_by_hand(&client, &ns, "e", Some(("e", 9, &one))).await;
+    let version = |p: &Pod| p.metadata.resource_version.clone().unwrap();
+    let before: Vec<String> = [
+        pods.get("b").await.unwrap(),
+        pods.get("c").await.unwrap(),
+        pods.get("e").await.unwrap(),
+    ]
+    .iter()
+    .map(version)
+    .collect();
+
+    // Two terms of a on Lease one: each sweeps the label's pods.
+    for round in 0..2 {
+        let (stop_a, task_a) = campaign(
+            &client,
+            &ns,
+            "one",
+            "a",
+            routes_for(&client, &ns, "a", true, false),
+        );
+        until("a labelled, d not", Duration::from_secs(10), async || {
+            labelled(&pods.get("a").await.unwrap()) && !labelled(&pods.get("d").await.unwrap())
+        })
+        .await;
+        // The sweep goes b, c, d, e in name order: it is past e by now or soon.
+        sleep(Duration::from_millis(500)).await;
+        for (name, was) in ["b", "c", "e"].iter().zip(&before) {
+            let pod = pods.get(name).await.unwrap();
+            assert!(
+                labelled(&pod),
+                "round {round}: a's term took the label off {name}"
+            );
+            assert_eq!(&version(&pod), was, "round {round}: a's term wrote {name}");
+        }
+        stop_a.cancel();
+        task_a.await.unwrap();
+        assert!(!labelled(&pods.get("a").await.unwrap()));
+    }
+    stop_b.cancel();
+    task_b.await.unwrap();
+}
+
+/// Review finding 5 (a 404 patching ANOTHER pod was reported as our pod missing and
+/// aborted the sweep): a labelled pod of an older term is deleted between the listing
+/// and the patch; the sweep carries on with the next pod in the same pass (one listing).
+#[tokio::test]
+async fn a_pod_deleted_during_the_sweep_is_gone_not_an_error() {
+    let cp = ControlPlane::shared().unwrap();
+    let ns = cp.new_namespace("sweep-404").await.unwrap();
+    let client = cp.admin_client().unwrap();
+    for p in ["a", "x", "y"] {
+        create_pod(&client, &ns, p).await;
+    }
+    vacant_lease(&client, &ns, LEASE, 5).await;
+    let lease = format!("{ns}/{LEASE}");
+    label_by_hand(&client, &ns, "x", Some(("x", 2, &lease))).await;
+    label_by_hand(&client, &ns, "y", Some(("y", 3, &lease))).await;
+    let (tapped, tap) = tap::Tap::client(cp.config(&cp.admin_credentials()).unwrap());
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    let deleter = pods.clone();
+    tap.before(
+        Method::PATCH,
+        &format!("/api/v1/namespaces/{ns}/pods/x"),
+        async move || {
+            let now = kube::api::DeleteParams::default().grace_period(0);
+            deleter.delete("x", &now).await.unwrap();
+            while deleter.get_opt("x").await.unwrap().is_some() {
+                sleep(Duration::from_millis(10)).await;
+            }
+        },
+    );
+    let (stop, task) = campaign(
+        &client,
+        &ns,
+        LEASE,
+        "a",
+        routes_for(&tapped, &ns, "a", true, false),
+    );
+    until(
+        "y's stale label removed",
+        Duration::from_secs(10),
+        async || !labelled(&pods.get("y").await.unwrap()),
+    )
+    .await;
+    assert!(pods.get_opt("x").await.unwrap().is_none());
+    // A retry would list again (after 200 ms).
+    sleep(Duration::from_millis(800)).await;
+    let listings = tap.count(&format!("GET /api/v1/namespaces/{ns}/pods?"));
+    assert_eq!(
+        listings, 1,
+        "the sweep failed on the deleted pod and was retried"
+    );
+    stop.cancel();
+    task.await.unwrap();
+}
+
+/// Review finding 2 (a late-landing "set route" write outlived the clean-up): a write of
+/// the term's start gets no answer (or a 503) — the API server may still apply it — the
+/// term ends, the step-down finds nothing pointing here yet; then the write reaches the
+/// API server. It must fail (409): the step-down wrote on the version it read (or took
+/// the slice's name first), so nothing points at the old leader after its term.
+/// Cases: the label's patch unanswered; the slice's create unanswered while the label's
+/// patch is refused outright (the label's error must not hide the slice's unknown
+/// outcome); the slice's replace answered with a 503.
+#[tokio::test]
+async fn a_label_write_whose_answer_was_lost_cannot_land_after_the_step_down() {
+    lost_answer("label unanswered").await;
+}
+
+/// Review finding 2, the slice's create (see
+/// [`a_label_write_whose_answer_was_lost_cannot_land_after_the_step_down`]), with the
+/// label side failing otherwise at the same time.
+#[tokio::test]
+async fn a_slice_create_whose_answer_was_lost_cannot_land_after_the_step_down() {
+    lost_answer("create unanswered, label refused").await;
+}
+
+/// Review finding 2, the slice's replace answered with a 503 (see
+/// [`a_label_write_whose_answer_was_lost_cannot_land_after_the_step_down`]).
+#[tokio::test]
+async fn a_slice_replace_answered_503_cannot_land_after_the_step_down() {
+    lost_answer("replace 503").await;
+}
+
+async fn lost_answer(case: &str) {
+    let cp = ControlPlane::shared().unwrap();
+    let admin = cp.admin_client().unwrap();
+    {
+        let ns = cp.new_namespace("lost-answer").await.unwrap();
+        create_pod(&admin, &ns, "a").await;
+        create_service(&admin, &ns).await;
+        let pods: Api<Pod> = Api::namespaced(admin.clone(), &ns);
+        let slices: Api<EndpointSlice> = Api::namespaced(admin.clone(), &ns);
+        let (tapped, tap) = tap::Tap::client(cp.config(&cp.admin_credentials()).unwrap());
+        let pod_path = format!("/api/v1/namespaces/{ns}/pods/a");
+        let slices_path = format!("/apis/discovery.k8s.io/v1/namespaces/{ns}/endpointslices");
+        let (label, slice) = match case {
+            "label unanswered" => {
+                tap.lose(Method::PATCH, &pod_path, tap::Lost::Silence);
+                (true, false)
+            }
+            "create unanswered, label refused" => {
+                tap.lose(Method::PATCH, &pod_path, tap::Lost::Status(422));
+                tap.lose(Method::POST, &slices_path, tap::Lost::Silence);
+                (true, true)
+            }
+            _ => {
+                // An emptied slice of an earlier term: the leader replaces it.
+                let lease = format!("{ns}/{LEASE}");
+                let old: EndpointSlice = serde_json::from_value(serde_json::json!({
+                    "metadata": { "name": SERVICE, "labels": { "kubernetes.io/service-name": SERVICE },
+                                  "annotations": { HOLDER_ANNOTATION: "z", TOKEN_ANNOTATION: "0",
+                                                   LEASE_ANNOTATION: lease } },
+                    "addressType": "IPv4",
+                    "endpoints": [],
+                }))
+                .unwrap();
+                slices.create(&PostParams::default(), &old).await.unwrap();
+                tap.lose(
+                    Method::PUT,
+                    &format!("{slices_path}/{SERVICE}"),
+                    tap::Lost::Status(503),
+                );
+                (false, true)
+            }
+        };
+        let routes =
+            routes_for(&tapped, &ns, "a", label, slice).call_timeout(Duration::from_secs(1));
+        let handle = Elector::new(LeaseLock::new(admin.clone(), &ns, LEASE), config("a"))
+            .unwrap()
+            .spawn();
+        let term = handle.acquired().await.unwrap();
+        let routed = routes.route(&term);
+        let mut held = Vec::new();
+        let wanted = usize::from(label) + usize::from(slice);
+        while held.len() < wanted {
+            held.push(timeout(Duration::from_secs(10), tap.held()).await.unwrap());
+        }
+        // The term ends (and the work stops) while the writes are unanswered.
+        drop(term);
+        let stopping = tokio::spawn(handle.shutdown());
+        sleep(Duration::from_millis(100)).await;
+        drop(routed);
+        for h in &mut held {
+            h.answer();
+        }
+        timeout(Duration::from_secs(20), stopping)
+            .await
+            .unwrap_or_else(|_| panic!("{case}: the step-down did not finish"))
+            .unwrap()
+            .unwrap();
+        let released = Api::<Lease>::namespaced(admin.clone(), &ns)
+            .get(LEASE)
+            .await
+            .unwrap();
+        assert_eq!(
+            released.spec.unwrap().holder_identity.as_deref(),
+            Some(""),
+            "{case}: not released"
+        );
+        // Now the lost writes reach the API server (not the one refused with a 422:
+        // that one was refused).
+        for h in held {
+            let what = h.what.clone();
+            if what.starts_with("PATCH") && case.contains("label refused") {
+                continue;
+            }
+            let status = h.land().await;
+            println!("{case}: {what} landed late: {status}");
+            assert_eq!(status, 409, "{case}: {what} landed after the step-down");
+        }
+        assert!(
+            !labelled(&pods.get("a").await.unwrap()),
+            "{case}: the old leader's pod is labelled after its term"
+        );
+        if let Some(s) = slices.get_opt(SERVICE).await.unwrap() {
+            assert!(
+                s.endpoints.is_empty(),
+                "{case}: the slice points at the old leader after its term: {:?}",
+                s.endpoints
+            );
+        }
+    }
+}
+
+/// `run_while_leading` and `Routes::follow` waited for ever for a clean-up that could
+/// not be written, even after the elector had stopped without releasing (its shutdown
+/// grace ran out): they return when the elector ends, and the Lease is not released.
+#[tokio::test]
+async fn the_library_helpers_return_when_the_elector_gives_up_on_the_clean_up() {
+    let cp = ControlPlane::shared().unwrap();
+    let admin = cp.admin_client().unwrap();
+    for helper in ["run_while_leading", "follow"] {
+        let ns = cp.new_namespace("gives-up").await.unwrap();
+        create_pod(&admin, &ns, "a").await;
+        let pods: Api<Pod> = Api::namespaced(admin.clone(), &ns);
+        let (tapped, tap) = tap::Tap::client(cp.config(&cp.admin_credentials()).unwrap());
+        let routes =
+            routes_for(&tapped, &ns, "a", true, false).call_timeout(Duration::from_secs(1));
+        let config = config("a").shutdown_grace(Duration::from_secs(1));
+        let mut handle = Elector::new(LeaseLock::new(admin.clone(), &ns, LEASE), config)
+            .unwrap()
+            .spawn();
+        let stop = handle.shutdown_token();
+        let task = match helper {
+            "run_while_leading" => tokio::spawn(async move {
+                leaderz::routing::run_while_leading(&mut handle, &routes, |term| async move {
+                    term.cancelled().await;
+                })
+                .await
+                .unwrap();
+            }),
+            _ => {
+                let terms = handle.terms();
+                tokio::spawn(async move {
+                    routes.follow(terms).await;
+                    drop(handle);
+                })
+            }
+        };
+        until("a labelled", Duration::from_secs(10), async || {
+            labelled(&pods.get("a").await.unwrap())
+        })
+        .await;
+        // The label can no longer be taken back.
+        tap.refuse(
+            Method::PATCH,
+            &format!("/api/v1/namespaces/{ns}/pods/a"),
+            403,
+        );
+        stop.cancel();
+        timeout(Duration::from_secs(5), task)
+            .await
+            .unwrap_or_else(|_| panic!("{helper} did not return after the elector stopped"))
+            .unwrap();
+        let lease = Api::<Lease>::namespaced(admin.clone(), &ns)
+            .get(LEASE)
+            .await
+            .unwrap();
+        assert_eq!(
+            lease.spec.unwrap().holder_identity.as_deref(),
+            Some("a"),
+            "{helper}: released while the label still pointed here"
+        );
+        assert!(labelled(&pods.get("a").await.unwrap()));
     }
 }
