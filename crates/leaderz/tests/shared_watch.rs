@@ -294,3 +294,72 @@ async fn without_list_permission_elections_poll_and_say_why() {
         .unwrap();
     follower.shutdown().await.unwrap();
 }
+
+/// A lock made from a shared watch answers its first read of a Lease the watch listed as
+/// absent without a request (a user allowed `list` and `watch` but not `get` sees
+/// `None`, not 403); its later reads, and first reads of Leases that exist, are real
+/// (403). This halves the requests of a process starting thousands of elections.
+#[tokio::test]
+async fn the_first_read_of_a_lease_the_shared_watch_knows_is_absent_sends_nothing() {
+    let cp = ControlPlane::shared().unwrap();
+    let admin = cp.admin_client().unwrap();
+    let ns = cp.new_namespace("firstread").await.unwrap();
+    let role: Role = serde_json::from_value(serde_json::json!({
+        "metadata": { "name": "list-watch" },
+        "rules": [{ "apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["list", "watch"] }],
+    }))
+    .unwrap();
+    Api::<Role>::namespaced(admin.clone(), &ns)
+        .create(&PostParams::default(), &role)
+        .await
+        .unwrap();
+    let binding: RoleBinding = serde_json::from_value(serde_json::json!({
+        "metadata": { "name": "list-watch" },
+        "roleRef": { "apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "list-watch" },
+        "subjects": [{ "kind": "User", "name": "lister", "apiGroup": "rbac.authorization.k8s.io" }],
+    }))
+    .unwrap();
+    Api::<RoleBinding>::namespaced(admin.clone(), &ns)
+        .create(&PostParams::default(), &binding)
+        .await
+        .unwrap();
+    Api::<Lease>::namespaced(admin.clone(), &ns)
+        .create(&PostParams::default(), &lease("there", "someone"))
+        .await
+        .unwrap();
+    let user = cp.user_client("lister", &[]).unwrap();
+    let attributes = k8s_openapi::api::authorization::v1::ResourceAttributes {
+        group: Some("coordination.k8s.io".into()),
+        resource: Some("leases".into()),
+        verb: Some("list".into()),
+        namespace: Some(ns.clone()),
+        ..Default::default()
+    };
+    leaderz_testenv::wait_until_allowed(&user, attributes, Duration::from_secs(10))
+        .await
+        .unwrap();
+
+    let shared = SharedLeaseWatch::new(user, &ns);
+    let absent = shared.lock("absent");
+    let there = shared.lock("there");
+    assert!(
+        absent.get().await.unwrap().is_none(),
+        "answered by the watch"
+    );
+    let second = absent.get().await;
+    assert!(
+        matches!(
+            second,
+            Err(leaderz::LockError::Forbidden { verb: "get", .. })
+        ),
+        "the second read is a request: {second:?}"
+    );
+    let existing = there.get().await;
+    assert!(
+        matches!(
+            existing,
+            Err(leaderz::LockError::Forbidden { verb: "get", .. })
+        ),
+        "a Lease the watch knows is read for real: {existing:?}"
+    );
+}

@@ -36,6 +36,8 @@ pub struct LeaseLock {
     events: Option<Recorder>,
     labels: BTreeMap<String, String>,
     pub(super) shared: Option<SharedLeaseWatch>,
+    /// This lock has not read the Lease yet (see [`SharedLeaseWatch::lock`]).
+    first_read: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl std::fmt::Debug for LeaseLock {
@@ -57,6 +59,7 @@ impl LeaseLock {
             events: None,
             labels: BTreeMap::new(),
             shared: None,
+            first_read: Arc::new(std::sync::atomic::AtomicBool::new(true)),
         }
     }
 
@@ -160,7 +163,12 @@ fn set_handoff(lease: &mut Lease, record: &LeaderRecord) {
     }
 }
 
-pub(crate) fn versioned(lease: Lease) -> Versioned {
+/// A Lease as read, kept as the record and its version. Its `managedFields` are dropped:
+/// leaderz never writes them back (an update leaves them to the API server), and they are
+/// most of a parsed Lease's memory — which counts with thousands of elections in a
+/// process.
+pub(crate) fn versioned(mut lease: Lease) -> Versioned {
+    lease.metadata.managed_fields = None;
     Versioned {
         record: LeaderRecord::from_lease(&lease),
         version: lease.metadata.resource_version.clone().unwrap_or_default(),
@@ -170,6 +178,20 @@ pub(crate) fn versioned(lease: Lease) -> Versioned {
 
 impl Lock for LeaseLock {
     async fn get(&self) -> Result<Option<Versioned>, LockError> {
+        // The first read of a Lease the shared watch has listed as absent needs no
+        // request: nothing is known of it, so the election creates it next, and a create
+        // fails if it exists after all. (Later reads are real: they decide takeovers.)
+        let first = self
+            .first_read
+            .swap(false, std::sync::atomic::Ordering::Relaxed);
+        if first
+            && let Some(shared) = &self.shared
+            && shared
+                .knows_absent(&self.name, std::time::Duration::from_secs(1))
+                .await
+        {
+            return Ok(None);
+        }
         match self.api.get_opt(&self.name).await {
             Ok(lease) => Ok(lease.map(versioned)),
             Err(e) => Err(self.error("get", e)),
