@@ -75,7 +75,7 @@ struct Args {
     /// leader, `ElectionConfig::renew_interval`) at these lease counts; `0` skips it.
     #[arg(long, default_value = "7s")]
     many_renew_interval: String,
-    /// Lease counts of the lighter-leader runs (default: the largest of --many).
+    /// Lease counts of the lighter-leader runs (default: those of --many from 3000 up).
     #[arg(long, value_delimiter = ',')]
     many_light: Vec<usize>,
     /// Do not draw the chart.
@@ -446,7 +446,7 @@ async fn main() -> Result<()> {
         // The lighter leader: leaderz renewing every `many_renew_interval`.
         let light = opts.many_renew_interval.as_ref().map(|every| {
             let counts = if opts.many_light.is_empty() {
-                opts.many.iter().copied().max().into_iter().collect()
+                opts.many.iter().copied().filter(|&n| n >= 3000).collect()
             } else {
                 opts.many_light.clone()
             };

@@ -49,7 +49,7 @@ pub(crate) struct Options {
     pub(crate) many_timings: [String; 3],
     /// leaderz's lighter leader: also run leaderz-many renewing this often.
     pub(crate) many_renew_interval: Option<String>,
-    /// Lease counts of the lighter-leader runs (empty: the largest of `many`).
+    /// Lease counts of the lighter-leader runs (empty: those of `many` from 3000 up).
     pub(crate) many_light: Vec<usize>,
 }
 

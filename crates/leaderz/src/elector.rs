@@ -255,6 +255,11 @@ impl<L: Lock> Driver<L> {
                 }
             }
             self.publish(&m);
+            // A finished announcement's task is freed only with its handle: drop it (a
+            // few KiB per election, which counts with thousands in a process).
+            if announcement.as_ref().is_some_and(JoinHandle::is_finished) {
+                announcement = None;
+            }
             let wake = m.poll_timeout();
             let input = tokio::select! {
                 biased;

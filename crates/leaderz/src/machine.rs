@@ -590,7 +590,14 @@ impl Machine {
 
     /// The next action to carry out, if any.
     pub fn poll_action(&mut self) -> Option<Action> {
-        self.actions.pop_front()
+        let action = self.actions.pop_front();
+        if action.is_none() && self.actions.capacity() > 0 {
+            // Actions are large (a request carries two records) and come a few at a
+            // time: give the queue's memory back between steps instead of keeping it
+            // for the election's lifetime.
+            self.actions = VecDeque::new();
+        }
+        action
     }
 
     /// When to feed [`Input::Tick`] next, if nothing else happens first.

@@ -36,8 +36,6 @@ pub struct LeaseLock {
     events: Option<Recorder>,
     labels: BTreeMap<String, String>,
     pub(super) shared: Option<SharedLeaseWatch>,
-    /// This lock has not read the Lease yet (see [`SharedLeaseWatch::lock`]).
-    first_read: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl std::fmt::Debug for LeaseLock {
@@ -59,7 +57,6 @@ impl LeaseLock {
             events: None,
             labels: BTreeMap::new(),
             shared: None,
-            first_read: Arc::new(std::sync::atomic::AtomicBool::new(true)),
         }
     }
 
@@ -178,20 +175,6 @@ pub(crate) fn versioned(mut lease: Lease) -> Versioned {
 
 impl Lock for LeaseLock {
     async fn get(&self) -> Result<Option<Versioned>, LockError> {
-        // The first read of a Lease the shared watch has listed as absent needs no
-        // request: nothing is known of it, so the election creates it next, and a create
-        // fails if it exists after all. (Later reads are real: they decide takeovers.)
-        let first = self
-            .first_read
-            .swap(false, std::sync::atomic::Ordering::Relaxed);
-        if first
-            && let Some(shared) = &self.shared
-            && shared
-                .knows_absent(&self.name, std::time::Duration::from_secs(1))
-                .await
-        {
-            return Ok(None);
-        }
         match self.api.get_opt(&self.name).await {
             Ok(lease) => Ok(lease.map(versioned)),
             Err(e) => Err(self.error("get", e)),

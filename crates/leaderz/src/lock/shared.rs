@@ -134,34 +134,11 @@ impl SharedLeaseWatch {
         }
     }
 
-    /// A lock on Lease `name` in this watch's namespace, watching through it. Made
-    /// inside a tokio runtime, it starts the shared watch at once; a lock's first read of
-    /// a Lease that the watch has listed as absent is then answered without a request
-    /// (it creates the Lease next, which fails if someone else created it meanwhile).
+    /// A lock on Lease `name` in this watch's namespace, watching through it.
     pub fn lock(&self, name: &str) -> LeaseLock {
-        if tokio::runtime::Handle::try_current().is_ok() {
-            self.start();
-        }
         let mut lock = LeaseLock::new(self.inner.client.clone(), &self.inner.namespace, name);
         lock.shared = Some(self.clone());
         lock
-    }
-
-    /// Whether the shared watch has listed the namespace (its first list done) and knows
-    /// of no Lease `name`; `false` when it cannot tell (still listing, failed, or not
-    /// started). Waits at most `limit` for the first list.
-    pub(super) async fn knows_absent(&self, name: &str, limit: Duration) -> bool {
-        if self.inner.task.get().is_none() {
-            return false;
-        }
-        let mut phase = self.inner.hub.phase.subscribe();
-        let ready =
-            tokio::time::timeout(limit, phase.wait_for(|p| !matches!(p, Phase::Starting))).await;
-        if !matches!(ready, Ok(Ok(p)) if matches!(*p, Phase::Ready)) {
-            return false;
-        }
-        let state = self.inner.hub.lock();
-        state.relisting.is_none() && state.leases.get(name).is_none_or(|e| e.current.is_none())
     }
 
     /// The namespace watched.
