@@ -554,8 +554,12 @@ impl Machine {
     /// m.handle(Input::Reply(Ok(Answer::Read(Some(held)))), start);
     /// assert!(matches!(m.poll_action(), Some(Action::Watch { .. })));
     /// m.handle(Input::WatchOpened(Ok(())), start);
-    /// // Still pod-b's record: it expires 15 s after it was first seen, not after the read.
-    /// assert_eq!(m.poll_timeout(), Some(seen_at + Duration::from_secs(15)));
+    /// // Still pod-b's record: it counts as seen at `seen_at`, so it expires 15 s after
+    /// // that, not after the read. The machine wakes just before that instant (to read
+    /// // the record once more and take over at it), well before start + 15 s.
+    /// assert_eq!(m.status().observed.as_ref().unwrap().observed_at, seen_at);
+    /// let wake = m.poll_timeout().unwrap();
+    /// assert!(wake > start && wake <= seen_at + Duration::from_secs(15));
     /// ```
     #[must_use]
     pub fn with_observed(mut self, v: Versioned, observed_at: Instant) -> Self {
