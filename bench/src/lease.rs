@@ -21,6 +21,10 @@ pub(crate) struct Seen {
     pub(crate) at: Instant,
     /// When the latest new version of the Lease (e.g. a renewal) arrived.
     pub(crate) renewed_at: Instant,
+    /// When the last version written by the previous holder arrived (its last renewal,
+    /// which may have landed after the holder was killed: a renewal in flight at the
+    /// kill still counts).
+    pub(crate) previous_renewed_at: Instant,
 }
 
 /// A running watch on one Lease; stops when dropped.
@@ -52,6 +56,7 @@ impl LeaseWatch {
             holder: String::new(),
             at: Instant::now(),
             renewed_at: Instant::now(),
+            previous_renewed_at: Instant::now(),
         });
         let selector = format!("metadata.name={name}");
         let task = tokio::spawn(async move {
@@ -67,6 +72,7 @@ impl LeaseWatch {
                     if s.holder != holder {
                         s.holder = holder;
                         s.at = now;
+                        s.previous_renewed_at = s.renewed_at;
                     }
                     s.renewed_at = now;
                 });

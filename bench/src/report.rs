@@ -462,8 +462,9 @@ fn markdown(r: &Report, analysis: &str) -> String {
          3 s lease duration. The kill lands up to one renewal interval after the leader's last \
          renewal, so a peer that takes over exactly at expiry scores between −interval and 0; \
          what is above that is the peer's own delay. The last columns time the same takeover \
-         from the expiry of the last renewal the benchmark's watch saw (its arrival + 3 s): how \
-         late after the exact expiry the new holder came. {} trials.\n",
+         from the expiry of the killed leader's last renewal as the benchmark's watch saw it \
+         arrive (+ 3 s; a renewal in flight at the kill lands after it and counts): how late \
+         after the exact expiry the new holder came. {} trials.\n",
         o.trials
     );
     let _ = writeln!(

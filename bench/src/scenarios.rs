@@ -422,7 +422,6 @@ impl Bench {
                 };
                 let (slot, victim) = fleet.remove(index);
                 let old = victim.id.clone();
-                let last_renewal = watch.current().renewed_at;
                 let sent = Instant::now();
                 victim.signal(signal)?;
                 // Reap concurrently, so the exit time is the process's own.
@@ -446,8 +445,11 @@ impl Bench {
                 }
                 record(&mut out, kill, value);
                 if kill {
-                    let expiry = last_renewal + Duration::from_secs_f64(LEASE_DURATION_SECS);
+                    // From the old holder's last renewal as the watch saw it arrive,
+                    // which can be one sent just before the kill and landing after it.
                     out.failover_after_expiry_ms.push(new.as_ref().map(|s| {
+                        let expiry = s.previous_renewed_at
+                            + Duration::from_secs_f64(LEASE_DURATION_SECS);
                         (s.at.duration_since(expiry).as_secs_f64()
                             - expiry.duration_since(s.at).as_secs_f64())
                             * 1000.0

@@ -47,7 +47,10 @@ pub struct ElectionConfig {
     /// `retry_period`, as client-go does. A longer interval cuts the leader's API load
     /// (one write per interval; client-go #125861) without touching safety, which rests
     /// on `renew_deadline` and `lease_duration` alone; it must leave room for a retry:
-    /// `renew_interval + 1.2 × retry_period < renew_deadline`.
+    /// `renew_interval + 1.2 × retry_period < renew_deadline`. The price is slack: a
+    /// renewal is sent `renew_interval` after the last good one, so an API server slower
+    /// than `renew_deadline − renew_interval` (3 s at 10 s / 7 s) ends the term, where the
+    /// default leaves a slow renewal the whole request timeout and a retry.
     pub renew_interval: Option<Duration>,
     /// The longest any single API call may take before it is abandoned (at most half
     /// the renew deadline is used: a slower call is failing in effect, and a silently

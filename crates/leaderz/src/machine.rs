@@ -95,6 +95,14 @@ const CONFIRM_AHEAD: Duration = Duration::from_millis(100);
 /// How many of its own recent writes a process remembers to recognise them later.
 const OWN_WRITES: usize = 8;
 
+/// A record this process sent to the API server.
+#[derive(Debug, Clone)]
+struct OwnWrite {
+    record: LeaderRecord,
+    /// Answered with a conflict or "not found" (it most likely did not land).
+    refused: bool,
+}
+
 /// Something that happened, fed to [`Machine::handle`].
 #[derive(Debug)]
 #[non_exhaustive]
@@ -400,7 +408,7 @@ pub struct Machine {
     /// The highest `leaseTransitions` seen on this Lease.
     highest_token: Option<i32>,
     /// Records this process wrote recently, answered or not.
-    own_writes: VecDeque<LeaderRecord>,
+    own_writes: VecDeque<OwnWrite>,
     pending_take: Option<PendingTake>,
     /// The observed record was read (not inferred) in this step: act on it at once.
     just_read: bool,
@@ -1111,17 +1119,26 @@ impl Machine {
 
     fn remember_write(&mut self, record: &LeaderRecord) {
         if self.own_writes.len() == OWN_WRITES {
-            self.own_writes.pop_front();
+            // Refused writes go first: a write whose outcome is unknown may be the
+            // record on the Lease now.
+            let oldest = self.own_writes.iter().position(|w| w.refused).unwrap_or(0);
+            self.own_writes.remove(oldest);
         }
-        self.own_writes.push_back(record.clone());
+        self.own_writes.push_back(OwnWrite {
+            record: record.clone(),
+            refused: false,
+        });
     }
 
-    /// A write the API server refused outright (a conflict, or no such Lease) never
-    /// landed: forget it, so that it cannot push out of memory a write whose outcome is
-    /// unknown (and which may be the record on the Lease now).
-    fn forget_write(&mut self, record: &LeaderRecord) {
-        if let Some(i) = self.own_writes.iter().position(|w| w == record) {
-            self.own_writes.remove(i);
+    /// A write the API server refused (a conflict, or no such Lease) usually never
+    /// landed, but not always: a client that retries a write after a 503 or 504 (kube's
+    /// default client does) turns a write that landed on the first attempt into a 409
+    /// on the second. So it is still recognised as ours, but it is the first forgotten
+    /// when memory is short, so that refusals cannot push out a write whose answer was
+    /// lost.
+    fn refused_write(&mut self, record: &LeaderRecord) {
+        if let Some(w) = self.own_writes.iter_mut().find(|w| w.record == *record) {
+            w.refused = true;
         }
     }
 
@@ -1134,7 +1151,7 @@ impl Machine {
     /// a preferred holder, a duration — do not make it someone else's; another process
     /// writing under our name writes its own renewal time.)
     fn wrote(&self, record: &LeaderRecord) -> bool {
-        self.own_writes.iter().any(|w| {
+        self.own_writes.iter().map(|w| &w.record).any(|w| {
             w.holder_identity == record.holder_identity
                 && w.lease_transitions == record.lease_transitions
                 && w.renew_time == record.renew_time
@@ -1165,7 +1182,7 @@ impl Machine {
                     Some(w),
                 ) = (&e, &inflight.writes)
                 {
-                    self.forget_write(w);
+                    self.refused_write(w);
                 }
                 Err(e)
             }
@@ -1398,7 +1415,7 @@ impl Machine {
                 // Ours, or ours with other fields edited (an admin changing its duration,
                 // say): the renewal time is still one we wrote. Another process renewing
                 // under our name writes its own renewal time.
-                let renewed_by_us = self.own_writes.iter().any(|w| {
+                let renewed_by_us = self.own_writes.iter().map(|w| &w.record).any(|w| {
                     w.holder_identity == v.record.holder_identity
                         && w.lease_transitions == token
                         && w.renew_time == v.record.renew_time

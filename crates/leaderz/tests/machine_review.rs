@@ -750,3 +750,24 @@ fn no_renewal_is_sent_too_late_to_count() {
         );
     }
 }
+
+/// A renewal that landed but came back as a conflict: kube's default client retries a
+/// write answered 503/504 (etcd slow, a proxy timing out) and the retry meets the
+/// version the first attempt made. The record on the Lease is the leader's own write:
+/// it keeps leading instead of taking it for another process using its identity.
+#[test]
+fn a_landed_write_answered_with_a_conflict_is_still_ours() {
+    let t0 = Instant::now();
+    let (mut m, _) = leading(ElectionConfig::new("pod-a").retry_period(ms(500)), None, t0);
+    let mut now = m.poll_timeout().unwrap();
+    let did = step(&mut m, Input::Tick, now);
+    let landed = (*did.writes().first().expect("a renewal")).clone();
+    now += ms(10);
+    let did = step(&mut m, Input::Reply(Err(LockError::Conflict)), now);
+    assert!(did.reads(), "slow path reads: {did:?}");
+    now += ms(10);
+    let did = step(&mut m, read(&landed, "9"), now);
+    assert_eq!(m.status().problem, None);
+    assert_eq!(m.leader(now), Some("pod-a"), "still leads on its own record");
+    assert_eq!(did.writes().len(), 1, "renews on it: {did:?}");
+}
