@@ -768,6 +768,10 @@ fn a_landed_write_answered_with_a_conflict_is_still_ours() {
     now += ms(10);
     let did = step(&mut m, read(&landed, "9"), now);
     assert_eq!(m.status().problem, None);
-    assert_eq!(m.leader(now), Some("pod-a"), "still leads on its own record");
+    assert_eq!(
+        m.leader(now),
+        Some("pod-a"),
+        "still leads on its own record"
+    );
     assert_eq!(did.writes().len(), 1, "renews on it: {did:?}");
 }

@@ -50,6 +50,10 @@ const SUBSCRIBER_BUFFER: usize = 64;
 /// Versions remembered per Lease, to tell that a lock's version is older than ours.
 const VERSIONS_KEPT: usize = 16;
 
+/// Stands for the version of a deletion the shared watch learned of without one (a
+/// relist that no longer shows the Lease); never a resourceVersion.
+const DELETED: &str = "deleted";
+
 /// One watch on the Leases of a namespace, shared by the [`LeaseLock`]s made from it.
 ///
 /// RBAC: besides what every lock needs (`get`, `create`, `update` on its Leases), the
@@ -294,6 +298,13 @@ impl Entry {
         self.seen.push_back(version.to_owned());
     }
 
+    /// Marks the deletion as the latest change, after every version seen (at the
+    /// deletion's own version when known), so that a lock that last saw the Lease
+    /// before it learns of it.
+    fn gone(&mut self, version: Option<&str>) {
+        self.saw(version.unwrap_or(DELETED));
+    }
+
     /// Whether `version` is older than what this entry holds (or held when deleted).
     fn is_past(&self, version: &str) -> bool {
         let latest = self.seen.back().map(String::as_str).unwrap_or_default();
@@ -340,12 +351,15 @@ impl Hub {
         state.deliver(&name, LockEvent::Changed(v));
     }
 
-    fn delete(&self, name: &str) {
+    /// Lease `name` was deleted, at `version` if known (a relist that no longer shows
+    /// it does not say when).
+    fn delete(&self, name: &str, version: Option<&str>) {
         let mut state = self.lock();
         let Some(entry) = state.leases.get_mut(name) else {
             return;
         };
         if entry.current.take().is_some() {
+            entry.gone(version);
             state.deliver(name, LockEvent::Deleted);
         }
     }
@@ -365,6 +379,7 @@ impl Hub {
         for name in gone {
             if let Some(e) = state.leases.get_mut(&name) {
                 e.current = None;
+                e.gone(None);
             }
             state.deliver(&name, LockEvent::Deleted);
         }
@@ -456,8 +471,8 @@ async fn run(hub: Arc<Hub>, api: Api<Lease>, config: watcher::Config) {
                     }
                     Event::Apply(lease) => hub.apply(versioned(lease)),
                     Event::Delete(lease) => {
-                        if let Some(name) = lease.metadata.name {
-                            hub.delete(&name);
+                        if let Some(name) = &lease.metadata.name {
+                            hub.delete(name, lease.metadata.resource_version.as_deref());
                         }
                     }
                 }
@@ -476,5 +491,50 @@ async fn run(hub: Arc<Hub>, api: Api<Lease>, config: watcher::Config) {
                 });
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+
+    use super::*;
+
+    fn lease(name: &str, version: &str) -> Versioned {
+        versioned(Lease {
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                resource_version: Some(version.into()),
+                ..Default::default()
+            },
+            spec: None,
+        })
+    }
+
+    fn catch_up(hub: &Hub, version: &str) -> Option<LockEvent> {
+        hub.lock().catch_up("a", version)
+    }
+
+    /// A lock that read the Lease at the last version before its deletion and
+    /// subscribes after the watch saw the deletion is told of it.
+    #[test]
+    fn a_lock_that_last_saw_the_lease_before_its_deletion_learns_of_it() {
+        let hub = Hub::new();
+        hub.apply(lease("a", "100"));
+        assert!(catch_up(&hub, "100").is_none(), "up to date");
+        hub.delete("a", Some("101"));
+        assert!(matches!(catch_up(&hub, "100"), Some(LockEvent::Deleted)));
+        assert!(catch_up(&hub, "101").is_none(), "knows of the deletion");
+        // A relist that no longer shows it (no version for the deletion); a lock
+        // listens, so the hub keeps what it knows of the Lease.
+        let (tx, _rx) = mpsc::channel(SUBSCRIBER_BUFFER);
+        hub.lock().subscribers.insert("a".into(), vec![tx]);
+        hub.apply(lease("a", "200"));
+        hub.lock().relisting = Some(HashMap::new());
+        hub.relisted();
+        assert!(matches!(catch_up(&hub, "200"), Some(LockEvent::Deleted)));
+        // Re-created: the new record.
+        hub.apply(lease("a", "300"));
+        assert!(matches!(catch_up(&hub, "200"), Some(LockEvent::Changed(v)) if v.version == "300"));
     }
 }
