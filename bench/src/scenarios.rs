@@ -448,8 +448,8 @@ impl Bench {
                     // From the old holder's last renewal as the watch saw it arrive,
                     // which can be one sent just before the kill and landing after it.
                     out.failover_after_expiry_ms.push(new.as_ref().map(|s| {
-                        let expiry = s.previous_renewed_at
-                            + Duration::from_secs_f64(LEASE_DURATION_SECS);
+                        let expiry =
+                            s.previous_renewed_at + Duration::from_secs_f64(LEASE_DURATION_SECS);
                         (s.at.duration_since(expiry).as_secs_f64()
                             - expiry.duration_since(s.at).as_secs_f64())
                             * 1000.0
