@@ -5,7 +5,8 @@
 //! The world: one Lease (a compare-and-swap register with versions and watches), five
 //! candidates with different lease durations (half of them with a renew interval longer
 //! than their retry period), and every fault the model has — latency,
-//! requests failing before or after they apply (lost answers), hangs, writes landing long
+//! requests failing before or after they apply (lost answers, or a write that landed
+//! answered with the conflict its client's retry met), hangs, writes landing long
 //! after their caller gave up, refused requests (401/403 episodes), refused, ending and
 //! stalling watches, crashes and restarts, graceful stops with slow work, electors
 //! paused while their work keeps running, Lease deletion, garbage written by an admin,
@@ -805,6 +806,7 @@ impl Sim {
         reply_after: Option<(Ns, bool)>,
     ) {
         let by = Some((i, inc));
+        let is_create = matches!(op, Op::Create(_));
         let result = match op {
             Op::Get => Ok(Answer::Read(self.store.current.clone())),
             Op::Create(record) => {
@@ -838,7 +840,17 @@ impl Sim {
             _ => Err(unavailable()),
         };
         if let Some((lat2, lost)) = reply_after {
-            let result = if lost { Err(unavailable()) } else { result };
+            // A lost answer to a write that landed may also come back as the answer to
+            // a client's retry of it (kube's default client retries a 503/504), which
+            // meets the version the first attempt made.
+            let retried =
+                lost && matches!(result, Ok(Answer::Wrote(_))) && self.rng.random_bool(0.5);
+            let result = match (lost, retried, is_create) {
+                (true, true, true) => Err(LockError::AlreadyExists),
+                (true, true, false) => Err(LockError::Conflict),
+                (true, false, _) => Err(unavailable()),
+                (false, ..) => result,
+            };
             self.at(
                 self.now + lat2,
                 Ev::Reply {
