@@ -21,10 +21,13 @@ pub(crate) struct Seen {
     pub(crate) at: Instant,
     /// When the latest new version of the Lease (e.g. a renewal) arrived.
     pub(crate) renewed_at: Instant,
-    /// When the last version written by the previous holder arrived (its last renewal,
-    /// which may have landed after the holder was killed: a renewal in flight at the
-    /// kill still counts).
-    pub(crate) previous_renewed_at: Instant,
+    /// The latest non-empty holder and when the latest version it held arrived.
+    pub(crate) last_held: (String, Instant),
+    /// The non-empty holder before that one and when the last version it held arrived:
+    /// after a crash, the killed leader's last renewal (which may have landed after the
+    /// kill: a renewal in flight then still counts), also when a peer's takeover first
+    /// clears the holder and then writes its own.
+    pub(crate) previous_held: (String, Instant),
 }
 
 /// A running watch on one Lease; stops when dropped.
@@ -56,7 +59,8 @@ impl LeaseWatch {
             holder: String::new(),
             at: Instant::now(),
             renewed_at: Instant::now(),
-            previous_renewed_at: Instant::now(),
+            last_held: (String::new(), Instant::now()),
+            previous_held: (String::new(), Instant::now()),
         });
         let selector = format!("metadata.name={name}");
         let task = tokio::spawn(async move {
@@ -69,10 +73,16 @@ impl LeaseWatch {
                 last_version = version;
                 let now = Instant::now();
                 tx.send_modify(|s| {
+                    if !holder.is_empty() {
+                        if s.last_held.0 != holder {
+                            s.previous_held =
+                                std::mem::replace(&mut s.last_held, (holder.clone(), now));
+                        }
+                        s.last_held.1 = now;
+                    }
                     if s.holder != holder {
                         s.holder = holder;
                         s.at = now;
-                        s.previous_renewed_at = s.renewed_at;
                     }
                     s.renewed_at = now;
                 });

@@ -445,15 +445,19 @@ impl Bench {
                 }
                 record(&mut out, kill, value);
                 if kill {
-                    // From the old holder's last renewal as the watch saw it arrive,
+                    // From the killed leader's last renewal as the watch saw it arrive,
                     // which can be one sent just before the kill and landing after it.
-                    out.failover_after_expiry_ms.push(new.as_ref().map(|s| {
-                        let expiry =
-                            s.previous_renewed_at + Duration::from_secs_f64(LEASE_DURATION_SECS);
-                        (s.at.duration_since(expiry).as_secs_f64()
-                            - expiry.duration_since(s.at).as_secs_f64())
-                            * 1000.0
-                    }));
+                    out.failover_after_expiry_ms
+                        .push(new.as_ref().and_then(|s| {
+                            let (holder, renewed_at) = &s.previous_held;
+                            (*holder == old).then(|| {
+                                let expiry =
+                                    *renewed_at + Duration::from_secs_f64(LEASE_DURATION_SECS);
+                                (s.at.duration_since(expiry).as_secs_f64()
+                                    - expiry.duration_since(s.at).as_secs_f64())
+                                    * 1000.0
+                            })
+                        }));
                 }
                 match (
                     value,
