@@ -45,6 +45,9 @@ struct Args {
     /// (`leaderz::lock::SharedLeaseWatch`); `own`: a single-object watch per elector.
     #[arg(long, default_value = "shared")]
     watch: String,
+    /// Start this many electors per second instead of all at once (0: all at once).
+    #[arg(long, default_value_t = 0)]
+    start_rate: u32,
 }
 
 fn log(event: &str, extra: Option<(&str, serde_json::Value)>) {
@@ -78,7 +81,12 @@ async fn main() -> anyhow::Result<()> {
         .then(|| leaderz::lock::SharedLeaseWatch::new(client.clone(), &args.namespace));
     let leading = Arc::new(AtomicUsize::new(0));
     let mut handles = Vec::with_capacity(args.count);
+    let pace = (args.start_rate > 0).then(|| Duration::from_secs(1) / args.start_rate);
+    let mut ticks = pace.map(tokio::time::interval);
     for i in 0..args.count {
+        if let Some(ticks) = &mut ticks {
+            ticks.tick().await;
+        }
         let lease = format!("{}-{i}", args.lease_prefix);
         let mut config = ElectionConfig::new(format!("{}-{i}", args.id))
             .lease_duration(args.lease_duration)

@@ -134,6 +134,8 @@ struct Node {
     /// This incarnation has seen the Lease (a process that never did re-creates a
     /// deleted Lease at once, a documented limit the scenario steers clear of).
     seen_lease: bool,
+    /// The version of the last record fed to its machine.
+    seen_version: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -307,6 +309,7 @@ impl Sim {
                 max_seen: None,
                 max_seen_at: HashMap::new(),
                 seen_lease: false,
+                seen_version: None,
             })
             .collect();
         Self {
@@ -536,6 +539,7 @@ impl Sim {
         {
             let node = &mut self.nodes[i];
             node.seen_lease = true;
+            node.seen_version = Some(v.version.clone());
             let t = v.record.lease_transitions;
             node.max_seen = Some(node.max_seen.map_or(t, |m| m.max(t)));
         }
@@ -915,6 +919,7 @@ impl Sim {
         node.max_seen = None;
         node.max_seen_at.clear();
         node.seen_lease = false;
+        node.seen_version = None;
         let now = self.base + Duration::from_nanos(node.clock.local(self.now));
         let wall = self.wall.clone();
         let m = Machine::new(node.config.clone(), "sim/lock", now)
@@ -1161,7 +1166,18 @@ fn simulate(seed: u64, max_rate: f64) -> Result<(usize, Ns), String> {
                     .map(|r| r.lease_transitions)
                     .max()
                     .unwrap_or(0);
-                let record = match rng.random_range(0..3) {
+                // A ghost replacing the holder: only while every running candidate saw
+                // the record it replaces. One that missed it (its watch stalled over a
+                // take) judges the ghost by the holder before, whose duration may be
+                // shorter than the real holder's: the documented limit again.
+                let current = sim.store.current.as_ref().map(|v| v.version.clone());
+                let all_saw_current =
+                    (0..NODES).all(|n| !sim.running(n) || sim.nodes[n].seen_version == current);
+                let kind = rng.random_range(0..3);
+                if kind != 1 && !all_saw_current {
+                    continue;
+                }
+                let record = match kind {
                     0 => LeaderRecord {
                         holder_identity: "ghost".into(),
                         lease_duration_seconds: Some(rng.random_range(-5..30)),
