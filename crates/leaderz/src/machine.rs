@@ -1414,12 +1414,9 @@ impl Machine {
                     && v.record.lease_transitions == token;
                 // Ours, or ours with other fields edited (an admin changing its duration,
                 // say): the renewal time is still one we wrote. Another process renewing
-                // under our name writes its own renewal time.
-                let renewed_by_us = self.own_writes.iter().map(|w| &w.record).any(|w| {
-                    w.holder_identity == v.record.holder_identity
-                        && w.lease_transitions == token
-                        && w.renew_time == v.record.renew_time
-                });
+                // under our name writes its own renewal time. (Only read with `ours`: the
+                // token is the record's.)
+                let renewed_by_us = self.wrote(&v.record);
                 let identity = self.config.identity.clone();
                 let accepted = v
                     .record
