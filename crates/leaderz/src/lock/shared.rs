@@ -314,11 +314,14 @@ impl Entry {
         if self.seen.iter().any(|v| v == version) {
             return true;
         }
-        // Not seen here: compare as integers if both are (etcd's are); when they are not,
-        // take ours as the newer.
-        match (version.parse::<u64>(), latest.parse::<u64>()) {
-            (Ok(theirs), Ok(ours)) => theirs < ours,
-            _ => true,
+        // Not seen here: compare as integers with our latest real version if both are
+        // (etcd's are). Otherwise take ours as the newer — unless ours is a deletion
+        // known without a version: a version we never saw may then be the Lease
+        // re-created, which this watch has not seen yet.
+        let real = self.seen.iter().rev().find(|v| *v != DELETED);
+        match (version.parse::<u64>(), real.map(|v| v.parse::<u64>())) {
+            (Ok(theirs), Some(Ok(ours))) => theirs < ours,
+            _ => latest != DELETED,
         }
     }
 }
@@ -533,6 +536,8 @@ mod tests {
         hub.lock().relisting = Some(HashMap::new());
         hub.relisted();
         assert!(matches!(catch_up(&hub, "200"), Some(LockEvent::Deleted)));
+        // A lock that read it re-created before the watch saw that is not told it is gone.
+        assert!(catch_up(&hub, "250").is_none());
         // Re-created: the new record.
         hub.apply(lease("a", "300"));
         assert!(matches!(catch_up(&hub, "200"), Some(LockEvent::Changed(v)) if v.version == "300"));
