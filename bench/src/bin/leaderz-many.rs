@@ -80,6 +80,18 @@ async fn main() -> anyhow::Result<()> {
     let shared = (args.watch == "shared")
         .then(|| leaderz::lock::SharedLeaseWatch::new(client.clone(), &args.namespace));
     let leading = Arc::new(AtomicUsize::new(0));
+    // How many lead, every 5 s: the shape of the ramp, and losses as they happen.
+    tokio::spawn({
+        let leading = leading.clone();
+        async move {
+            let mut every = tokio::time::interval(Duration::from_secs(5));
+            loop {
+                every.tick().await;
+                let n = leading.load(Ordering::SeqCst);
+                log("progress", Some(("leading", n.into())));
+            }
+        }
+    });
     let mut handles = Vec::with_capacity(args.count);
     let pace = (args.start_rate > 0).then(|| Duration::from_secs(1) / args.start_rate);
     let mut ticks = pace.map(tokio::time::interval);

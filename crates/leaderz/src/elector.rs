@@ -8,6 +8,7 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures::StreamExt;
 use futures::stream::BoxStream;
@@ -17,6 +18,7 @@ use tokio::time::{Instant, sleep_until, timeout, timeout_at};
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, debug, info, info_span};
 
+use crate::client::{Priority, Ticket, TicketState};
 use crate::config::{ConfigError, ElectionConfig};
 use crate::handle::{Command, ElectionHandle, Status};
 use crate::lock::{Lock, LockError, LockEvent, Versioned};
@@ -136,6 +138,8 @@ impl<L: Lock> Elector<L> {
 }
 
 type Pending<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+/// A lock request's answer, and when it left the process if the client said so.
+type Outcome = (Result<Answer, LockError>, Option<Instant>);
 type Events = BoxStream<'static, Result<LockEvent, LockError>>;
 
 enum WatchSlot {
@@ -159,7 +163,7 @@ impl<L: Lock> Driver<L> {
         shutdown: CancellationToken,
         mut commands: mpsc::UnboundedReceiver<Command>,
     ) -> Result<(), crate::ElectionError> {
-        let mut request: Option<Pending<Result<Answer, LockError>>> = None;
+        let mut request: Option<Pending<Outcome>> = None;
         let mut watch = WatchSlot::Closed;
         // The current term, and a term that ended but whose work has not stopped yet.
         let mut term: Option<TermControl> = None;
@@ -231,8 +235,10 @@ impl<L: Lock> Driver<L> {
                         let lock = self.lock.clone();
                         let identity = self.config.identity.clone();
                         let limit = self.config.request_timeout;
+                        let ticket = Ticket::new(Priority::Background);
                         announcement = Some(tokio::spawn(async move {
-                            let _ = timeout(limit, lock.announce(&identity, leading)).await;
+                            let announce = ticket.scope(lock.announce(&identity, leading));
+                            let _ = timeout(limit, announce).await;
                         }));
                     }
                     Action::Stop(result) => {
@@ -267,8 +273,11 @@ impl<L: Lock> Driver<L> {
                     shutdown_seen = true;
                     Input::Shutdown
                 }
-                reply = poll_pending(&mut request) => {
+                (reply, sent) = poll_pending(&mut request) => {
                     request = None;
+                    if let Some(at) = sent {
+                        m.handle(Input::Sent(at), Instant::now());
+                    }
                     Input::Reply(reply)
                 }
                 input = next_watch(&mut watch) => input,
@@ -298,18 +307,27 @@ impl<L: Lock> Driver<L> {
         }
     }
 
-    /// A lock request, answered with `Timeout` at its deadline.
-    fn execute(&self, req: Request) -> Pending<Result<Answer, LockError>> {
+    /// A lock request, answered with `Timeout` when it has waited to be sent until its
+    /// deadline or been in flight for its timeout; with when it left the process, if
+    /// it did and the client said so.
+    fn execute(&self, req: Request) -> Pending<Outcome> {
         let lock = self.lock.clone();
-        let Request { op, deadline, .. } = req;
+        let Request {
+            op,
+            deadline,
+            timeout,
+            priority,
+            ..
+        } = req;
         Box::pin(async move {
-            let limit = deadline.saturating_duration_since(Instant::now());
-            if limit.is_zero() {
+            let start = Instant::now();
+            if deadline <= start {
                 // Too late already (a starved runtime): do not send what cannot be
                 // answered in time, only to be cancelled.
-                return Err(LockError::Timeout(limit));
+                return (Err(LockError::Timeout(Duration::ZERO)), None);
             }
-            let call = async {
+            let ticket = Ticket::new(priority);
+            let call = ticket.scope(async {
                 match op {
                     Op::Get => lock.get().await.map(Answer::Read),
                     Op::Create(record) => lock.create(&record).await.map(Answer::Wrote),
@@ -317,10 +335,25 @@ impl<L: Lock> Driver<L> {
                         lock.update(&current, &record).await.map(Answer::Wrote)
                     }
                 }
-            };
-            match timeout_at(deadline, call).await {
-                Ok(r) => r,
-                Err(_) => Err(LockError::Timeout(limit)),
+            });
+            tokio::pin!(call);
+            let mut limit = (start + timeout).min(deadline);
+            loop {
+                tokio::select! {
+                    r = &mut call => return (r, ticket.sent()),
+                    () = sleep_until(limit) => {}
+                }
+                // Time spent waiting in the client to be sent does not count against
+                // the timeout; the deadline bounds both.
+                let next = match ticket.state() {
+                    TicketState::Queued => deadline,
+                    TicketState::Sent(at) => (at + timeout).min(deadline),
+                    TicketState::Unseen => limit,
+                };
+                if next <= limit {
+                    return (Err(LockError::Timeout(limit - start)), ticket.sent());
+                }
+                limit = next;
             }
         })
     }

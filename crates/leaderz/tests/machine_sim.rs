@@ -8,7 +8,9 @@
 //! requests failing before or after they apply (lost answers, or a write that landed
 //! answered with the conflict its client's retry met), hangs, writes landing long
 //! after their caller gave up, refused requests (401/403 episodes), refused, ending and
-//! stalling watches, crashes and restarts, graceful stops with slow work, electors
+//! stalling watches, requests that wait in the client before they are sent (an
+//! admission queue under load: the elector is told when they left, and counts a write's
+//! term from then), crashes and restarts, graceful stops with slow work, electors
 //! paused while their work keeps running, Lease deletion, garbage written by an admin,
 //! resourceVersions going backwards (an etcd restore), planned handovers requested to a
 //! random candidate or to any, and a controller preferring another holder.
@@ -19,8 +21,8 @@
 //!   dies) never overlap, in global time — with clock rates within the documented bound
 //!   `lease_duration / renew_deadline`;
 //! - **rising tokens**: fencing tokens rise with every term;
-//! - **deadlines**: every term's deadline is the send time of one of its process's writes
-//!   that landed, plus `renew_deadline`; it is never extended after it passed; an elector
+//! - **deadlines**: every term's deadline is the send time (asked, or left the queue)
+//!   of one of its process's writes that landed, plus `renew_deadline`; it is never extended after it passed; an elector
 //!   that is not paused cancels its term no later than that deadline;
 //! - **release after the work stopped**: a release is written only after that term's
 //!   work dropped its term;
@@ -89,6 +91,9 @@ struct Faults {
     watch_ends: bool,
     stall_watch: bool,
     refuse: bool,
+    /// Requests wait in the client up to this long before they are sent (a leaderz
+    /// client's admission queue under load), and the elector is told when they left.
+    max_queue: Ns,
 }
 
 #[derive(Debug)]
@@ -102,6 +107,20 @@ struct SimWatch {
 #[derive(Debug)]
 struct Inflight {
     seq: u64,
+}
+
+/// When a request was sent (local time): when the elector asked, and when it left the
+/// client's queue. A term may be counted from either.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct Sent {
+    asked: Ns,
+    left: Ns,
+}
+
+impl Sent {
+    fn is(&self, t: Ns) -> bool {
+        t == self.asked || t == self.left
+    }
 }
 
 struct Node {
@@ -122,11 +141,11 @@ struct Node {
     catching_up: bool,
     term: Option<usize>,
     work_lag: Ns,
-    /// (local send time, record) of this incarnation's writes that landed.
-    landed: Vec<(Ns, LeaderRecord)>,
+    /// (local send times, record) of this incarnation's writes that landed.
+    landed: Vec<(Sent, LeaderRecord)>,
     /// Sent times of this incarnation's creates that landed, and the highest count it
     /// had seen when it sent them.
-    created: Vec<(Ns, Option<i32>)>,
+    created: Vec<(Sent, Option<i32>)>,
     /// The highest leaseTransitions this incarnation has seen, and what it was when
     /// each request was sent.
     max_seen: Option<i32>,
@@ -215,14 +234,16 @@ enum Ev {
         inc: u64,
         seq: u64,
         op: Op,
-        send_local: Ns,
-        reply_after: Option<(Ns, bool)>,
+        sent: Sent,
+        reply_after: Option<(Ns, bool, Option<Ns>)>,
     },
     Reply {
         node: usize,
         inc: u64,
         seq: u64,
         result: Result<Answer, LockError>,
+        /// When it left the client's queue, if it waited there (local time).
+        left: Option<Ns>,
     },
     WatchOpened {
         node: usize,
@@ -402,14 +423,15 @@ impl Sim {
                 inc,
                 seq,
                 op,
-                send_local,
+                sent,
                 reply_after,
-            } => self.apply(node, inc, seq, op, send_local, reply_after),
+            } => self.apply(node, inc, seq, op, sent, reply_after),
             Ev::Reply {
                 node,
                 inc,
                 seq,
                 result,
+                left,
             } => {
                 if self.alive(node, inc)
                     && self.nodes[node]
@@ -418,6 +440,9 @@ impl Sim {
                         .is_some_and(|f| f.seq == seq)
                 {
                     self.nodes[node].inflight = None;
+                    if let Some(left) = left {
+                        self.feed(node, Input::Sent(self.base + Duration::from_nanos(left)));
+                    }
                     self.feed(node, Input::Reply(result));
                 }
             }
@@ -632,7 +657,7 @@ impl Sim {
                 }
                 let identity = self.nodes[i].identity.clone();
                 let from_landed_write = self.nodes[i].landed.iter().any(|(sent, r)| {
-                    *sent == start_local
+                    sent.is(start_local)
                         && r.holder_identity == identity
                         && r.lease_transitions == token
                 });
@@ -647,7 +672,7 @@ impl Sim {
                 let recreated = self.nodes[i]
                     .created
                     .iter()
-                    .find(|(sent, _)| *sent == start_local)
+                    .find(|(sent, _)| sent.is(start_local))
                     .map(|(_, seen)| *seen);
                 if let Some(Some(seen)) = recreated
                     && token <= seen
@@ -681,7 +706,7 @@ impl Sim {
                 }
                 let rd = ns(self.nodes[i].config.renew_deadline);
                 let sent = deadline_local.saturating_sub(rd);
-                if !self.nodes[i].landed.iter().any(|(s, _)| *s == sent) {
+                if !self.nodes[i].landed.iter().any(|(s, _)| s.is(sent)) {
                     self.violation(format!(
                         "node {i}: term extended to a deadline that no landed write's send time explains"
                     ));
@@ -743,34 +768,55 @@ impl Sim {
         let seq = self.nodes[i].req_seq;
         self.nodes[i].inflight = Some(Inflight { seq });
         let clock = self.nodes[i].clock;
-        let send_local = clock.local(self.now);
-        let seen = self.nodes[i].max_seen;
-        self.nodes[i].max_seen_at.insert(send_local, seen);
-        let deadline = clock.global(self.local_ns(req.deadline));
-        let timeout = Duration::from_nanos(clock.local(deadline).saturating_sub(send_local));
         let f = self.nodes[i].faults.clone();
-        let reply = |result| Ev::Reply {
+        let deadline = clock.global(self.local_ns(req.deadline));
+        let queued = if f.max_queue > 0 && self.rng.random_bool(0.5) {
+            self.rng.random_range(0..=f.max_queue)
+        } else {
+            0
+        };
+        let reply = |result, left| Ev::Reply {
             node: i,
             inc,
             seq,
             result,
+            left,
         };
+        let asked_local = clock.local(self.now);
+        let left_at = self.now + queued;
+        if left_at >= deadline {
+            // Never sent: given up while it waited.
+            let waited = Duration::from_nanos(clock.local(deadline).saturating_sub(asked_local));
+            self.at(deadline, reply(Err(LockError::Timeout(waited)), None));
+            return;
+        }
+        let send_local = clock.local(left_at);
+        let left = (queued > 0).then_some(send_local);
+        let sent = Sent {
+            asked: asked_local,
+            left: send_local,
+        };
+        let seen = self.nodes[i].max_seen;
+        self.nodes[i].max_seen_at.insert(send_local, seen);
+        // In flight for at most the request timeout from when it left.
+        let deadline = deadline.min(clock.global(send_local + ns(req.timeout)));
+        let timeout = Duration::from_nanos(clock.local(deadline).saturating_sub(send_local));
         if f.hang {
-            self.at(deadline, reply(Err(LockError::Timeout(timeout))));
+            self.at(deadline, reply(Err(LockError::Timeout(timeout)), left));
             return;
         }
         let lat1 = self.latency(i);
         let lat2 = self.latency(i);
         if f.refuse {
-            let when = (self.now + lat1).min(deadline);
-            self.at(when, reply(Err(forbidden("update"))));
+            let when = (left_at + lat1).min(deadline);
+            self.at(when, reply(Err(forbidden("update")), left));
             return;
         }
         if self.rng.random_bool(f.fail_before) {
-            if self.now + lat1 > deadline {
-                self.at(deadline, reply(Err(LockError::Timeout(timeout))));
+            if left_at + lat1 > deadline {
+                self.at(deadline, reply(Err(LockError::Timeout(timeout)), left));
             } else {
-                self.at(self.now + lat1, reply(Err(unavailable())));
+                self.at(left_at + lat1, reply(Err(unavailable()), left));
             }
             return;
         }
@@ -779,13 +825,13 @@ impl Sim {
         } else {
             0
         };
-        let apply_at = self.now + lat1 + stall;
+        let apply_at = left_at + lat1 + stall;
         let lost = self.rng.random_bool(f.fail_after);
         let reply_after = if apply_at + lat2 > deadline {
-            self.at(deadline, reply(Err(LockError::Timeout(timeout))));
+            self.at(deadline, reply(Err(LockError::Timeout(timeout)), left));
             None
         } else {
-            Some((lat2, lost))
+            Some((lat2, lost, left))
         };
         self.at(
             apply_at,
@@ -794,7 +840,7 @@ impl Sim {
                 inc,
                 seq,
                 op: req.op,
-                send_local,
+                sent,
                 reply_after,
             },
         );
@@ -806,8 +852,8 @@ impl Sim {
         inc: u64,
         seq: u64,
         op: Op,
-        send_local: Ns,
-        reply_after: Option<(Ns, bool)>,
+        sent: Sent,
+        reply_after: Option<(Ns, bool, Option<Ns>)>,
     ) {
         let by = Some((i, inc));
         let is_create = matches!(op, Op::Create(_));
@@ -819,13 +865,9 @@ impl Sim {
                 } else {
                     self.write(by, Some(record.clone()));
                     if self.nodes[i].incarnation == inc {
-                        self.nodes[i].landed.push((send_local, record));
-                        let seen = self.nodes[i]
-                            .max_seen_at
-                            .get(&send_local)
-                            .copied()
-                            .flatten();
-                        self.nodes[i].created.push((send_local, seen));
+                        self.nodes[i].landed.push((sent, record));
+                        let seen = self.nodes[i].max_seen_at.get(&sent.left).copied().flatten();
+                        self.nodes[i].created.push((sent, seen));
                     }
                     Ok(Answer::Wrote(self.store.current.clone().unwrap()))
                 }
@@ -836,14 +878,14 @@ impl Sim {
                 Some(_) => {
                     self.write(by, Some(record.clone()));
                     if self.nodes[i].incarnation == inc {
-                        self.nodes[i].landed.push((send_local, record));
+                        self.nodes[i].landed.push((sent, record));
                     }
                     Ok(Answer::Wrote(self.store.current.clone().unwrap()))
                 }
             },
             _ => Err(unavailable()),
         };
-        if let Some((lat2, lost)) = reply_after {
+        if let Some((lat2, lost, left)) = reply_after {
             // A lost answer to a write that landed may also come back as the answer to
             // a client's retry of it (kube's default client retries a 503/504), which
             // meets the version the first attempt made.
@@ -862,6 +904,7 @@ impl Sim {
                     inc,
                     seq,
                     result,
+                    left,
                 },
             );
         }
@@ -1121,6 +1164,9 @@ fn simulate(seed: u64, max_rate: f64) -> Result<(usize, Ns), String> {
     for i in 0..NODES {
         sim.start(i, rng.random());
     }
+    // Client-side queueing is drawn apart, so that older seeds still replay the same
+    // histories without it.
+    let mut queueing = SmallRng::seed_from_u64(seed ^ 0x9e37_79b9_7f4a_7c15);
     let mut last_delete = 0;
     for _ in 0..STEPS {
         let t = sim.now + rng.random_range(0..8000) * MS;
@@ -1246,7 +1292,12 @@ fn simulate(seed: u64, max_rate: f64) -> Result<(usize, Ns), String> {
                     sim.write(None, Some(v.record));
                 }
             }
-            _ => sim.nodes[i].faults = random_faults(&mut rng),
+            _ => {
+                sim.nodes[i].faults = random_faults(&mut rng);
+                if queueing.random_bool(0.3) {
+                    sim.nodes[i].faults.max_queue = queueing.random_range(1..=12_000) * MS;
+                }
+            }
         }
     }
     // Heal everything: someone must lead again, within a bound, and one at the end.

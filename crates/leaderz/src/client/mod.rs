@@ -57,8 +57,12 @@ use tower::ServiceBuilder;
 use tower::retry::RetryLayer;
 use tracing::warn;
 
+mod admission;
 mod transport;
 
+use admission::Gate;
+pub use admission::Priority;
+pub(crate) use admission::{State as TicketState, Ticket};
 use transport::{Pool, Transport};
 
 /// Why a client could not be built.
@@ -98,6 +102,7 @@ pub struct Options {
     keepalive: Option<(Duration, Duration)>,
     max_streams_per_connection: usize,
     max_connections: usize,
+    max_in_flight: usize,
     tcp_keepalive: Option<Duration>,
     tcp_user_timeout: Option<Duration>,
 }
@@ -110,6 +115,7 @@ impl Default for Options {
             keepalive: Some((Duration::from_secs(2), Duration::from_secs(3))),
             max_streams_per_connection: 100,
             max_connections: 64,
+            max_in_flight: 64,
             tcp_keepalive: Some(Duration::from_secs(15)),
             tcp_user_timeout: Some(Duration::from_secs(30)),
         }
@@ -168,6 +174,19 @@ impl Options {
     #[must_use]
     pub fn max_connections(mut self, connections: usize) -> Self {
         self.max_connections = connections;
+        self
+    }
+
+    /// At most this many short requests (everything but watches and upgrades) in flight
+    /// at once (default 64); the others wait in the process, a leader's urgent renewal
+    /// first (see [`Priority`]), and are dropped unsent when their caller gives up. Time
+    /// spent waiting does not count against an election's request timeout, and a
+    /// write's term is counted from when it left. Under overload this keeps the queue
+    /// here instead of at the API server, where requests whose callers have gone would
+    /// still be served.
+    #[must_use]
+    pub fn max_in_flight(mut self, requests: usize) -> Self {
+        self.max_in_flight = requests;
         self
     }
 
@@ -254,7 +273,7 @@ impl Options {
             )
             .option_layer(config.auth_layer()?)
             .layer(config.extra_headers_layer()?)
-            .service(Transport::new(http1, http2));
+            .service(Transport::new(http1, http2, Gate::new(self.max_in_flight)));
         Ok(kube::Client::new(service, config.default_namespace))
     }
 

@@ -40,6 +40,8 @@ use tokio::time::Instant;
 use tower::{BoxError, Service, ServiceExt};
 use tracing::debug;
 
+use super::admission::{Gate, Permit};
+
 /// An extra connection (not the first) unused this long is closed.
 const IDLE: Duration = Duration::from_secs(10);
 
@@ -58,12 +60,18 @@ struct Shared {
     http1: legacy::Client<Connector, Body>,
     /// `None` when HTTP/2 is switched off.
     http2: Option<Pool>,
+    /// Bounds the short requests in flight (see [`super::admission`]).
+    gate: Arc<Gate>,
 }
 
 impl Transport {
-    pub(crate) fn new(http1: legacy::Client<Connector, Body>, http2: Option<Pool>) -> Self {
+    pub(crate) fn new(
+        http1: legacy::Client<Connector, Body>,
+        http2: Option<Pool>,
+        gate: Arc<Gate>,
+    ) -> Self {
         Self {
-            shared: Arc::new(Shared { http1, http2 }),
+            shared: Arc::new(Shared { http1, http2, gate }),
         }
     }
 }
@@ -85,10 +93,17 @@ impl Service<Request<Body>> for Transport {
 
 impl Shared {
     async fn send(&self, req: Request<Body>) -> Result<Response<TrackedBody>, BoxError> {
+        // Watches and upgrades hold their stream for long: they do not count against the
+        // short requests in flight.
+        let permit = if is_long_running(req.uri()) || needs_http1(&req) {
+            None
+        } else {
+            Some(self.gate.enter().await?)
+        };
         let req = match &self.http2 {
             Some(pool) if !needs_http1(&req) && !pool.http1_only.load(Ordering::Relaxed) => {
                 match pool.send(req).await {
-                    Ok(res) => return Ok(res),
+                    Ok(res) => return Ok(res.map(|body| TrackedBody { permit, ..body })),
                     Err(PoolError::Http1(req)) => req,
                     Err(PoolError::Failed(e)) => return Err(e),
                 }
@@ -99,6 +114,7 @@ impl Shared {
         Ok(res.map(|body| TrackedBody {
             inner: body,
             guard: None,
+            permit,
         }))
     }
 }
@@ -292,6 +308,7 @@ impl Pool {
                     return Ok(res.map(|body| TrackedBody {
                         inner: body,
                         guard: Some(guard),
+                        permit: None,
                     }));
                 }
                 Err(mut e) => match e.take_message() {
@@ -404,10 +421,12 @@ impl Drop for StreamGuard {
     }
 }
 
-/// A response body that releases its stream's place on the connection when it ends.
+/// A response body that releases its stream's place on the connection, and its place
+/// among the requests in flight, when it ends.
 pub(crate) struct TrackedBody {
     inner: Incoming,
     guard: Option<StreamGuard>,
+    permit: Option<Permit>,
 }
 
 impl HttpBody for TrackedBody {
@@ -421,6 +440,7 @@ impl HttpBody for TrackedBody {
         let polled = Pin::new(&mut self.inner).poll_frame(cx);
         if matches!(polled, Poll::Ready(None | Some(Err(_)))) {
             self.guard = None;
+            self.permit = None;
         }
         polled
     }

@@ -1,0 +1,424 @@
+//! Admission control: at most [`Options::max_in_flight`](super::Options::max_in_flight)
+//! short requests are in flight to the API server at once; the others wait here, in the
+//! process, in priority order.
+//!
+//! Why here and not in the API server's queue: a request that waits in the process can
+//! be dropped unsent when its caller gives up, and the order it leaves in can favour a
+//! leader's renewal over a follower's read. Queued at the server (or in an HTTP/2
+//! connection's stream queue), a request that timed out is still served, by an API
+//! server already behind: with 10 000 elections in one process that was a congestion
+//! collapse — every request waited longer than its timeout, was sent again, and every
+//! term ended.
+//!
+//! The order (see [`Priority`]): renewals that have become urgent, earliest first; then
+//! other writes, first come first served; then reads; then best-effort requests; then
+//! renewals that are not urgent yet, earliest first. A leader's renewal therefore waits
+//! while others have work to do, until it is urgent, and then goes before everything:
+//! under load a leader renews less often (as late as its term allows) instead of
+//! starving new candidates, and never loses its term to them.
+//!
+//! The caller learns when its request left the process ([`Ticket::sent`]): time spent
+//! waiting here is not time the API server could have seen the request, so a write's
+//! term may be counted from when it left, and its timeout too.
+
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, VecDeque};
+use std::future::Future;
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::oneshot;
+use tokio::time::Instant;
+
+/// How soon a request should leave the process when
+/// [`Options::max_in_flight`](super::Options::max_in_flight) requests are already in
+/// flight. Elections set it on their own requests; anything else is [`Priority::Normal`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Priority {
+    /// A leader's renewal: it waits behind every other request until `urgent_at`, then
+    /// goes before all of them (the earliest `urgent_at` first).
+    Renewal {
+        /// When the renewal must go out for its term to be safe from one more failure.
+        urgent_at: Instant,
+    },
+    /// Takes, releases, and requests of unknown purpose.
+    Normal,
+    /// A follower's reads.
+    Read,
+    /// Best effort: Events announcing a new leader.
+    Background,
+}
+
+tokio::task_local! {
+    static TICKET: Arc<Ticket>;
+}
+
+/// What a caller knows of its request's way through the gate.
+#[derive(Debug)]
+pub(crate) struct Ticket {
+    priority: Priority,
+    state: Mutex<State>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum State {
+    /// Not seen by a gate (yet, or ever: a client without one).
+    Unseen,
+    /// Waiting for its turn.
+    Queued,
+    /// Left the process at this instant (its first attempt, if retried).
+    Sent(Instant),
+}
+
+impl Ticket {
+    pub(crate) fn new(priority: Priority) -> Arc<Self> {
+        Arc::new(Self {
+            priority,
+            state: Mutex::new(State::Unseen),
+        })
+    }
+
+    /// Runs `fut` with this ticket on every request it sends through a leaderz client.
+    pub(crate) fn scope<F: Future>(self: &Arc<Self>, fut: F) -> impl Future<Output = F::Output> {
+        TICKET.scope(self.clone(), fut)
+    }
+
+    pub(crate) fn state(&self) -> State {
+        *self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// When the request first left the process, if it did.
+    pub(crate) fn sent(&self) -> Option<Instant> {
+        match self.state() {
+            State::Sent(at) => Some(at),
+            _ => None,
+        }
+    }
+
+    fn set(&self, new: State) {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        // The first departure counts: a retry leaves later, but the first attempt may
+        // have landed.
+        if !matches!(*state, State::Sent(_)) {
+            *state = new;
+        }
+    }
+}
+
+/// The gate short requests pass. See the [module docs](self).
+#[derive(Debug)]
+pub(crate) struct Gate {
+    limit: usize,
+    queue: Mutex<Queue>,
+}
+
+#[derive(Debug, Default)]
+struct Queue {
+    in_flight: usize,
+    /// Renewals, by `urgent_at` (then arrival).
+    renewals: BinaryHeap<Reverse<Waiter>>,
+    normal: VecDeque<Waiter>,
+    reads: VecDeque<Waiter>,
+    background: VecDeque<Waiter>,
+    arrivals: u64,
+}
+
+#[derive(Debug)]
+struct Waiter {
+    urgent_at: Instant,
+    arrival: u64,
+    tx: oneshot::Sender<Permit>,
+}
+
+impl PartialEq for Waiter {
+    fn eq(&self, other: &Self) -> bool {
+        (self.urgent_at, self.arrival) == (other.urgent_at, other.arrival)
+    }
+}
+impl Eq for Waiter {}
+impl PartialOrd for Waiter {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for Waiter {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        (self.urgent_at, self.arrival).cmp(&(other.urgent_at, other.arrival))
+    }
+}
+
+impl Queue {
+    /// The next waiter whose caller still waits, in the order of the module docs.
+    fn next(&mut self, now: Instant) -> Option<Waiter> {
+        loop {
+            let urgent = self
+                .renewals
+                .peek()
+                .is_some_and(|Reverse(w)| w.urgent_at <= now);
+            let waiter = if urgent {
+                self.renewals.pop().map(|Reverse(w)| w)
+            } else {
+                self.normal
+                    .pop_front()
+                    .or_else(|| self.reads.pop_front())
+                    .or_else(|| self.background.pop_front())
+                    .or_else(|| self.renewals.pop().map(|Reverse(w)| w))
+            }?;
+            if !waiter.tx.is_closed() {
+                return Some(waiter);
+            }
+        }
+    }
+
+    fn push(&mut self, priority: Priority, tx: oneshot::Sender<Permit>, now: Instant) {
+        self.arrivals += 1;
+        let waiter = |urgent_at| Waiter {
+            urgent_at,
+            arrival: self.arrivals,
+            tx,
+        };
+        match priority {
+            Priority::Renewal { urgent_at } => self.renewals.push(Reverse(waiter(urgent_at))),
+            Priority::Normal => self.normal.push_back(waiter(now)),
+            Priority::Read => self.reads.push_back(waiter(now)),
+            Priority::Background => self.background.push_back(waiter(now)),
+        }
+    }
+}
+
+/// The gate closed (the client was dropped) while a request waited.
+#[derive(Debug, thiserror::Error)]
+#[error("the client was dropped while the request waited to be sent")]
+pub(crate) struct GateClosed;
+
+impl Gate {
+    pub(crate) fn new(limit: usize) -> Arc<Self> {
+        Arc::new(Self {
+            limit: limit.max(1),
+            queue: Mutex::new(Queue::default()),
+        })
+    }
+
+    fn queue(&self) -> std::sync::MutexGuard<'_, Queue> {
+        self.queue.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Waits for a place among the requests in flight, in the order of the calling
+    /// task's [`Ticket`] (none: [`Priority::Normal`]), and marks the ticket sent.
+    pub(crate) async fn enter(self: &Arc<Self>) -> Result<Permit, GateClosed> {
+        let ticket = TICKET.try_with(Arc::clone).ok();
+        let priority = ticket.as_ref().map_or(Priority::Normal, |t| t.priority);
+        let rx = {
+            let mut queue = self.queue();
+            if queue.in_flight < self.limit {
+                queue.in_flight += 1;
+                None
+            } else {
+                let (tx, rx) = oneshot::channel();
+                queue.push(priority, tx, Instant::now());
+                Some(rx)
+            }
+        };
+        let permit = match rx {
+            None => Permit {
+                gate: Some(self.clone()),
+            },
+            Some(rx) => {
+                if let Some(t) = &ticket {
+                    t.set(State::Queued);
+                }
+                rx.await.map_err(|_| GateClosed)?
+            }
+        };
+        if let Some(t) = &ticket {
+            t.set(State::Sent(Instant::now()));
+        }
+        Ok(permit)
+    }
+
+    /// A request left the flight: its place goes to the next waiter, if any.
+    fn leave(self: &Arc<Self>) {
+        let mut permit = Permit {
+            gate: Some(self.clone()),
+        };
+        loop {
+            // Never send while holding the lock: a permit dropped with a channel whose
+            // receiver just went away re-enters here.
+            let next = {
+                let mut queue = self.queue();
+                match queue.next(Instant::now()) {
+                    Some(waiter) => waiter,
+                    None => {
+                        queue.in_flight -= 1;
+                        permit.gate = None;
+                        return;
+                    }
+                }
+            };
+            match next.tx.send(permit) {
+                Ok(()) => return,
+                Err(back) => permit = back,
+            }
+        }
+    }
+
+    #[cfg(test)]
+    fn in_flight(&self) -> usize {
+        self.queue().in_flight
+    }
+}
+
+/// A place among the requests in flight, given up when dropped.
+#[derive(Debug)]
+pub(crate) struct Permit {
+    gate: Option<Arc<Gate>>,
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        if let Some(gate) = self.gate.take() {
+            gate.leave();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    /// Enters the gate as a task with `priority`, and reports its order of entry.
+    fn waiter(
+        gate: &Arc<Gate>,
+        priority: Priority,
+        name: &'static str,
+        order: &tokio::sync::mpsc::UnboundedSender<&'static str>,
+    ) -> tokio::task::JoinHandle<Arc<Ticket>> {
+        let gate = gate.clone();
+        let order = order.clone();
+        tokio::spawn(async move {
+            let ticket = Ticket::new(priority);
+            let permit = ticket.scope(gate.enter()).await.unwrap();
+            order.send(name).unwrap();
+            drop(permit);
+            ticket
+        })
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn urgent_renewals_go_first_and_others_wait_in_their_class_order() {
+        let gate = Gate::new(1);
+        let held = gate.enter().await.unwrap();
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let now = Instant::now();
+        let later = Renewal(now + Duration::from_secs(60));
+        let urgent = Renewal(now);
+        #[allow(non_snake_case)]
+        fn Renewal(urgent_at: Instant) -> Priority {
+            Priority::Renewal { urgent_at }
+        }
+        let mut tasks = Vec::new();
+        for (priority, name) in [
+            (later, "renewal later"),
+            (Priority::Background, "event"),
+            (Priority::Read, "read"),
+            (Priority::Normal, "take"),
+            (urgent, "urgent renewal"),
+            (Priority::Normal, "second take"),
+        ] {
+            tasks.push(waiter(&gate, priority, name, &tx));
+            tokio::task::yield_now().await;
+        }
+        assert_eq!(gate.in_flight(), 1);
+        drop(held);
+        let mut seen = Vec::new();
+        for _ in 0..6 {
+            seen.push(rx.recv().await.unwrap());
+        }
+        assert_eq!(
+            seen,
+            [
+                "urgent renewal",
+                "take",
+                "second take",
+                "read",
+                "event",
+                "renewal later"
+            ]
+        );
+        for t in tasks {
+            assert!(t.await.unwrap().sent().is_some());
+        }
+        assert_eq!(gate.in_flight(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_waiter_that_gives_up_is_skipped_and_the_time_it_waited_is_not_sent_time() {
+        let gate = Gate::new(1);
+        let held = gate.enter().await.unwrap();
+        let gone = Ticket::new(Priority::Normal);
+        let waited = tokio::time::timeout(Duration::from_secs(1), gone.scope(gate.enter())).await;
+        assert!(waited.is_err());
+        assert_eq!(gone.state(), State::Queued);
+
+        let ticket = Ticket::new(Priority::Read);
+        let queued_at = Instant::now();
+        let next = tokio::spawn({
+            let gate = gate.clone();
+            let ticket = ticket.clone();
+            async move { ticket.scope(gate.enter()).await.unwrap() }
+        });
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        drop(held);
+        let permit = next.await.unwrap();
+        assert_eq!(gate.in_flight(), 1);
+        assert!(ticket.sent().unwrap() >= queued_at + Duration::from_secs(3));
+        drop(permit);
+        assert_eq!(gate.in_flight(), 0);
+        // Free places are taken at once.
+        let a = gate.enter().await.unwrap();
+        assert_eq!(gate.in_flight(), 1);
+        drop(a);
+    }
+
+    #[tokio::test]
+    async fn never_more_than_the_limit_in_flight() {
+        let gate = Gate::new(3);
+        let most = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let now = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let mut tasks = Vec::new();
+        for i in 0..200u32 {
+            let (gate, most, now) = (gate.clone(), most.clone(), now.clone());
+            tasks.push(tokio::spawn(async move {
+                let priority = match i % 4 {
+                    0 => Priority::Read,
+                    1 => Priority::Renewal {
+                        urgent_at: Instant::now(),
+                    },
+                    2 => Priority::Background,
+                    _ => Priority::Normal,
+                };
+                let ticket = Ticket::new(priority);
+                // Some give up while they wait.
+                let entered = tokio::time::timeout(
+                    Duration::from_micros(u64::from(i % 7) * 300 + 1),
+                    ticket.scope(gate.enter()),
+                )
+                .await;
+                if let Ok(permit) = entered {
+                    let n = now.fetch_add(1, std::sync::atomic::Ordering::SeqCst) + 1;
+                    most.fetch_max(n, std::sync::atomic::Ordering::SeqCst);
+                    tokio::task::yield_now().await;
+                    now.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+                    drop(permit);
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.unwrap();
+        }
+        assert!(most.load(std::sync::atomic::Ordering::SeqCst) <= 3);
+        assert_eq!(gate.in_flight(), 0);
+    }
+}
