@@ -31,6 +31,8 @@ use tokio::time::{Instant, sleep, timeout};
 /// server look like to the client).
 struct Proxy {
     addr: SocketAddr,
+    /// Each chunk is held this long before it is passed on (both ways).
+    latency: Arc<std::sync::Mutex<Duration>>,
     accepted: Arc<AtomicUsize>,
     frozen: Arc<std::sync::Mutex<Vec<Arc<AtomicBool>>>>,
     task: tokio::task::JoinHandle<()>,
@@ -42,28 +44,39 @@ impl Proxy {
         let addr = listener.local_addr().unwrap();
         let accepted = Arc::new(AtomicUsize::new(0));
         let frozen: Arc<std::sync::Mutex<Vec<Arc<AtomicBool>>>> = Arc::default();
-        let (count, flags) = (accepted.clone(), frozen.clone());
+        let latency: Arc<std::sync::Mutex<Duration>> = Arc::default();
+        let (count, flags, delay) = (accepted.clone(), frozen.clone(), latency.clone());
         let task = tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
                 count.fetch_add(1, Ordering::SeqCst);
                 let flag = Arc::new(AtomicBool::new(false));
                 flags.lock().unwrap().push(flag.clone());
+                let delay = delay.clone();
                 tokio::spawn(async move {
                     let Ok(server) = TcpStream::connect(upstream).await else {
                         return;
                     };
                     let (cr, cw) = client.into_split();
                     let (sr, sw) = server.into_split();
-                    tokio::join!(pump(cr, sw, flag.clone()), pump(sr, cw, flag));
+                    tokio::join!(
+                        pump(cr, sw, flag.clone(), delay.clone()),
+                        pump(sr, cw, flag, delay)
+                    );
                 });
             }
         });
         Self {
             addr,
+            latency,
             accepted,
             frozen,
             task,
         }
+    }
+
+    /// From now on every chunk is passed on `latency` late (in order), both ways.
+    fn set_latency(&self, latency: Duration) {
+        *self.latency.lock().unwrap() = latency;
     }
 
     fn accepted(&self) -> usize {
@@ -88,21 +101,37 @@ async fn pump(
     mut from: tokio::net::tcp::OwnedReadHalf,
     mut to: tokio::net::tcp::OwnedWriteHalf,
     frozen: Arc<AtomicBool>,
+    latency: Arc<std::sync::Mutex<Duration>>,
 ) {
-    let mut buf = vec![0u8; 16 * 1024];
-    loop {
-        let n = match from.read(&mut buf).await {
-            Ok(0) | Err(_) => return,
-            Ok(n) => n,
-        };
-        if frozen.load(Ordering::SeqCst) {
-            // Swallow this and everything after it; keep both sockets open.
-            std::future::pending::<()>().await;
+    // Chunks are read as they come and written `latency` after they were read, so
+    // that the delay does not add up over chunks in a row.
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(Instant, Vec<u8>)>();
+    let writer = async move {
+        while let Some((due, chunk)) = rx.recv().await {
+            tokio::time::sleep_until(due).await;
+            if to.write_all(&chunk).await.is_err() {
+                return;
+            }
         }
-        if to.write_all(&buf[..n]).await.is_err() {
-            return;
+    };
+    let reader = async move {
+        let mut buf = vec![0u8; 16 * 1024];
+        loop {
+            let n = match from.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            };
+            if frozen.load(Ordering::SeqCst) {
+                // Swallow this and everything after it; keep both sockets open.
+                std::future::pending::<()>().await;
+            }
+            let due = Instant::now() + *latency.lock().unwrap();
+            if tx.send((due, buf[..n].to_vec())).is_err() {
+                return;
+            }
         }
-    }
+    };
+    tokio::join!(reader, writer);
 }
 
 /// The control plane, a proxy to it, and a `kube::Config` that goes through the proxy.
@@ -386,4 +415,122 @@ async fn keepalive_notices_a_blackholed_connection() {
     );
     assert!(proxy.accepted() >= 2, "the follower reconnected");
     follower.shutdown().await.unwrap();
+}
+
+/// A request that waits in the process for a place among `max_in_flight` and is given
+/// up there never reaches the API server; let through at once (a limit high enough),
+/// the same request lands although its caller gave up.
+#[tokio::test]
+async fn a_request_given_up_while_it_waits_to_be_sent_is_never_sent() {
+    async fn run(limit: usize) -> bool {
+        let (cp, proxy, config) = through_proxy().await;
+        let ns = cp.new_namespace("admission").await.unwrap();
+        let admin = cp.client(&cp.admin_credentials()).unwrap();
+        let client = Options::default()
+            .max_in_flight(limit)
+            .build(config)
+            .unwrap();
+        raw_get(&client, &ns).await;
+        // Every request now takes over 1.6 s there and back.
+        proxy.set_latency(Duration::from_millis(800));
+        let api = lease_api(&client, &ns);
+        let slow = tokio::spawn({
+            let api = api.clone();
+            async move { api.get_opt("slow").await }
+        });
+        sleep(Duration::from_millis(100)).await;
+        let lease = Lease {
+            metadata: kube::api::ObjectMeta {
+                name: Some("given-up".into()),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let gave_up = timeout(
+            Duration::from_millis(300),
+            api.create(&kube::api::PostParams::default(), &lease),
+        )
+        .await;
+        assert!(gave_up.is_err(), "the create was answered within 300 ms");
+        assert!(matches!(slow.await.unwrap(), Ok(None)));
+        // Long enough for a create sent at once to have landed.
+        sleep(Duration::from_secs(2)).await;
+        lease_api(&admin, &ns)
+            .get_opt("given-up")
+            .await
+            .unwrap()
+            .is_some()
+    }
+    assert!(!run(1).await, "a create given up while it waited was sent");
+    // The control: without the wait, the same create lands (so the test can fail).
+    assert!(run(8).await, "a create sent at once did not land");
+}
+
+/// The client is the bottleneck (one request in flight, each taking ~200 ms there and
+/// back, so about 4 requests/s) and a dozen single-candidate elections in one process
+/// ask for 12 renewals/s: renewals wait in the process, and the time they wait counts
+/// neither against their request timeout (2 s) nor against their terms. All of them
+/// lead, and none loses its term.
+#[tokio::test]
+async fn elections_keep_their_terms_when_the_client_is_the_bottleneck() {
+    let (cp, proxy, config) = through_proxy().await;
+    let ns = cp.new_namespace("bottleneck").await.unwrap();
+    let client = Options::default().max_in_flight(1).build(config).unwrap();
+    raw_get(&client, &ns).await;
+    proxy.set_latency(Duration::from_millis(100));
+    let config = |i: usize| {
+        ElectionConfig::new(format!("b{i}"))
+            .lease_duration(Duration::from_secs(6))
+            .renew_deadline(Duration::from_secs(4))
+            .retry_period(Duration::from_secs(1))
+            .watch(false)
+    };
+    let handles: Vec<ElectionHandle> = (0..12)
+        .map(|i| {
+            let lock = LeaseLock::new(client.clone(), &ns, &format!("lease-{i}"));
+            Elector::new(lock, config(i)).unwrap().spawn()
+        })
+        .collect();
+    let lost = Arc::new(AtomicUsize::new(0));
+    let leading = Arc::new(AtomicUsize::new(0));
+    for h in &handles {
+        let (lost, leading) = (lost.clone(), leading.clone());
+        let mut status = h.status();
+        tokio::spawn(async move {
+            let mut was = false;
+            loop {
+                let now = status.borrow_and_update().term.is_some();
+                if now && !was {
+                    leading.fetch_add(1, Ordering::SeqCst);
+                } else if was && !now {
+                    leading.fetch_sub(1, Ordering::SeqCst);
+                    lost.fetch_add(1, Ordering::SeqCst);
+                }
+                was = now;
+                if status.changed().await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
+    let started = Instant::now();
+    while leading.load(Ordering::SeqCst) < 12 {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "only {} of 12 lead after 30 s",
+            leading.load(Ordering::SeqCst)
+        );
+        sleep(Duration::from_millis(100)).await;
+    }
+    let ramp = started.elapsed();
+    sleep(Duration::from_secs(20)).await;
+    let lost = lost.load(Ordering::SeqCst);
+    println!(
+        "12 elections behind one request in flight: all led after {ramp:?}; {lost} terms lost in 20 s"
+    );
+    assert_eq!(lost, 0, "terms were lost");
+    assert_eq!(leading.load(Ordering::SeqCst), 12);
+    for h in handles {
+        h.shutdown().await.unwrap();
+    }
 }
