@@ -52,9 +52,12 @@ pub struct ElectionConfig {
     /// than `renew_deadline − renew_interval` (3 s at 10 s / 7 s) ends the term, where the
     /// default leaves a slow renewal the whole request timeout and a retry.
     pub renew_interval: Option<Duration>,
-    /// The longest any single API call may take before it is abandoned (at most half
-    /// the renew deadline is used: a slower call is failing in effect, and a silently
-    /// dead connection should be given up quickly).
+    /// The longest any single API call may be in flight before it is abandoned (at
+    /// most half the renew deadline is used: a slower call is failing in effect, and a
+    /// silently dead connection should be given up quickly). Time a call spends waiting
+    /// in a [`leaderz::client`](crate::client) for a place among the requests in flight
+    /// does not count; that wait is bounded by the renew deadline (for a leader's
+    /// renewal: its term's).
     pub request_timeout: Duration,
     /// Release the lease on shutdown (after the work stopped) so a follower takes over
     /// at once instead of after `lease_duration`.

@@ -22,6 +22,14 @@
 //!   most **5 s** after the last frame read from it (client-go: 30 s + 15 s), and the
 //!   next request opens a new one. HTTP/1.1 connections get TCP keepalive probes and
 //!   `TCP_USER_TIMEOUT` instead.
+//! - **Admission control**: at most [`Options::max_in_flight`] short requests (64) are in
+//!   flight at once; the others wait in the process, in [`Priority`] order (a leader's
+//!   renewal that has become urgent first, then takes, reads, Events, and renewals
+//!   that are not urgent yet), and are dropped unsent when their caller gives up.
+//!   Elections count neither a request's timeout nor a write's term from the time it
+//!   waited here. Under overload the queue is therefore here, where it can be ordered
+//!   and shed, and not at the API server, which would serve requests whose callers have
+//!   gone (with 10 000 elections in one process that was a congestion collapse).
 //! - **HTTP/1.1 for upgrades**: websocket requests (`exec`, `attach`, `portforward`)
 //!   cannot travel over HTTP/2 (kube-rs#1923); they get HTTP/1.1 connections of their
 //!   own, as does everything when the server does not speak HTTP/2.
