@@ -345,8 +345,10 @@ impl<L: Lock> Driver<L> {
                 }
                 // Time spent waiting in the client to be sent does not count against
                 // the timeout; the deadline bounds both.
+                // While it waits, look again a timeout later: once it has left, the
+                // timeout then still ends on time.
                 let next = match ticket.state() {
-                    TicketState::Queued => deadline,
+                    TicketState::Queued => (limit + timeout).min(deadline),
                     TicketState::Sent(at) => (at + timeout).min(deadline),
                     TicketState::Unseen => limit,
                 };

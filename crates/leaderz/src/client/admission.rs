@@ -15,7 +15,11 @@
 //! renewals that are not urgent yet, earliest first. A leader's renewal therefore waits
 //! while others have work to do, until it is urgent, and then goes before everything:
 //! under load a leader renews less often (as late as its term allows) instead of
-//! starving new candidates, and never loses its term to them.
+//! starving new candidates, and never loses its term to them. An urgent renewal does not
+//! even wait for a place: a quarter of the limit more is kept for urgent renewals
+//! alone, so that requests that hold their places for long (slow lists, bodies nobody
+//! reads, an application's own burst through the same client) cannot hold a term's
+//! renewal back past its deadline.
 //!
 //! The caller learns when its request left the process ([`Ticket::sent`]): time spent
 //! waiting here is not time the API server could have seen the request, so a write's
@@ -109,12 +113,17 @@ impl Ticket {
 #[derive(Debug)]
 pub(crate) struct Gate {
     limit: usize,
+    /// Places beyond `limit` for urgent renewals only.
+    reserve: usize,
     queue: Mutex<Queue>,
 }
 
 #[derive(Debug, Default)]
 struct Queue {
+    /// Places taken, urgent renewals beyond the limit included.
     in_flight: usize,
+    /// The queue length beyond which waiters that gave up are swept out.
+    sweep_at: usize,
     /// Renewals, by `urgent_at` (then arrival).
     renewals: BinaryHeap<Reverse<Waiter>>,
     normal: VecDeque<Waiter>,
@@ -170,7 +179,35 @@ impl Queue {
         }
     }
 
+    /// The next urgent renewal whose caller still waits.
+    fn next_urgent(&mut self, now: Instant) -> Option<Waiter> {
+        while self
+            .renewals
+            .peek()
+            .is_some_and(|Reverse(w)| w.urgent_at <= now)
+        {
+            let Reverse(waiter) = self.renewals.pop()?;
+            if !waiter.tx.is_closed() {
+                return Some(waiter);
+            }
+        }
+        None
+    }
+
+    fn len(&self) -> usize {
+        self.renewals.len() + self.normal.len() + self.reads.len() + self.background.len()
+    }
+
     fn push(&mut self, priority: Priority, tx: oneshot::Sender<Permit>, now: Instant) {
+        // Waiters that gave up leave only when popped, and a class behind a busy one is
+        // not popped: sweep them out now and then (amortised: when the queue doubled).
+        if self.len() >= self.sweep_at {
+            self.renewals.retain(|Reverse(w)| !w.tx.is_closed());
+            for class in [&mut self.normal, &mut self.reads, &mut self.background] {
+                class.retain(|w| !w.tx.is_closed());
+            }
+            self.sweep_at = (self.len() * 2).max(1024);
+        }
         self.arrivals += 1;
         let waiter = |urgent_at| Waiter {
             urgent_at,
@@ -193,8 +230,10 @@ pub(crate) struct GateClosed;
 
 impl Gate {
     pub(crate) fn new(limit: usize) -> Arc<Self> {
+        let limit = limit.max(1);
         Arc::new(Self {
-            limit: limit.max(1),
+            limit,
+            reserve: (limit / 4).max(1),
             queue: Mutex::new(Queue::default()),
         })
     }
@@ -208,9 +247,19 @@ impl Gate {
     pub(crate) async fn enter(self: &Arc<Self>) -> Result<Permit, GateClosed> {
         let ticket = TICKET.try_with(Arc::clone).ok();
         let priority = ticket.as_ref().map_or(Priority::Normal, |t| t.priority);
-        let rx = {
+        let urgent_at = match priority {
+            Priority::Renewal { urgent_at } => Some(urgent_at),
+            _ => None,
+        };
+        let mut rx = {
             let mut queue = self.queue();
             if queue.in_flight < self.limit {
+                queue.in_flight += 1;
+                None
+            } else if urgent_at.is_some_and(|t| t <= Instant::now())
+                && queue.in_flight < self.limit + self.reserve
+            {
+                // An urgent renewal takes a reserved place at once.
                 queue.in_flight += 1;
                 None
             } else {
@@ -219,7 +268,7 @@ impl Gate {
                 Some(rx)
             }
         };
-        let permit = match rx {
+        let permit = match &mut rx {
             None => Permit {
                 gate: Some(self.clone()),
             },
@@ -227,13 +276,44 @@ impl Gate {
                 if let Some(t) = &ticket {
                     t.set(State::Queued);
                 }
-                rx.await.map_err(|_| GateClosed)?
+                self.wait(rx, urgent_at).await?
             }
         };
         if let Some(t) = &ticket {
             t.set(State::Sent(Instant::now()));
         }
         Ok(permit)
+    }
+
+    /// Waits for a place handed over through `rx`; a renewal that becomes urgent while
+    /// it waits takes a reserved place if one is free.
+    async fn wait(
+        self: &Arc<Self>,
+        rx: &mut oneshot::Receiver<Permit>,
+        urgent_at: Option<Instant>,
+    ) -> Result<Permit, GateClosed> {
+        if let Some(urgent_at) = urgent_at {
+            tokio::select! {
+                permit = &mut *rx => return permit.map_err(|_| GateClosed),
+                () = tokio::time::sleep_until(urgent_at) => {}
+            }
+            let mut queue = self.queue();
+            if queue.in_flight < self.limit + self.reserve {
+                // Withdraw from the queue (a permit already handed over comes back
+                // through the channel, and is used instead).
+                rx.close();
+                if let Ok(permit) = rx.try_recv() {
+                    return Ok(permit);
+                }
+                queue.in_flight += 1;
+                return Ok(Permit {
+                    gate: Some(self.clone()),
+                });
+            }
+            // Every reserved place is taken by urgent renewals: each is handed on to the
+            // next urgent renewal when it comes free.
+        }
+        rx.await.map_err(|_| GateClosed)
     }
 
     /// A request left the flight: its place goes to the next waiter, if any.
@@ -246,7 +326,14 @@ impl Gate {
             // receiver just went away re-enters here.
             let next = {
                 let mut queue = self.queue();
-                match queue.next(Instant::now()) {
+                // A place beyond the limit goes only to an urgent renewal.
+                let now = Instant::now();
+                let next = if queue.in_flight > self.limit {
+                    queue.next_urgent(now)
+                } else {
+                    queue.next(now)
+                };
+                match next {
                     Some(waiter) => waiter,
                     None => {
                         queue.in_flight -= 1;
@@ -382,8 +469,82 @@ mod tests {
         drop(a);
     }
 
+    #[tokio::test(start_paused = true)]
+    async fn an_urgent_renewal_does_not_wait_for_places_held_for_long() {
+        let gate = Gate::new(4); // and one reserved place
+        let held: Vec<Permit> = futures::future::join_all((0..4).map(|_| gate.enter()))
+            .await
+            .into_iter()
+            .map(Result::unwrap)
+            .collect();
+        let renew = |gate: &Arc<Gate>, after: Duration| {
+            let gate = gate.clone();
+            let ticket = Ticket::new(Priority::Renewal {
+                urgent_at: Instant::now() + after,
+            });
+            let t = ticket.clone();
+            (
+                ticket,
+                tokio::spawn(async move { t.scope(gate.enter()).await.unwrap() }),
+            )
+        };
+        let (first, first_task) = renew(&gate, Duration::from_secs(1));
+        let (second, second_task) = renew(&gate, Duration::from_secs(2));
+        let normal = tokio::spawn({
+            let gate = gate.clone();
+            async move { gate.enter().await.unwrap() }
+        });
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        // The first became urgent and took the reserved place; the others wait.
+        assert!(first.sent().is_some());
+        assert_eq!(gate.in_flight(), 5);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(second.state(), State::Queued, "no second reserved place");
+        // The reserved place goes on to the next urgent renewal, not to the request
+        // that waited longer.
+        drop(first_task.await.unwrap());
+        let second_permit = second_task.await.unwrap();
+        assert_eq!(gate.in_flight(), 5);
+        // A place within the limit goes to the normal request.
+        drop(held);
+        let normal = normal.await.unwrap();
+        assert_eq!(gate.in_flight(), 2);
+        drop((normal, second_permit));
+        assert_eq!(gate.in_flight(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_retried_request_keeps_the_instant_it_first_left() {
+        let gate = Gate::new(1);
+        let ticket = Ticket::new(Priority::Normal);
+        let first = ticket.scope(gate.enter()).await.unwrap();
+        let left = ticket.sent().unwrap();
+        drop(first);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let retry = ticket.scope(gate.enter()).await.unwrap();
+        assert_eq!(ticket.sent(), Some(left));
+        drop(retry);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn waiters_that_gave_up_are_swept_out() {
+        let gate = Gate::new(1);
+        let held = gate.enter().await.unwrap();
+        for _ in 0..3000 {
+            let t = Ticket::new(Priority::Read);
+            let _ = tokio::time::timeout(Duration::from_millis(1), t.scope(gate.enter())).await;
+        }
+        assert!(
+            gate.queue().len() <= 2048,
+            "{} dead waiters kept",
+            gate.queue().len()
+        );
+        drop(held);
+        assert_eq!(gate.in_flight(), 0);
+    }
+
     #[tokio::test]
-    async fn never_more_than_the_limit_in_flight() {
+    async fn never_more_than_the_limit_and_its_reserve_in_flight() {
         let gate = Gate::new(3);
         let most = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let now = Arc::new(std::sync::atomic::AtomicUsize::new(0));
@@ -418,7 +579,8 @@ mod tests {
         for t in tasks {
             t.await.unwrap();
         }
-        assert!(most.load(std::sync::atomic::Ordering::SeqCst) <= 3);
+        // Three, and the one place reserved for urgent renewals.
+        assert!(most.load(std::sync::atomic::Ordering::SeqCst) <= 4);
         assert_eq!(gate.in_flight(), 0);
     }
 }

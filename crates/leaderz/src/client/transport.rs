@@ -125,8 +125,15 @@ fn needs_http1(req: &Request<Body>) -> bool {
     req.headers().contains_key(http::header::UPGRADE) || req.method() == http::Method::CONNECT
 }
 
-/// A request that holds its stream for long: a watch, or logs followed.
+/// A request that holds its stream for long: a watch (also the deprecated
+/// `/watch/` paths), or logs followed.
 fn is_long_running(uri: &Uri) -> bool {
+    let path = uri.path();
+    if path.starts_with("/api/v1/watch/")
+        || (path.starts_with("/apis/") && path.contains("/watch/"))
+    {
+        return true;
+    }
     uri.query().is_some_and(|q| {
         q.split('&')
             .any(|pair| matches!(pair, "watch=true" | "watch=1" | "follow=true" | "follow=1"))
@@ -468,6 +475,10 @@ mod tests {
             "/apis/x?fieldSelector=metadata.name%3Dl&timeoutSeconds=290&watch=true"
         ));
         assert!(long("/api/v1/namespaces/a/pods/p/log?follow=true"));
+        assert!(long("/api/v1/watch/namespaces/a/pods"));
+        assert!(long(
+            "/apis/coordination.k8s.io/v1/watch/namespaces/a/leases/l"
+        ));
         assert!(!long("/apis/coordination.k8s.io/v1/namespaces/a/leases/l"));
         assert!(!long("/api/v1/namespaces/a/pods?watchy=true"));
         assert!(!long("/api/v1/namespaces/a/pods?watch=false"));

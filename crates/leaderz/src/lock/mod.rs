@@ -50,6 +50,11 @@ pub enum LockEvent {
 }
 
 /// Where the leader record lives. See the [module docs](self).
+///
+/// With a [`leaderz::client`](crate::client), the elector counts a write's term from
+/// when the operation's first request left the client's queue. An implementation must
+/// therefore send each operation's write as its first request through that client (or
+/// as its only one), never after another through a path that bypasses the client.
 pub trait Lock: Send + Sync + 'static {
     /// Reads the record; `None` if it does not exist.
     fn get(&self) -> impl Future<Output = Result<Option<Versioned>, LockError>> + Send;
