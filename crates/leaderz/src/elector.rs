@@ -164,6 +164,8 @@ impl<L: Lock> Driver<L> {
         mut commands: mpsc::UnboundedReceiver<Command>,
     ) -> Result<(), crate::ElectionError> {
         let mut request: Option<Pending<Outcome>> = None;
+        // What the client says of the outstanding request (sent yet, or waiting).
+        let mut ticket: Option<Arc<Ticket>> = None;
         let mut watch = WatchSlot::Closed;
         // The current term, and a term that ended but whose work has not stopped yet.
         let mut term: Option<TermControl> = None;
@@ -184,7 +186,11 @@ impl<L: Lock> Driver<L> {
         loop {
             while let Some(action) = m.poll_action() {
                 match action {
-                    Action::Send(req) => request = Some(self.execute(req)),
+                    Action::Send(req) => {
+                        let t = Ticket::new(req.priority);
+                        request = Some(self.execute(req, t.clone()));
+                        ticket = Some(t);
+                    }
                     Action::Watch {
                         after,
                         timeout,
@@ -229,6 +235,18 @@ impl<L: Lock> Driver<L> {
                         if let Some(mut t) = term.take() {
                             t.end();
                             ended = Some(t);
+                        }
+                        // A renewal of the ended term that still waits in the client
+                        // (under load) is dropped unsent, so that the release need not
+                        // wait for it to go out and come back.
+                        if request.is_some()
+                            && ticket
+                                .as_ref()
+                                .is_some_and(|t| t.state() == TicketState::Queued)
+                        {
+                            request = None;
+                            ticket = None;
+                            m.handle(Input::Unsent, Instant::now());
                         }
                     }
                     Action::Announce { leading } => {
@@ -275,6 +293,7 @@ impl<L: Lock> Driver<L> {
                 }
                 (reply, sent) = poll_pending(&mut request) => {
                     request = None;
+                    ticket = None;
                     if let Some(at) = sent {
                         m.handle(Input::Sent(at), Instant::now());
                     }
@@ -310,13 +329,12 @@ impl<L: Lock> Driver<L> {
     /// A lock request, answered with `Timeout` when it has waited to be sent until its
     /// deadline or been in flight for its timeout; with when it left the process, if
     /// it did and the client said so.
-    fn execute(&self, req: Request) -> Pending<Outcome> {
+    fn execute(&self, req: Request, ticket: Arc<Ticket>) -> Pending<Outcome> {
         let lock = self.lock.clone();
         let Request {
             op,
             deadline,
             timeout,
-            priority,
             ..
         } = req;
         Box::pin(async move {
@@ -326,7 +344,6 @@ impl<L: Lock> Driver<L> {
                 // answered in time, only to be cancelled.
                 return (Err(LockError::Timeout(Duration::ZERO)), None);
             }
-            let ticket = Ticket::new(priority);
             let call = ticket.scope(async {
                 match op {
                     Op::Get => lock.get().await.map(Answer::Read),

@@ -118,6 +118,10 @@ pub enum Input {
     /// is counted from it and a read is as fresh as it. Optional; give it before the
     /// [`Input::Reply`].
     Sent(Instant),
+    /// The outstanding [`Request`] was dropped while it still waited in the client, so
+    /// it was never sent and cannot land. A caller may do this to a request whose term
+    /// has ended ([`Action::EndTerm`]), so that the release does not wait for it.
+    Unsent,
     /// The watch asked for by [`Action::Watch`] is open, or could not be opened.
     WatchOpened(Result<(), LockError>),
     /// The open watch delivered an event.
@@ -721,6 +725,7 @@ impl Machine {
             Input::Tick => {}
             Input::Reply(reply) => self.on_reply(reply, now),
             Input::Sent(at) => self.on_sent(at, now),
+            Input::Unsent => self.on_unsent(now),
             Input::WatchOpened(result) => self.on_watch_opened(result, now),
             Input::WatchEvent(event) => self.on_watch_event(event, now),
             Input::WatchEnded(error) => self.on_watch_ended(error, now),
@@ -1082,6 +1087,19 @@ impl Machine {
         (l.last_ok + self.config.renew_deadline)
             .checked_sub(room)
             .unwrap_or(l.last_ok)
+    }
+
+    /// The outstanding request was dropped before it was sent.
+    fn on_unsent(&mut self, now: Instant) {
+        match &self.inflight {
+            Some(inflight) if inflight.orphaned => {
+                // Nothing of it can land, nothing is learned: the way is free.
+                debug!("a request of the ended term was dropped before it was sent");
+                self.inflight = None;
+            }
+            Some(_) => self.on_reply(Err(LockError::Timeout(Duration::ZERO)), now),
+            None => {}
+        }
     }
 
     /// The outstanding request left the process at `at`. Every send time is used as the

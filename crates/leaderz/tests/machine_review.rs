@@ -775,3 +775,32 @@ fn a_landed_write_answered_with_a_conflict_is_still_ours() {
     );
     assert_eq!(did.writes().len(), 1, "renews on it: {did:?}");
 }
+
+/// Under load a renewal may still wait in the client when its term ends. The elector
+/// then drops it unsent (`Input::Unsent`): the release goes out at once, on the version
+/// the machine knows (the dropped renewal cannot have landed), instead of after the
+/// renewal went out and came back.
+#[test]
+fn a_renewal_dropped_unsent_frees_the_way_for_the_release() {
+    let t0 = Instant::now();
+    let mut m = Machine::new(ElectionConfig::new("a"), "ns/l", t0).unwrap();
+    assert!(drain(&mut m).reads());
+    let did = step(&mut m, Input::Reply(Ok(Answer::Read(None))), t0);
+    let taken = did.writes()[0].clone();
+    assert!(step(&mut m, wrote(&taken, "1"), t0).started.is_some());
+    let t1 = t0 + Duration::from_secs(2);
+    let did = step(&mut m, Input::Tick, t1);
+    assert_eq!(did.writes().len(), 1, "the renewal");
+    // Stop while the renewal waits in the client; the work stops at once.
+    step(&mut m, Input::Shutdown, t1 + ms(10));
+    let did = step(&mut m, Input::WorkStopped, t1 + ms(20));
+    assert!(
+        did.ops.is_empty(),
+        "one request at a time: the release waits for the renewal"
+    );
+    let did = step(&mut m, Input::Unsent, t1 + ms(30));
+    let release = did.writes();
+    assert_eq!(release.len(), 1, "the release goes out at once: {did:?}");
+    assert!(release[0].holder_identity.is_empty());
+    assert!(matches!(&did.ops[0], Op::Update(v, _) if v.version == "1"));
+}
