@@ -195,7 +195,7 @@ pub enum Action {
 /// A caller that sends at once answers [`LockError::Timeout`] at `deadline` or `timeout`
 /// after the action was taken, whichever is sooner. A caller whose client queues
 /// requests in the process (a leaderz client under load: see
-/// [`Priority`](crate::client::Priority)) may wait up to `deadline` for the request to
+/// [`Priority`]) may wait up to `deadline` for the request to
 /// leave, then gives it `timeout` in flight (still at most until `deadline`), and reports
 /// when it left with [`Input::Sent`].
 #[derive(Debug)]
