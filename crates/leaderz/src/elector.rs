@@ -361,9 +361,8 @@ impl<L: Lock> Driver<L> {
                     () = sleep_until(limit) => {}
                 }
                 // Time spent waiting in the client to be sent does not count against
-                // the timeout; the deadline bounds both.
-                // While it waits, look again a timeout later: once it has left, the
-                // timeout then still ends on time.
+                // the timeout; the deadline bounds both. While it waits, look again a
+                // timeout later, so that once it has left its timeout still ends on time.
                 let next = match ticket.state() {
                     TicketState::Queued => (limit + timeout).min(deadline),
                     TicketState::Sent(at) => (at + timeout).min(deadline),

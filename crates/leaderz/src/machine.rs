@@ -209,7 +209,7 @@ pub struct Request {
     /// How long the request may be in flight once sent.
     pub timeout: Duration,
     /// Its order among requests that wait to be sent.
-    pub priority: crate::client::Priority,
+    pub priority: Priority,
 }
 
 /// A lock operation (see [`Lock`](crate::Lock)).
