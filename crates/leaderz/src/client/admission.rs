@@ -16,8 +16,8 @@
 //! while others have work to do, until it is urgent, and then goes before everything:
 //! under load a leader renews less often (as late as its term allows) instead of
 //! starving new candidates, and never loses its term to them. An urgent renewal does not
-//! even wait for a place: a quarter of the limit more is kept for urgent renewals
-//! alone, so that requests that hold their places for long (slow lists, bodies nobody
+//! even wait for a place: a quarter of the limit more (at least one) is kept for urgent
+//! renewals alone, so that requests that hold their places for long (slow lists, bodies nobody
 //! reads, an application's own burst through the same client) cannot hold a term's
 //! renewal back past its deadline.
 //!

@@ -187,7 +187,8 @@ impl Options {
 
     /// At most this many short requests (everything but watches and upgrades) in flight
     /// at once (default 64); the others wait in the process, a leader's urgent renewal
-    /// first (see [`Priority`]), and are dropped unsent when their caller gives up. Time
+    /// first (see [`Priority`]; a quarter more places, at least one, are kept for urgent
+    /// renewals), and are dropped unsent when their caller gives up. Time
     /// spent waiting does not count against an election's request timeout, and a
     /// write's term is counted from when it left. Under overload this keeps the queue
     /// here instead of at the API server, where requests whose callers have gone would

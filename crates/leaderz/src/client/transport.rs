@@ -128,10 +128,15 @@ fn needs_http1(req: &Request<Body>) -> bool {
 /// A request that holds its stream for long: a watch (also the deprecated
 /// `/watch/` paths), or logs followed.
 fn is_long_running(uri: &Uri) -> bool {
-    let path = uri.path();
-    if path.starts_with("/api/v1/watch/")
-        || (path.starts_with("/apis/") && path.contains("/watch/"))
-    {
+    // `/api/{version}/watch/...` or `/apis/{group}/{version}/watch/...`: the segment
+    // right after the version (a namespace or an object named `watch` is no watch).
+    let mut segments = uri.path().split('/').skip(1);
+    let watch_at = match segments.next() {
+        Some("api") => 1,
+        Some("apis") => 2,
+        _ => usize::MAX,
+    };
+    if segments.nth(watch_at) == Some("watch") {
         return true;
     }
     uri.query().is_some_and(|q| {
@@ -480,6 +485,10 @@ mod tests {
             "/apis/coordination.k8s.io/v1/watch/namespaces/a/leases/l"
         ));
         assert!(!long("/apis/coordination.k8s.io/v1/namespaces/a/leases/l"));
+        assert!(!long(
+            "/apis/coordination.k8s.io/v1/namespaces/watch/leases/l"
+        ));
+        assert!(!long("/api/v1/namespaces/watch/pods/watch"));
         assert!(!long("/api/v1/namespaces/a/pods?watchy=true"));
         assert!(!long("/api/v1/namespaces/a/pods?watch=false"));
     }
