@@ -92,6 +92,13 @@ async fn main() -> anyhow::Result<()> {
             }
         }
     });
+    if let Some(shared) = &shared {
+        // Elections started on a listed watch create absent Leases without reading
+        // first (a failed list is no reason not to start: they then read).
+        if let Err(e) = shared.ready().await {
+            eprintln!("the shared Lease watch did not list: {e}");
+        }
+    }
     let mut handles = Vec::with_capacity(args.count);
     let pace = (args.start_rate > 0).then(|| Duration::from_secs(1) / args.start_rate);
     let mut ticks = pace.map(tokio::time::interval);

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use futures::stream::BoxStream;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio::time::{Instant, sleep_until, timeout, timeout_at};
 use tokio_util::sync::CancellationToken;
@@ -109,7 +109,9 @@ impl<L: Lock> Elector<L> {
         let (leader_tx, leader_rx) = watch::channel(None);
         let (term_tx, term_rx) = watch::channel(None);
         let (status_tx, status_rx) = watch::channel(Status::default());
-        let (command_tx, command_rx) = mpsc::unbounded_channel();
+        // futures' channel: tokio's allocates a block of 32 slots at once (1.5 KiB per
+        // election, for a command that rarely comes).
+        let (command_tx, command_rx) = futures::channel::mpsc::unbounded();
         let span = info_span!("leader_election", lease = %name, identity = %self.config.identity);
         let mut machine = Machine::build(self.config.clone(), name, Instant::now());
         if let Some(seed) = self.seed {
@@ -120,6 +122,8 @@ impl<L: Lock> Elector<L> {
         }
         if let Some((v, at)) = self.observed {
             machine = machine.with_observed(v, at);
+        } else if let Some(at) = self.lock.known_absent() {
+            machine = machine.with_absent(at);
         }
         let driver = Driver {
             lock: self.lock,
@@ -128,9 +132,11 @@ impl<L: Lock> Elector<L> {
             term: term_tx,
             status: status_tx,
         };
+        // Boxed: an async fn keeps its arguments twice (as arguments and as locals), and
+        // the machine is 2.5 KiB.
         let task = tokio::spawn(
             driver
-                .drive(machine, shutdown.clone(), command_rx)
+                .drive(Box::new(machine), shutdown.clone(), command_rx)
                 .instrument(span),
         );
         ElectionHandle::new(shutdown, task, leader_rx, term_rx, status_rx, command_tx)
@@ -159,9 +165,9 @@ struct Driver<L> {
 impl<L: Lock> Driver<L> {
     async fn drive(
         self,
-        mut m: Machine,
+        mut m: Box<Machine>,
         shutdown: CancellationToken,
-        mut commands: mpsc::UnboundedReceiver<Command>,
+        mut commands: futures::channel::mpsc::UnboundedReceiver<Command>,
     ) -> Result<(), crate::ElectionError> {
         let mut request: Option<Pending<Outcome>> = None;
         // What the client says of the outstanding request (sent yet, or waiting).
@@ -187,7 +193,7 @@ impl<L: Lock> Driver<L> {
             while let Some(action) = m.poll_action() {
                 match action {
                     Action::Send(req) => {
-                        let t = Ticket::new(req.priority);
+                        let t = Ticket::deferring(req.priority);
                         request = Some(self.execute(req, t.clone()));
                         ticket = Some(t);
                     }
@@ -253,9 +259,18 @@ impl<L: Lock> Driver<L> {
                         let lock = self.lock.clone();
                         let identity = self.config.identity.clone();
                         let limit = self.config.request_timeout;
-                        let ticket = Ticket::new(Priority::Background);
+                        // Deferred while the client is busy (see `execute`), so that a
+                        // thousand announcements waiting for a place are not held built.
+                        let ticket = Ticket::deferring(Priority::Background);
                         announcement = Some(tokio::spawn(async move {
-                            let announce = ticket.scope(lock.announce(&identity, leading));
+                            let announce = async {
+                                let attempt =
+                                    || Box::pin(ticket.scope(lock.announce(&identity, leading)));
+                                attempt().await;
+                                if ticket.deferred() && ticket.admitted().await.is_ok() {
+                                    attempt().await;
+                                }
+                            };
                             let _ = timeout(limit, announce).await;
                         }));
                     }
@@ -300,7 +315,7 @@ impl<L: Lock> Driver<L> {
                     Input::Reply(reply)
                 }
                 input = next_watch(&mut watch) => input,
-                Some(command) = commands.recv() => {
+                Some(command) = commands.next() => {
                     match command {
                         Command::HandOver { to, reply } => {
                             let _ = reply.send(m.hand_over(to, Instant::now()));
@@ -329,6 +344,10 @@ impl<L: Lock> Driver<L> {
     /// A lock request, answered with `Timeout` when it has waited to be sent until its
     /// deadline or been in flight for its timeout; with when it left the process, if
     /// it did and the client said so.
+    ///
+    /// When the client has no place for it at once, the request is not kept, built,
+    /// while it waits (with 10 000 elections in a process that was most of its memory):
+    /// the client fails it unsent, it waits for its place here, and is built again.
     fn execute(&self, req: Request, ticket: Arc<Ticket>) -> Pending<Outcome> {
         let lock = self.lock.clone();
         let Request {
@@ -344,20 +363,36 @@ impl<L: Lock> Driver<L> {
                 // answered in time, only to be cancelled.
                 return (Err(LockError::Timeout(Duration::ZERO)), None);
             }
-            let call = ticket.scope(async {
-                match op {
-                    Op::Get => lock.get().await.map(Answer::Read),
-                    Op::Create(record) => lock.create(&record).await.map(Answer::Wrote),
-                    Op::Update(current, record) => {
-                        lock.update(&current, &record).await.map(Answer::Wrote)
+            // Each attempt is boxed: only one that is under way takes its memory.
+            type Call<'a> = Pin<Box<dyn Future<Output = Result<Answer, LockError>> + Send + 'a>>;
+            let attempt = || -> Call<'_> {
+                Box::pin(ticket.scope(async {
+                    match &op {
+                        Op::Get => lock.get().await.map(Answer::Read),
+                        Op::Create(record) => lock.create(record).await.map(Answer::Wrote),
+                        Op::Update(current, record) => {
+                            lock.update(current, record).await.map(Answer::Wrote)
+                        }
                     }
-                }
-            });
-            tokio::pin!(call);
+                }))
+            };
+            let mut call = attempt();
             let mut limit = (start + timeout).min(deadline);
             loop {
                 tokio::select! {
-                    r = &mut call => return (r, ticket.sent()),
+                    r = &mut call => {
+                        if r.is_err() && ticket.deferred() {
+                            // The client had no place for it: wait for one, then send it.
+                            call = Box::pin(async {
+                                match ticket.admitted().await {
+                                    Ok(()) => attempt().await,
+                                    Err(e) => Err(LockError::Transport(Box::new(e))),
+                                }
+                            });
+                            continue;
+                        }
+                        return (r, ticket.sent());
+                    }
                     () = sleep_until(limit) => {}
                 }
                 // Time spent waiting in the client to be sent does not count against

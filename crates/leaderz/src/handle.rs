@@ -4,7 +4,8 @@
 use std::future::Future;
 use std::time::Duration;
 
-use tokio::sync::{mpsc, oneshot, watch};
+use futures::channel::mpsc::UnboundedSender;
+use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -81,7 +82,7 @@ pub struct ElectionHandle {
     leader: watch::Receiver<Option<String>>,
     term: watch::Receiver<Option<Term>>,
     status: watch::Receiver<Status>,
-    commands: mpsc::UnboundedSender<Command>,
+    commands: UnboundedSender<Command>,
 }
 
 /// A request from the handle to the elector task.
@@ -101,7 +102,7 @@ impl ElectionHandle {
         leader: watch::Receiver<Option<String>>,
         term: watch::Receiver<Option<Term>>,
         status: watch::Receiver<Status>,
-        commands: mpsc::UnboundedSender<Command>,
+        commands: UnboundedSender<Command>,
     ) -> Self {
         Self {
             shutdown,
@@ -137,7 +138,7 @@ impl ElectionHandle {
             reply,
         };
         self.commands
-            .send(command)
+            .unbounded_send(command)
             .map_err(|_| HandOverError::Stopped)?;
         answer.await.unwrap_or(Err(HandOverError::Stopped))
     }

@@ -604,6 +604,47 @@ impl Machine {
         self
     }
 
+    /// Starts knowing that the Lease does not exist, as of a read sent at `read_sent_at`
+    /// (a shared watch's last list, see [`crate::lock::Lock::known_absent`]): instead
+    /// of reading first, the machine creates it at once, as it would after a read that
+    /// found nothing then. Ignored unless the machine has just been built and nothing
+    /// else is known.
+    ///
+    /// Safe however stale the knowledge: a Lease that exists makes the create fail
+    /// (and the machine reads), and one that was led and deleted meanwhile is no
+    /// different from what a read just before the create would show. The rule that a
+    /// create follows a read sent within a retry period still holds: an older
+    /// `read_sent_at` makes the machine read first, as it would anyway.
+    #[must_use]
+    pub fn with_absent(mut self, read_sent_at: Instant) -> Self {
+        let first_read = matches!(
+            self.inflight,
+            Some(Inflight {
+                purpose: Purpose::Read,
+                ..
+            })
+        ) && self.actions.len() == 1
+            && matches!(self.actions.front(), Some(Action::Send(_)));
+        if !first_read
+            || self.observed.is_some()
+            || self.absent
+            || self.started
+            || read_sent_at > self.now
+        {
+            return self;
+        }
+        // Withdraw the first read (not handed out yet), and act as if it had found
+        // nothing.
+        self.actions.clear();
+        self.inflight = None;
+        let now = self.now;
+        self.observe_absent(false, now);
+        self.absent_read_sent = Some(read_sent_at);
+        self.read_due = Some(now + self.jitter(self.config.retry_period));
+        self.step(now);
+        self
+    }
+
     /// Reads wall-clock time (for the record's MicroTime fields only) from `clock`
     /// instead of the system clock, e.g. to simulate a clock that steps.
     #[must_use]
@@ -2658,6 +2699,35 @@ mod tests {
             panic!("expected a renewal")
         };
         assert_eq!(renewal.renew_time, Some(stepped));
+    }
+
+    /// A Lease known absent from a recent list is created at once; from an old one it
+    /// is read first; and a create refused because it exists after all leads to a read.
+    #[test]
+    fn a_lease_known_absent_is_created_without_reading_first() {
+        let t0 = Instant::now() + Duration::from_secs(60);
+        let new = || Machine::new(ElectionConfig::new("a"), "ns/l", t0).unwrap();
+        let mut m = new().with_absent(t0 - Duration::from_secs(1));
+        assert!(matches!(take_send(&mut m).op, Op::Create(_)));
+        assert!(m.poll_action().is_none(), "one request at a time");
+        m.handle(Input::Reply(Err(LockError::AlreadyExists)), t0);
+        m.handle(Input::Tick, t0 + Duration::from_secs(3));
+        assert!(matches!(take_send(&mut m).op, Op::Get));
+
+        let mut m = new().with_absent(t0 - Duration::from_secs(3));
+        assert!(
+            matches!(take_send(&mut m).op, Op::Get),
+            "a stale list is no look"
+        );
+        assert!(m.poll_action().is_none());
+
+        let mut m = new()
+            .with_observed(held_by("b", "1", "2030-01-01T00:00:00Z"), t0)
+            .with_absent(t0);
+        assert!(
+            matches!(take_send(&mut m).op, Op::Get),
+            "a record seen wins"
+        );
     }
 
     fn held_by(holder: &str, version: &str, renewed: &str) -> Versioned {

@@ -32,6 +32,7 @@ use std::sync::{Arc, Mutex};
 
 use tokio::sync::oneshot;
 use tokio::time::Instant;
+use tower::BoxError;
 
 /// How soon a request should leave the process when
 /// [`Options::max_in_flight`](super::Options::max_in_flight) requests are already in
@@ -61,8 +62,31 @@ tokio::task_local! {
 #[derive(Debug)]
 pub(crate) struct Ticket {
     priority: Priority,
+    /// The caller can build its request again: when it would have to wait, the first
+    /// request is failed with [`Deferred`] instead, and its place is awaited with
+    /// [`Ticket::admitted`], so that the request is not held, built, while it waits.
+    defer: bool,
     state: Mutex<State>,
+    place: Mutex<Place>,
 }
+
+/// The place a deferred request waits for, or has been given.
+#[derive(Debug, Default)]
+enum Place {
+    #[default]
+    None,
+    Waiting {
+        gate: Arc<Gate>,
+        rx: oneshot::Receiver<Permit>,
+    },
+    Given(Permit),
+}
+
+/// The request was not sent: it would have had to wait for a place, and its caller
+/// waits for that place without it ([`Ticket::admitted`]), then sends it again.
+#[derive(Debug, thiserror::Error)]
+#[error("the request waits for a place to be sent (it is sent again once it has one)")]
+pub(crate) struct Deferred;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum State {
@@ -75,11 +99,69 @@ pub(crate) enum State {
 }
 
 impl Ticket {
+    /// A ticket for a caller that waits with its request built (the tests').
+    #[cfg(test)]
     pub(crate) fn new(priority: Priority) -> Arc<Self> {
         Arc::new(Self {
             priority,
+            defer: false,
             state: Mutex::new(State::Unseen),
+            place: Mutex::new(Place::None),
         })
+    }
+
+    /// A ticket whose first request is deferred rather than held while it waits (see
+    /// [`Deferred`]): its caller must await [`Ticket::admitted`] when that request
+    /// fails, and then build and send it again.
+    pub(crate) fn deferring(priority: Priority) -> Arc<Self> {
+        Arc::new(Self {
+            priority,
+            defer: true,
+            state: Mutex::new(State::Unseen),
+            place: Mutex::new(Place::None),
+        })
+    }
+
+    fn place(&self) -> std::sync::MutexGuard<'_, Place> {
+        self.place.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether the request was deferred, and waits for its place.
+    pub(crate) fn deferred(&self) -> bool {
+        matches!(*self.place(), Place::Waiting { .. })
+    }
+
+    /// Waits for the place of a deferred request, which the next request sent with this
+    /// ticket takes. At once if it was not deferred.
+    pub(crate) async fn admitted(&self) -> Result<(), GateClosed> {
+        let (gate, mut rx) = match std::mem::take(&mut *self.place()) {
+            Place::Waiting { gate, rx } => (gate, rx),
+            other => {
+                *self.place() = other;
+                return Ok(());
+            }
+        };
+        let urgent_at = match self.priority {
+            Priority::Renewal { urgent_at } => Some(urgent_at),
+            _ => None,
+        };
+        let permit = gate.wait(&mut rx, urgent_at).await?;
+        *self.place() = Place::Given(permit);
+        Ok(())
+    }
+
+    /// The place this ticket was given through `gate`, if any.
+    fn take_place(&self, gate: &Arc<Gate>) -> Option<Permit> {
+        let mut place = self.place();
+        match &*place {
+            Place::Given(permit) if permit.gate.as_ref().is_some_and(|g| Arc::ptr_eq(g, gate)) => {
+                match std::mem::take(&mut *place) {
+                    Place::Given(permit) => Some(permit),
+                    _ => None,
+                }
+            }
+            _ => None,
+        }
     }
 
     /// Runs `fut` with this ticket on every request it sends through a leaderz client.
@@ -243,15 +325,22 @@ impl Gate {
     }
 
     /// Waits for a place among the requests in flight, in the order of the calling
-    /// task's [`Ticket`] (none: [`Priority::Normal`]), and marks the ticket sent.
-    pub(crate) async fn enter(self: &Arc<Self>) -> Result<Permit, GateClosed> {
+    /// task's [`Ticket`] (none: [`Priority::Normal`]), and marks the ticket sent; fails
+    /// with [`Deferred`] instead of waiting when the ticket says so.
+    pub(crate) async fn enter(self: &Arc<Self>) -> Result<Permit, BoxError> {
         let ticket = TICKET.try_with(Arc::clone).ok();
         let priority = ticket.as_ref().map_or(Priority::Normal, |t| t.priority);
         let urgent_at = match priority {
             Priority::Renewal { urgent_at } => Some(urgent_at),
             _ => None,
         };
-        let mut rx = {
+        if let Some(permit) = ticket.as_ref().and_then(|t| t.take_place(self)) {
+            if let Some(t) = &ticket {
+                t.set(State::Sent(Instant::now()));
+            }
+            return Ok(permit);
+        }
+        let rx = {
             let mut queue = self.queue();
             if queue.in_flight < self.limit {
                 queue.in_flight += 1;
@@ -268,15 +357,23 @@ impl Gate {
                 Some(rx)
             }
         };
-        let permit = match &mut rx {
+        let permit = match rx {
             None => Permit {
                 gate: Some(self.clone()),
             },
-            Some(rx) => {
+            Some(mut rx) => {
                 if let Some(t) = &ticket {
+                    let first = t.state() == State::Unseen;
                     t.set(State::Queued);
+                    if t.defer && first {
+                        *t.place() = Place::Waiting {
+                            gate: self.clone(),
+                            rx,
+                        };
+                        return Err(Deferred.into());
+                    }
                 }
-                self.wait(rx, urgent_at).await?
+                self.wait(&mut rx, urgent_at).await?
             }
         };
         if let Some(t) = &ticket {
@@ -524,6 +621,65 @@ mod tests {
         let retry = ticket.scope(gate.enter()).await.unwrap();
         assert_eq!(ticket.sent(), Some(left));
         drop(retry);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_deferred_request_waits_for_its_place_in_order_without_being_held() {
+        let gate = Gate::new(1);
+        let held = gate.enter().await.unwrap();
+        // Queued first, undeferred: it goes before the deferred one.
+        let (tx, mut order) = tokio::sync::mpsc::unbounded_channel();
+        let read = waiter(&gate, Priority::Read, "read", &tx);
+        tokio::task::yield_now().await;
+        let ticket = Ticket::deferring(Priority::Read);
+        let err = ticket.scope(gate.enter()).await.unwrap_err();
+        assert!(err.is::<Deferred>(), "{err}");
+        assert!(ticket.deferred());
+        assert_eq!(ticket.state(), State::Queued);
+        let admitted = {
+            let ticket = ticket.clone();
+            tokio::spawn(async move { ticket.admitted().await })
+        };
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert!(!admitted.is_finished(), "admitted with no place free");
+        drop(held);
+        assert_eq!(order.recv().await, Some("read"));
+        read.await.unwrap();
+        admitted.await.unwrap().unwrap();
+        assert_eq!(gate.in_flight(), 1, "the place is held for the request");
+        // The request sent again takes that place, without queueing behind a newcomer.
+        let newcomer = waiter(&gate, Priority::Normal, "newcomer", &tx);
+        tokio::task::yield_now().await;
+        let at = Instant::now();
+        let permit = ticket.scope(gate.enter()).await.unwrap();
+        assert_eq!(ticket.sent(), Some(at));
+        assert!(order.try_recv().is_err(), "the newcomer went first");
+        drop(permit);
+        assert_eq!(order.recv().await, Some("newcomer"));
+        newcomer.await.unwrap();
+        assert_eq!(gate.in_flight(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_deferred_renewal_that_turns_urgent_takes_a_reserved_place() {
+        let gate = Gate::new(1);
+        let held = gate.enter().await.unwrap();
+        let urgent_at = Instant::now() + Duration::from_secs(5);
+        let ticket = Ticket::deferring(Priority::Renewal { urgent_at });
+        assert!(ticket.scope(gate.enter()).await.is_err());
+        tokio::time::timeout(Duration::from_secs(6), ticket.admitted())
+            .await
+            .expect("an urgent renewal waits for no place")
+            .unwrap();
+        assert_eq!(Instant::now(), urgent_at);
+        assert_eq!(gate.in_flight(), 2);
+        drop(ticket);
+        drop(held);
+        assert_eq!(
+            gate.in_flight(),
+            0,
+            "a place given and never used is given back"
+        );
     }
 
     #[tokio::test(start_paused = true)]

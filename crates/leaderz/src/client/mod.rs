@@ -302,6 +302,12 @@ impl Options {
     }
 }
 
+/// The request was deferred by the client's admission control (it is sent again once
+/// it has a place; see [`admission`]): not a failure to report.
+pub(crate) fn is_deferred(e: &kube::Error) -> bool {
+    matches!(e, kube::Error::Service(e) if e.is::<admission::Deferred>())
+}
+
 /// A client for `config` with the default [`Options`].
 ///
 /// ```no_run

@@ -232,6 +232,10 @@ impl Lock for LeaseLock {
         }
     }
 
+    fn known_absent(&self) -> Option<tokio::time::Instant> {
+        self.shared.as_ref()?.known_absent(&self.name)
+    }
+
     async fn watch(
         &self,
         version: &str,
@@ -319,8 +323,11 @@ impl Lock for LeaseLock {
             namespace: Some(self.namespace.clone()),
             ..Default::default()
         };
-        if let Err(e) = recorder.publish(&event, &reference).await {
-            tracing::warn!(error = %e, "could not record a leader election event");
+        match recorder.publish(&event, &reference).await {
+            Err(e) if !crate::client::is_deferred(&e) => {
+                tracing::warn!(error = %e, "could not record a leader election event");
+            }
+            _ => {}
         }
     }
 }

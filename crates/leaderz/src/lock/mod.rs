@@ -85,6 +85,19 @@ pub trait Lock: Send + Sync + 'static {
     /// A short description for logs and metrics labels, e.g. `default/my-lock`.
     fn describe(&self) -> String;
 
+    /// When the record is known not to exist without asking: as of a read sent at the
+    /// instant returned (a cache kept by a list and a watch, such as
+    /// [`SharedLeaseWatch`]'s, knows it as of its last list). A new election then
+    /// creates the record at once instead of reading first. `None` (the default): not
+    /// known.
+    ///
+    /// Only an absence is worth knowing: the create that follows is itself the check
+    /// (it fails if the record exists), so a stale answer costs a refused create,
+    /// never safety.
+    fn known_absent(&self) -> Option<tokio::time::Instant> {
+        None
+    }
+
     /// Publishes `identity` as a candidate for coordinated leader election and keeps the
     /// publication fresh (for a Lease: a `LeaseCandidate` answering the controller's
     /// pings) until `stop` is cancelled, then withdraws it. Returns an error only when

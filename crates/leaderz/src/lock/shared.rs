@@ -37,8 +37,11 @@ use k8s_openapi::api::coordination::v1::Lease;
 use kube::runtime::watcher::{self, Event};
 use kube::runtime::{WatchStreamExt, watcher as watch_leases};
 use kube::{Api, Client};
-use tokio::sync::mpsc;
+// futures' channel, not tokio's: tokio's allocates 32 slots at once (2 KiB per lock
+// subscribed, 20 MiB for 10 000 elections), futures' one node per event.
+use futures::channel::mpsc;
 use tokio::task::JoinHandle;
+use tokio::time::Instant;
 use tracing::{debug, warn};
 
 use super::lease::versioned;
@@ -161,19 +164,27 @@ impl SharedLeaseWatch {
         });
     }
 
-    /// Changes of Lease `name` after `version`, ending after `timeout`.
-    pub(super) async fn subscribe(
-        &self,
-        name: &str,
-        version: &str,
-        timeout: Duration,
-    ) -> Result<BoxStream<'static, Result<LockEvent, LockError>>, LockError> {
+    /// Starts the watch (if no lock has yet) and waits for its first list. Elections
+    /// started after it begin with what the watch knows: one whose Lease does not exist
+    /// creates it at once instead of reading first (see [`Lock::known_absent`]), which
+    /// halves what 10 000 new elections ask of the API server.
+    ///
+    /// Fails as watching would (RBAC refused `list` or `watch`, the namespace is
+    /// missing); passing trouble is retried.
+    ///
+    /// [`Lock::known_absent`]: super::Lock::known_absent
+    pub async fn ready(&self) -> Result<(), LockError> {
+        self.listed("*").await
+    }
+
+    /// Starts the watch if need be and waits for its first list (errors name Lease
+    /// `name`).
+    async fn listed(&self, name: &str) -> Result<(), LockError> {
         self.start();
-        let hub = &self.inner.hub;
-        let mut phase = hub.phase.subscribe();
+        let mut phase = self.inner.hub.phase.subscribe();
         loop {
             match &*phase.borrow_and_update() {
-                Phase::Ready => break,
+                Phase::Ready => return Ok(()),
                 Phase::Failed(failure) => {
                     return Err(failure.error(&self.inner.namespace, name));
                 }
@@ -185,7 +196,32 @@ impl SharedLeaseWatch {
                 ));
             }
         }
-        let (tx, rx) = mpsc::channel(SUBSCRIBER_BUFFER);
+    }
+
+    /// When Lease `name` is known not to exist: as of a list sent at the instant
+    /// returned (the last one), nor seen since. `None` if the watch has not listed yet,
+    /// or knows of the Lease (even deleted: that is for the election to judge).
+    pub(super) fn known_absent(&self, name: &str) -> Option<Instant> {
+        if !matches!(*self.inner.hub.phase.borrow(), Phase::Ready) {
+            return None;
+        }
+        let state = self.inner.hub.lock();
+        if state.leases.contains_key(name) {
+            return None;
+        }
+        state.listed_from
+    }
+
+    /// Changes of Lease `name` after `version`, ending after `timeout`.
+    pub(super) async fn subscribe(
+        &self,
+        name: &str,
+        version: &str,
+        timeout: Duration,
+    ) -> Result<BoxStream<'static, Result<LockEvent, LockError>>, LockError> {
+        self.listed(name).await?;
+        let hub = &self.inner.hub;
+        let (mut tx, rx) = mpsc::channel(SUBSCRIBER_BUFFER);
         {
             let mut state = hub.lock();
             if let Some(first) = state.catch_up(name, version) {
@@ -196,10 +232,7 @@ impl SharedLeaseWatch {
             subscribers.retain(|s| !s.is_closed());
             subscribers.push(tx);
         }
-        let events = futures::stream::unfold(rx, |mut rx| async move {
-            rx.recv().await.map(|event| (event, rx))
-        });
-        Ok(events.take_until(tokio::time::sleep(timeout)).boxed())
+        Ok(rx.take_until(tokio::time::sleep(timeout)).boxed())
     }
 }
 
@@ -276,6 +309,10 @@ struct State {
     subscribers: HashMap<String, Vec<mpsc::Sender<Result<LockEvent, LockError>>>>,
     /// Leases listed since the watch (re)started, until the list is complete.
     relisting: Option<HashMap<String, Versioned>>,
+    /// When the list under way was asked for (just before: kube's watcher says `Init`
+    /// first), and when the last complete one was.
+    listing_from: Option<Instant>,
+    listed_from: Option<Instant>,
 }
 
 /// What the shared watch knows of one Lease.
@@ -373,6 +410,7 @@ impl Hub {
         let Some(listed) = state.relisting.take() else {
             return;
         };
+        state.listed_from = state.listing_from.take();
         let gone: Vec<String> = state
             .leases
             .iter()
@@ -426,16 +464,16 @@ impl State {
         let Some(subscribers) = self.subscribers.get_mut(name) else {
             return;
         };
-        subscribers.retain(|tx| match tx.try_send(Ok(event.clone())) {
+        subscribers.retain_mut(|tx| match tx.try_send(Ok(event.clone())) {
             Ok(()) => true,
-            Err(mpsc::error::TrySendError::Full(_)) => {
+            Err(e) if e.is_full() => {
                 debug!(
                     lease = name,
                     "a lock fell behind the shared watch; ending its stream"
                 );
                 false
             }
-            Err(mpsc::error::TrySendError::Closed(_)) => false,
+            Err(_) => false,
         });
         if subscribers.is_empty() {
             self.subscribers.remove(name);
@@ -459,7 +497,11 @@ async fn run(hub: Arc<Hub>, api: Api<Lease>, config: watcher::Config) {
                     failing = false;
                 }
                 match event {
-                    Event::Init => hub.lock().relisting = Some(HashMap::new()),
+                    Event::Init => {
+                        let mut state = hub.lock();
+                        state.relisting = Some(HashMap::new());
+                        state.listing_from = Some(Instant::now());
+                    }
                     Event::InitApply(lease) => {
                         let v = versioned(lease);
                         if let (Some(name), Some(listed)) =
