@@ -135,7 +135,7 @@ impl<L: Lock> Elector<L> {
         // Boxed: an async fn keeps its arguments twice (as arguments and as locals), and
         // the machine is 2.5 KiB.
         let task = tokio::spawn(
-            driver
+            Box::new(driver)
                 .drive(Box::new(machine), shutdown.clone(), command_rx)
                 .instrument(span),
         );
@@ -164,7 +164,7 @@ struct Driver<L> {
 
 impl<L: Lock> Driver<L> {
     async fn drive(
-        self,
+        self: Box<Self>,
         mut m: Box<Machine>,
         shutdown: CancellationToken,
         mut commands: futures::channel::mpsc::UnboundedReceiver<Command>,
@@ -189,6 +189,7 @@ impl<L: Lock> Driver<L> {
                 let stop = candidate_stop.clone();
                 tokio::spawn(async move { lock.keep_candidate(&identity, &c, stop).await })
             });
+        let mut stopped = None;
         loop {
             while let Some(action) = m.poll_action() {
                 match action {
@@ -242,9 +243,10 @@ impl<L: Lock> Driver<L> {
                             t.end();
                             ended = Some(t);
                         }
-                        // A renewal of the ended term that still waits in the client
-                        // (under load) is dropped unsent, so that the release need not
-                        // wait for it to go out and come back.
+                        // A renewal of the ended term that still waits for a place in
+                        // the client (under load; deferred, or queued) is dropped unsent,
+                        // so that the release need not wait for it to go out and come
+                        // back.
                         if request.is_some()
                             && ticket
                                 .as_ref()
@@ -275,23 +277,29 @@ impl<L: Lock> Driver<L> {
                         }));
                     }
                     Action::Stop(result) => {
-                        self.publish(&m);
-                        self.leader.send_if_modified(|l| l.take().is_some());
-                        // Withdraw the LeaseCandidate (bounded: it deletes with a timeout).
-                        candidate_stop.cancel();
-                        if let Some(c) = candidate.take() {
-                            let _ = c.await;
-                        }
-                        // Let the "stopped leading" event out before the process exits.
-                        if let Some(a) = announcement {
-                            let _ = a.await;
-                        }
-                        if let Err(e) = &result {
-                            debug!(error = %e, "leader election stopped");
-                        }
-                        return result;
+                        stopped = Some(result);
+                        break;
                     }
                 }
+            }
+            // Out of the action loop first: an `Action` is 464 bytes, too much to keep
+            // in every elector task's state for the awaits below.
+            if let Some(result) = stopped {
+                self.publish(&m);
+                self.leader.send_if_modified(|l| l.take().is_some());
+                // Withdraw the LeaseCandidate (bounded: it deletes with a timeout).
+                candidate_stop.cancel();
+                if let Some(c) = candidate.take() {
+                    let _ = c.await;
+                }
+                // Let the "stopped leading" event out before the process exits.
+                if let Some(a) = announcement {
+                    let _ = a.await;
+                }
+                if let Err(e) = &result {
+                    debug!(error = %e, "leader election stopped");
+                }
+                return result;
             }
             self.publish(&m);
             // A finished announcement's task is freed only with its handle: drop it (a
@@ -381,7 +389,9 @@ impl<L: Lock> Driver<L> {
             loop {
                 tokio::select! {
                     r = &mut call => {
-                        if r.is_err() && ticket.deferred() {
+                        // Only if nothing left: a lock that sent again after it was
+                        // deferred (against the contract) is not run a second time.
+                        if r.is_err() && ticket.sent().is_none() && ticket.deferred() {
                             // The client had no place for it: wait for one, then send it.
                             call = Box::pin(async {
                                 match ticket.admitted().await {

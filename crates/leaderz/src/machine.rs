@@ -418,7 +418,7 @@ pub struct Machine {
     /// The Lease is known not to exist (a 404, or a deletion event).
     absent: bool,
     /// The last record observed before the Lease was found deleted.
-    tombstone: Option<Observed>,
+    tombstone: Option<Box<Observed>>,
     /// When we learned that the Lease was deleted, and whether we learned it as leader.
     absent_since: Option<(Instant, bool)>,
     /// While the Lease was absent, a read or the watch failed: we do not know whether it
@@ -432,7 +432,7 @@ pub struct Machine {
     highest_token: Option<i32>,
     /// Records this process wrote recently, answered or not.
     own_writes: VecDeque<OwnWrite>,
-    pending_take: Option<PendingTake>,
+    pending_take: Option<Box<PendingTake>>,
     /// The observed record was read (not inferred) in this step: act on it at once.
     just_read: bool,
     /// The version the last successful read showed, and when that read was sent.
@@ -1165,10 +1165,12 @@ impl Machine {
     }
 
     fn send_take(&mut self, base: Option<Versioned>, record: LeaderRecord, now: Instant) {
-        self.pending_take = Some(PendingTake {
+        // Boxed, as is the tombstone: rarely there, and a machine per election counts
+        // with thousands of elections in a process.
+        self.pending_take = Some(Box::new(PendingTake {
             record: record.clone(),
             sent_at: now,
-        });
+        }));
         let limit = Some(now + self.config.renew_deadline);
         let op = match base {
             Some(base) => Op::Update(base, record),
@@ -2315,7 +2317,7 @@ impl Machine {
                 holder = o.record.holder().unwrap_or("nobody"),
                 "the lease was deleted"
             );
-            self.tombstone = Some(o);
+            self.tombstone = Some(Box::new(o));
             self.absent_since = Some((now, leading));
         } else if self.absence_unsure && self.tombstone.is_some() {
             // We could not look for a while: it may have been re-created, led on and

@@ -294,3 +294,78 @@ async fn without_list_permission_elections_poll_and_say_why() {
         .unwrap();
     follower.shutdown().await.unwrap();
 }
+
+/// An election started once the shared watch has listed creates a Lease the list did not
+/// show without reading it first: with `get` refused, it still leads, where an election
+/// without the watch (which reads first) is refused at the start.
+#[tokio::test]
+async fn an_election_on_a_listed_watch_creates_an_absent_lease_without_reading_first() {
+    let cp = ControlPlane::shared().unwrap();
+    let admin = cp.admin_client().unwrap();
+    let ns = cp.new_namespace("noget").await.unwrap();
+    let role: Role = serde_json::from_value(serde_json::json!({
+        "metadata": { "name": "no-get" },
+        "rules": [{
+            "apiGroups": ["coordination.k8s.io"],
+            "resources": ["leases"],
+            "verbs": ["create", "update", "list", "watch"],
+        }],
+    }))
+    .unwrap();
+    Api::<Role>::namespaced(admin.clone(), &ns)
+        .create(&PostParams::default(), &role)
+        .await
+        .unwrap();
+    let binding: RoleBinding = serde_json::from_value(serde_json::json!({
+        "metadata": { "name": "no-get" },
+        "roleRef": { "apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "no-get" },
+        "subjects": [{ "kind": "User", "name": "no-get", "apiGroup": "rbac.authorization.k8s.io" }],
+    }))
+    .unwrap();
+    Api::<RoleBinding>::namespaced(admin.clone(), &ns)
+        .create(&PostParams::default(), &binding)
+        .await
+        .unwrap();
+    let user = cp.user_client("no-get", &[]).unwrap();
+    let attributes = k8s_openapi::api::authorization::v1::ResourceAttributes {
+        group: Some("coordination.k8s.io".into()),
+        resource: Some("leases".into()),
+        verb: Some("list".into()),
+        namespace: Some(ns.clone()),
+        ..Default::default()
+    };
+    leaderz_testenv::wait_until_allowed(&user, attributes, Duration::from_secs(10))
+        .await
+        .unwrap();
+
+    // Without the watch: the first read is refused, and the election stops.
+    let reads_first = Elector::new(LeaseLock::new(user.clone(), &ns, "read-first"), slow("a"))
+        .unwrap()
+        .spawn();
+    let refused = timeout(Duration::from_secs(10), reads_first.acquired())
+        .await
+        .expect("refused at once");
+    assert!(refused.is_err());
+    let why = reads_first.shutdown().await.unwrap_err().to_string();
+    assert!(why.contains("`get`"), "{why}");
+
+    let shared = SharedLeaseWatch::new(user, &ns);
+    shared.ready().await.unwrap();
+    let creates = Elector::new(shared.lock("created"), slow("b"))
+        .unwrap()
+        .spawn();
+    timeout(Duration::from_secs(10), creates.acquired())
+        .await
+        .expect("leads at once")
+        .unwrap();
+    let lease = Api::<Lease>::namespaced(admin, &ns)
+        .get("created")
+        .await
+        .unwrap();
+    assert_eq!(
+        lease.spec.unwrap().holder_identity.as_deref(),
+        Some("b"),
+        "the Lease names its creator"
+    );
+    creates.shutdown().await.unwrap();
+}

@@ -82,6 +82,12 @@ enum Place {
     Given(Permit),
 }
 
+/// What [`Ticket::take_place`] found.
+enum Taken {
+    Given(Permit),
+    Waiting(oneshot::Receiver<Permit>),
+}
+
 /// The request was not sent: it would have had to wait for a place, and its caller
 /// waits for that place without it ([`Ticket::admitted`]), then sends it again.
 #[derive(Debug, thiserror::Error)]
@@ -92,7 +98,8 @@ pub(crate) struct Deferred;
 pub(crate) enum State {
     /// Not seen by a gate (yet, or ever: a client without one).
     Unseen,
-    /// Waiting for its turn.
+    /// Waiting for its turn: queued in the gate, or deferred (its caller waits for the
+    /// place, and sends the request again once it has it).
     Queued,
     /// Left the process at this instant (its first attempt, if retried).
     Sent(Instant),
@@ -150,17 +157,21 @@ impl Ticket {
         Ok(())
     }
 
-    /// The place this ticket was given through `gate`, if any.
-    fn take_place(&self, gate: &Arc<Gate>) -> Option<Permit> {
+    /// The place this ticket was given, or waits for, at `gate`, if any.
+    fn take_place(&self, gate: &Arc<Gate>) -> Option<Taken> {
         let mut place = self.place();
-        match &*place {
-            Place::Given(permit) if permit.gate.as_ref().is_some_and(|g| Arc::ptr_eq(g, gate)) => {
-                match std::mem::take(&mut *place) {
-                    Place::Given(permit) => Some(permit),
-                    _ => None,
-                }
-            }
-            _ => None,
+        let here = match &*place {
+            Place::Given(permit) => permit.gate.as_ref().is_some_and(|g| Arc::ptr_eq(g, gate)),
+            Place::Waiting { gate: g, .. } => Arc::ptr_eq(g, gate),
+            Place::None => false,
+        };
+        if !here {
+            return None;
+        }
+        match std::mem::take(&mut *place) {
+            Place::Given(permit) => Some(Taken::Given(permit)),
+            Place::Waiting { rx, .. } => Some(Taken::Waiting(rx)),
+            Place::None => None,
         }
     }
 
@@ -334,11 +345,19 @@ impl Gate {
             Priority::Renewal { urgent_at } => Some(urgent_at),
             _ => None,
         };
-        if let Some(permit) = ticket.as_ref().and_then(|t| t.take_place(self)) {
-            if let Some(t) = &ticket {
+        if let Some(t) = &ticket {
+            let permit = match t.take_place(self) {
+                Some(Taken::Given(permit)) => Some(permit),
+                // Sent again without waiting for the place (a lock that retried after
+                // `Deferred`): wait in the deferred request's place in the queue,
+                // rather than queue again and leave that place, once given, idle.
+                Some(Taken::Waiting(mut rx)) => Some(self.wait(&mut rx, urgent_at).await?),
+                None => None,
+            };
+            if let Some(permit) = permit {
                 t.set(State::Sent(Instant::now()));
+                return Ok(permit);
             }
-            return Ok(permit);
         }
         let rx = {
             let mut queue = self.queue();
@@ -657,6 +676,26 @@ mod tests {
         drop(permit);
         assert_eq!(order.recv().await, Some("newcomer"));
         newcomer.await.unwrap();
+        assert_eq!(gate.in_flight(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_sent_again_without_waiting_for_its_place_keeps_it() {
+        let gate = Gate::new(1);
+        let held = gate.enter().await.unwrap();
+        let ticket = Ticket::deferring(Priority::Normal);
+        assert!(ticket.scope(gate.enter()).await.is_err());
+        let again = {
+            let (gate, ticket) = (gate.clone(), ticket.clone());
+            tokio::spawn(async move { ticket.scope(gate.enter()).await.unwrap() })
+        };
+        tokio::task::yield_now().await;
+        assert_eq!(gate.queue().len(), 1, "queued twice");
+        drop(held);
+        let permit = again.await.unwrap();
+        assert!(ticket.sent().is_some());
+        assert_eq!(gate.in_flight(), 1);
+        drop(permit);
         assert_eq!(gate.in_flight(), 0);
     }
 

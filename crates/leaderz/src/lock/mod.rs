@@ -55,6 +55,11 @@ pub enum LockEvent {
 /// when the operation's first request left the client's queue. An implementation must
 /// therefore send each operation's write as its first request through that client (or
 /// as its only one), never after another through a path that bypasses the client.
+///
+/// Under load that client may also fail an operation's first request at once, unsent, with
+/// a transport error (it is deferred: the elector waits for the request's turn without
+/// holding it built, then runs the operation again). An implementation must return that
+/// error as it is, not retry the request or carry on without it.
 pub trait Lock: Send + Sync + 'static {
     /// Reads the record; `None` if it does not exist.
     fn get(&self) -> impl Future<Output = Result<Option<Versioned>, LockError>> + Send;
@@ -85,15 +90,17 @@ pub trait Lock: Send + Sync + 'static {
     /// A short description for logs and metrics labels, e.g. `default/my-lock`.
     fn describe(&self) -> String;
 
-    /// When the record is known not to exist without asking: as of a read sent at the
-    /// instant returned (a cache kept by a list and a watch, such as
-    /// [`SharedLeaseWatch`]'s, knows it as of its last list). A new election then
-    /// creates the record at once instead of reading first. `None` (the default): not
-    /// known.
+    /// When the record is known not to exist without asking: as of a consistent read
+    /// sent at the instant returned, or later. A cache kept by a list and a watch, such
+    /// as [`SharedLeaseWatch`]'s, knows it as of when its last list was sent (a list
+    /// served from the API server's own cache, `resourceVersion=0`, does not count). A
+    /// new election then creates the record at once instead of reading first, if that
+    /// instant is within a retry period. `None` (the default): not known.
     ///
-    /// Only an absence is worth knowing: the create that follows is itself the check
-    /// (it fails if the record exists), so a stale answer costs a refused create,
-    /// never safety.
+    /// The instant must not be later than that read: the election trusts an absence
+    /// for a retry period after it. A record that exists after all only costs a refused
+    /// create (the create is itself a check); but one re-created, led on and deleted
+    /// since the instant claimed could have a leader that does not know yet.
     fn known_absent(&self) -> Option<tokio::time::Instant> {
         None
     }

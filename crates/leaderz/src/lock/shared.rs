@@ -24,6 +24,11 @@
 //!   a lock that does not keep up with its events (64 behind) has its stream ended, and
 //!   watches anew.
 //!
+//! - an election started once the watch has listed ([`SharedLeaseWatch::ready`]) on a
+//!   Lease the list did not show creates it at once, without reading first (see
+//!   [`Lock::known_absent`](super::Lock::known_absent)); not with a label selector,
+//!   which hides Leases without the labels.
+//!
 //! A stale event never makes an election unsafe: it can only make the election wait
 //! longer, or try a write that the API server refuses (the write names the version read).
 
@@ -47,7 +52,8 @@ use tracing::{debug, warn};
 use super::lease::versioned;
 use super::{LeaseLock, LockError, LockEvent, Versioned};
 
-/// Events a lock may fall behind by before its stream is ended.
+/// Events a lock may fall behind by before its stream is ended (one more, in fact: a
+/// futures channel keeps a place per sender).
 const SUBSCRIBER_BUFFER: usize = 64;
 
 /// Versions remembered per Lease, to tell that a lock's version is older than ours.
@@ -169,8 +175,9 @@ impl SharedLeaseWatch {
     /// creates it at once instead of reading first (see [`Lock::known_absent`]), which
     /// halves what 10 000 new elections ask of the API server.
     ///
-    /// Fails as watching would (RBAC refused `list` or `watch`, the namespace is
-    /// missing); passing trouble is retried.
+    /// Fails as soon as the watch fails, for whatever reason (RBAC refused `list` or
+    /// `watch`, the namespace is missing, the API server is unreachable); the watch
+    /// itself goes on retrying, and elections on it work either way (they read).
     ///
     /// [`Lock::known_absent`]: super::Lock::known_absent
     pub async fn ready(&self) -> Result<(), LockError> {
@@ -199,10 +206,12 @@ impl SharedLeaseWatch {
     }
 
     /// When Lease `name` is known not to exist: as of a list sent at the instant
-    /// returned (the last one), nor seen since. `None` if the watch has not listed yet,
-    /// or knows of the Lease (even deleted: that is for the election to judge).
+    /// returned (the last one; a consistent list, kube's default), nor seen since.
+    /// `None` if the watch has not listed yet, knows of the Lease (even deleted: that
+    /// is for the election to judge), or sees only Leases with some labels (a Lease
+    /// without them exists unseen).
     pub(super) fn known_absent(&self, name: &str) -> Option<Instant> {
-        if !matches!(*self.inner.hub.phase.borrow(), Phase::Ready) {
+        if self.inner.labels.is_some() || !matches!(*self.inner.hub.phase.borrow(), Phase::Ready) {
             return None;
         }
         let state = self.inner.hub.lock();
