@@ -96,12 +96,32 @@ const CONFIRM_AHEAD: Duration = Duration::from_millis(100);
 /// How many of its own recent writes a process remembers to recognise them later.
 const OWN_WRITES: usize = 8;
 
-/// A record this process sent to the API server.
+/// A record this process sent to the API server: what [`Machine::wrote`] recognises it
+/// by (not the whole record: a machine per election keeps eight of these).
 #[derive(Debug, Clone)]
 struct OwnWrite {
-    record: LeaderRecord,
+    holder_identity: String,
+    lease_transitions: i32,
+    renew_time: Option<jiff::Timestamp>,
     /// Answered with a conflict or "not found" (it most likely did not land).
     refused: bool,
+}
+
+impl OwnWrite {
+    fn of(record: &LeaderRecord) -> Self {
+        Self {
+            holder_identity: record.holder_identity.clone(),
+            lease_transitions: record.lease_transitions,
+            renew_time: record.renew_time,
+            refused: false,
+        }
+    }
+
+    fn is(&self, record: &LeaderRecord) -> bool {
+        self.holder_identity == record.holder_identity
+            && self.lease_transitions == record.lease_transitions
+            && self.renew_time == record.renew_time
+    }
 }
 
 /// Something that happened, fed to [`Machine::handle`].
@@ -1250,10 +1270,7 @@ impl Machine {
             let oldest = self.own_writes.iter().position(|w| w.refused).unwrap_or(0);
             self.own_writes.remove(oldest);
         }
-        self.own_writes.push_back(OwnWrite {
-            record: record.clone(),
-            refused: false,
-        });
+        self.own_writes.push_back(OwnWrite::of(record));
     }
 
     /// A write the API server refused (a conflict, or no such Lease) usually never
@@ -1263,7 +1280,7 @@ impl Machine {
     /// when memory is short, so that refusals cannot push out a write whose answer was
     /// lost.
     fn refused_write(&mut self, record: &LeaderRecord) {
-        if let Some(w) = self.own_writes.iter_mut().find(|w| w.record == *record) {
+        if let Some(w) = self.own_writes.iter_mut().find(|w| w.is(record)) {
             w.refused = true;
         }
     }
@@ -1277,11 +1294,7 @@ impl Machine {
     /// a preferred holder, a duration — do not make it someone else's; another process
     /// writing under our name writes its own renewal time.)
     fn wrote(&self, record: &LeaderRecord) -> bool {
-        self.own_writes.iter().map(|w| &w.record).any(|w| {
-            w.holder_identity == record.holder_identity
-                && w.lease_transitions == record.lease_transitions
-                && w.renew_time == record.renew_time
-        })
+        self.own_writes.iter().any(|w| w.is(record))
     }
 
     // ---- replies --------------------------------------------------------------------

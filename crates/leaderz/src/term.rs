@@ -2,7 +2,7 @@
 
 use std::sync::Arc;
 
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFuture};
 
@@ -17,7 +17,6 @@ pub struct Term {
     inner: Arc<TermInfo>,
     deadline: watch::Receiver<Instant>,
     cancel: CancellationToken,
-    _alive: mpsc::Sender<()>,
 }
 
 /// The facts of a term, without the ability to keep it alive.
@@ -113,32 +112,29 @@ pub struct TermEnded;
 #[derive(Debug)]
 pub(crate) struct TermControl {
     pub(crate) info: Arc<TermInfo>,
+    /// Every [`Term`] holds a receiver: the work has stopped once none is left.
     deadline: watch::Sender<Instant>,
     cancel: CancellationToken,
-    alive: mpsc::Receiver<()>,
-    alive_tx: Option<mpsc::Sender<()>>,
 }
 
 impl TermControl {
     pub(crate) fn new(info: TermInfo, deadline: Instant) -> Self {
-        let (alive_tx, alive) = mpsc::channel(1);
         Self {
             info: Arc::new(info),
             deadline: watch::Sender::new(deadline),
             cancel: CancellationToken::new(),
-            alive,
-            alive_tx: Some(alive_tx),
         }
     }
 
     /// A new handle on the term for the work (only while the term is active).
     pub(crate) fn term(&self) -> Option<Term> {
-        let alive = self.alive_tx.clone()?;
+        if self.cancel.is_cancelled() {
+            return None;
+        }
         Some(Term {
             inner: self.info.clone(),
             deadline: self.deadline.subscribe(),
             cancel: self.cancel.clone(),
-            _alive: alive,
         })
     }
 
@@ -149,12 +145,11 @@ impl TermControl {
     /// Ends the term: cancels the token; no new handles are given out.
     pub(crate) fn end(&mut self) {
         self.cancel.cancel();
-        self.alive_tx = None;
     }
 
     /// Waits until every [`Term`] handle has been dropped.
     pub(crate) async fn work_stopped(&mut self) {
-        while self.alive.recv().await.is_some() {}
+        self.deadline.closed().await;
     }
 }
 
@@ -196,5 +191,21 @@ mod tests {
         assert!(!term.is_active());
         assert_eq!(term.check(), Err(TermEnded));
         drop(control);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_work_has_stopped_once_every_handle_is_dropped() {
+        let mut control = TermControl::new(info(), Instant::now() + Duration::from_secs(10));
+        let term = control.term().unwrap();
+        let clone = term.clone();
+        control.end();
+        assert!(control.term().is_none(), "no handles after the end");
+        drop(term);
+        let waiting = tokio::time::timeout(Duration::from_secs(1), control.work_stopped()).await;
+        assert!(waiting.is_err(), "a clone still works");
+        drop(clone);
+        tokio::time::timeout(Duration::from_secs(1), control.work_stopped())
+            .await
+            .expect("stopped");
     }
 }

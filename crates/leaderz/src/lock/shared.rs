@@ -56,8 +56,10 @@ use super::{LeaseLock, LockError, LockEvent, Versioned};
 /// futures channel keeps a place per sender).
 const SUBSCRIBER_BUFFER: usize = 64;
 
-/// Versions remembered per Lease, to tell that a lock's version is older than ours.
-const VERSIONS_KEPT: usize = 16;
+/// Versions remembered per Lease, to tell that a lock's version is older than ours. Few:
+/// etcd's versions compare as integers anyway (the history serves other stores), and a
+/// watch on 10 000 Leases keeps this many strings for each.
+const VERSIONS_KEPT: usize = 4;
 
 /// Stands for the version of a deletion the shared watch learned of without one (a
 /// relist that no longer shows the Lease); never a resourceVersion.
