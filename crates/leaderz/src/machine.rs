@@ -1810,9 +1810,10 @@ impl Machine {
                 self.observe(v.clone(), now);
                 self.release_untaken(v, now);
             }
-            Err(LockError::Conflict | LockError::AlreadyExists | LockError::NotFound) => {
-                self.stop(Ok(()));
-            }
+            Err(LockError::NotFound) => self.stop(Ok(())),
+            // A 409 may answer a retry of a write that landed (kube's client retries
+            // writes after a 503 or 504): look, as after any answer that leaves the
+            // outcome unknown.
             Err(_) if self.config.release_on_cancel => {
                 self.send(Purpose::ResolveRead, Op::Get, now);
             }

@@ -804,3 +804,28 @@ fn a_renewal_dropped_unsent_frees_the_way_for_the_release() {
     assert!(release[0].holder_identity.is_empty());
     assert!(matches!(&did.ops[0], Op::Update(v, _) if v.version == "1"));
 }
+
+/// A take outstanding at shutdown answered with a conflict may have landed all the
+/// same (kube's client retries a write after a 503 or 504, and the retry of a write that
+/// landed meets a 409): the machine reads, and releases the Lease if it shows the take,
+/// instead of leaving it to expire with its name on it.
+#[test]
+fn a_take_answered_409_at_shutdown_is_looked_for_and_released_if_it_landed() {
+    let t0 = Instant::now();
+    let mut m = Machine::new(ElectionConfig::new("a"), "ns/l", t0).unwrap();
+    assert!(drain(&mut m).reads());
+    let did = step(&mut m, Input::Reply(Ok(Answer::Read(None))), t0);
+    let take = did.writes()[0].clone();
+    step(&mut m, Input::Shutdown, t0 + ms(10));
+    let did = step(
+        &mut m,
+        Input::Reply(Err(LockError::AlreadyExists)),
+        t0 + ms(20),
+    );
+    assert!(did.reads(), "looks for the take: {did:?}");
+    let did = step(&mut m, read(&take, "1"), t0 + ms(30));
+    let release = did.writes();
+    assert_eq!(release.len(), 1, "releases what landed: {did:?}");
+    assert!(release[0].holder_identity.is_empty());
+    assert!(matches!(&did.ops[0], Op::Update(v, _) if v.version == "1"));
+}

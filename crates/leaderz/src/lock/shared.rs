@@ -61,6 +61,10 @@ const SUBSCRIBER_BUFFER: usize = 64;
 /// watch on 10 000 Leases keeps this many strings for each.
 const VERSIONS_KEPT: usize = 4;
 
+/// How long a deletion is remembered for locks that are not subscribed when it is
+/// learned of (longer than any lock goes between two watches).
+const DELETIONS_KEPT: Duration = Duration::from_secs(600);
+
 /// Stands for the version of a deletion the shared watch learned of without one (a
 /// relist that no longer shows the Lease); never a resourceVersion.
 const DELETED: &str = "deleted";
@@ -333,6 +337,8 @@ struct Entry {
     current: Option<Versioned>,
     /// The versions it was seen at, latest last.
     seen: VecDeque<String>,
+    /// When it was found deleted (kept a while, for locks that subscribe again later).
+    gone_at: Option<Instant>,
 }
 
 impl Entry {
@@ -350,6 +356,7 @@ impl Entry {
     /// deletion's own version when known), so that a lock that last saw the Lease
     /// before it learns of it.
     fn gone(&mut self, version: Option<&str>) {
+        self.gone_at = Some(Instant::now());
         self.saw(version.unwrap_or(DELETED));
     }
 
@@ -448,13 +455,19 @@ impl Hub {
             entry.current = Some(v.clone());
             state.deliver(&name, LockEvent::Changed(v));
         }
-        // Forget deleted Leases nobody listens to.
+        // Forget Leases deleted long ago that nobody listens to. Not at once: a lock
+        // between two watches (its stream ended, it reads, it watches again) must
+        // still be told of the deletion when it subscribes again.
         let State {
             leases,
             subscribers,
             ..
         } = &mut *state;
-        leases.retain(|name, e| e.current.is_some() || subscribers.contains_key(name));
+        leases.retain(|name, e| {
+            e.current.is_some()
+                || subscribers.contains_key(name)
+                || e.gone_at.is_some_and(|at| at.elapsed() < DELETIONS_KEPT)
+        });
     }
 }
 
@@ -594,5 +607,21 @@ mod tests {
         // Re-created: the new record.
         hub.apply(lease("a", "300"));
         assert!(matches!(catch_up(&hub, "200"), Some(LockEvent::Changed(v)) if v.version == "300"));
+    }
+
+    /// A relist that no longer shows a Lease while its lock is between two watches (not
+    /// subscribed) still tells the lock of the deletion when it subscribes again.
+    #[tokio::test(start_paused = true)]
+    async fn a_deletion_learned_while_nobody_listens_is_told_to_the_lock_that_comes_back() {
+        let hub = Hub::new();
+        hub.apply(lease("a", "100"));
+        hub.lock().relisting = Some(HashMap::new());
+        hub.relisted();
+        assert!(matches!(catch_up(&hub, "100"), Some(LockEvent::Deleted)));
+        // Forgotten once long gone, at the next relist.
+        tokio::time::advance(DELETIONS_KEPT).await;
+        hub.lock().relisting = Some(HashMap::new());
+        hub.relisted();
+        assert!(hub.lock().leases.is_empty());
     }
 }
