@@ -24,6 +24,14 @@
 //! The caller learns when its request left the process ([`Ticket::sent`]): time spent
 //! waiting here is not time the API server could have seen the request, so a write's
 //! term may be counted from when it left, and its timeout too.
+//!
+//! Elections do not even wait here with their request built: their ticket is
+//! [deferring](Ticket::deferring), so a request that would wait fails at once, unsent,
+//! with [`Deferred`]; the waiter stays in the queue; the election awaits its place
+//! ([`Ticket::admitted`]) and builds the request again, which takes the place handed to
+//! its ticket. With 10 000 elections in a process nearly every leader has a renewal
+//! waiting at any time, and the built requests (with kube's retry copy and the tower
+//! futures around them, ~19 KiB each) were half of the process's memory.
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, VecDeque};
