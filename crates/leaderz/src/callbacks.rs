@@ -49,7 +49,17 @@ impl Callbacks {
         Fut: Future<Output = ()> + Send + 'static,
     {
         Self {
-            started: Box::new(move |term| Box::pin(on_started_leading(term))),
+            started: Box::new(move |term: Term| {
+                // The elector waits for every clone of the term to be dropped: keep one
+                // until the future returns, so that a callback that drops its term early
+                // (keeping only the token) is still waited for.
+                let keep = term.clone();
+                let work = on_started_leading(term);
+                Box::pin(async move {
+                    work.await;
+                    drop(keep);
+                })
+            }),
             stopped: Box::new(|| {}),
             new_leader: Box::new(|_| {}),
         }

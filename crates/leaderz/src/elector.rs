@@ -133,7 +133,7 @@ impl<L: Lock> Elector<L> {
             status: status_tx,
         };
         // Boxed: an async fn keeps its arguments twice (as arguments and as locals), and
-        // the machine is 2.5 KiB.
+        // the machine is 2.1 KiB.
         let task = tokio::spawn(
             Box::new(driver)
                 .drive(Box::new(machine), shutdown.clone(), command_rx)

@@ -1815,7 +1815,11 @@ impl Machine {
             // writes after a 503 or 504): look, as after any answer that leaves the
             // outcome unknown.
             Err(_) if self.config.release_on_cancel => {
-                self.send(Purpose::ResolveRead, Op::Get, now);
+                let until = match &self.role {
+                    Role::ShuttingDown(Closing::Resolving { until, .. }) => Some(*until),
+                    _ => None,
+                };
+                self.send_until(Purpose::ResolveRead, Op::Get, now, until);
             }
             _ => self.stop(Ok(())),
         }

@@ -505,6 +505,42 @@ async fn callbacks_fire_in_client_go_order() {
     );
 }
 
+/// A callback that keeps only its term's token (dropping the term at once) is still
+/// waited for: the lease is released only after its clean-up ran.
+#[tokio::test(start_paused = true)]
+async fn a_callback_that_drops_its_term_is_waited_for_before_the_release() {
+    use std::sync::{Arc, Mutex};
+    let lock = MemoryLock::new("l");
+    let holder_at_cleanup = Arc::new(Mutex::new(None::<String>));
+    let seen = holder_at_cleanup.clone();
+    let watched = lock.clone();
+    let callbacks = Callbacks::new(move |term| {
+        let token = term.token();
+        drop(term);
+        let (seen, watched) = (seen.clone(), watched.clone());
+        async move {
+            token.cancelled().await;
+            sleep(Duration::from_millis(500)).await;
+            *seen.lock().unwrap() = Some(watched.peek().unwrap().record.holder_identity);
+        }
+    });
+    let stop = CancellationToken::new();
+    let run = tokio::spawn(
+        Elector::new(lock.clone(), config("a"))
+            .unwrap()
+            .run(callbacks, stop.clone()),
+    );
+    sleep(secs(3)).await;
+    stop.cancel();
+    run.await.unwrap().unwrap();
+    assert_eq!(
+        holder_at_cleanup.lock().unwrap().as_deref(),
+        Some("a"),
+        "still ours while the clean-up ran"
+    );
+    assert_eq!(lock.peek().unwrap().record.holder_identity, "", "released");
+}
+
 #[tokio::test(start_paused = true)]
 async fn run_while_leading_aborts_the_work_on_loss() {
     let mem = MemoryLock::new("l");

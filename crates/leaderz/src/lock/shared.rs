@@ -57,12 +57,15 @@ use super::{LeaseLock, LockError, LockEvent, Versioned};
 const SUBSCRIBER_BUFFER: usize = 64;
 
 /// Versions remembered per Lease, to tell that a lock's version is older than ours. Few:
-/// etcd's versions compare as integers anyway (the history serves other stores), and a
-/// watch on 10 000 Leases keeps this many strings for each.
+/// past them, versions are compared as integers, which holds for etcd's except across a
+/// restore (they move back: a lock may then miss a catch-up event, and waits for the next
+/// event or its own read; a delay, never a wrong write, which names the version read),
+/// and a watch on 10 000 Leases keeps this many strings for each.
 const VERSIONS_KEPT: usize = 4;
 
 /// How long a deletion is remembered for locks that are not subscribed when it is
-/// learned of (longer than any lock goes between two watches).
+/// learned of (longer than any lock goes between two watches). Forgotten at the first
+/// relist after that (a watch relists after every error or expiry of its version).
 const DELETIONS_KEPT: Duration = Duration::from_secs(600);
 
 /// Stands for the version of a deletion the shared watch learned of without one (a
