@@ -1,7 +1,8 @@
 //! The API server's own count of requests on Leases, from its `/metrics`:
 //! `apiserver_request_total{resource="leases",verb=...}` (a counter; a WATCH is
 //! counted when it ends) and `apiserver_longrunning_requests{resource="leases"}` (a
-//! gauge of the watches open now).
+//! gauge of the watches open now), and `apiserver_terminated_watchers_total{resource="leases"}`
+//! (watches the API server ended because their watcher fell behind its dispatch).
 
 use std::collections::BTreeMap;
 
@@ -16,6 +17,9 @@ pub(crate) struct Snapshot {
     by_verb: BTreeMap<String, f64>,
     /// Watches on Leases open at the time of the read.
     pub(crate) open_watches: f64,
+    /// Watches on Leases the API server has ended as unresponsive (its watch cache could
+    /// not hand them an event within its time budget), since it started.
+    pub(crate) terminated_watchers: f64,
 }
 
 /// Requests per second by verb between two snapshots.
@@ -36,6 +40,7 @@ pub(crate) async fn scrape(client: &Client) -> Result<Snapshot> {
 fn parse(text: &str) -> Snapshot {
     let mut by_verb = BTreeMap::new();
     let mut open_watches = 0.0;
+    let mut terminated_watchers = 0.0;
     for line in text.lines() {
         let (name, labels, value) = match split_sample(line) {
             Some(sample) => sample,
@@ -50,6 +55,7 @@ fn parse(text: &str) -> Snapshot {
                 *by_verb.entry(verb).or_insert(0.0) += value;
             }
             "apiserver_longrunning_requests" => open_watches += value,
+            "apiserver_terminated_watchers_total" => terminated_watchers += value,
             _ => {}
         }
     }
@@ -57,6 +63,7 @@ fn parse(text: &str) -> Snapshot {
         at: Instant::now(),
         by_verb,
         open_watches,
+        terminated_watchers,
     }
 }
 
@@ -121,11 +128,14 @@ apiserver_request_total{code="409",component="apiserver",dry_run="",group="coord
 apiserver_request_total{code="200",component="apiserver",dry_run="",group="coordination.k8s.io",resource="leases",scope="resource",subresource="",verb="GET",version="v1"} 7
 apiserver_request_total{code="200",component="apiserver",dry_run="",group="",resource="pods",scope="resource",subresource="",verb="GET",version="v1"} 99
 apiserver_longrunning_requests{component="apiserver",group="coordination.k8s.io",resource="leases",scope="resource",subresource="",verb="WATCH",version="v1"} 2
+apiserver_terminated_watchers_total{group="coordination.k8s.io",resource="leases"} 17
+apiserver_terminated_watchers_total{group="",resource="pods"} 4
 "#;
         let s = parse(text);
         assert_eq!(s.by_verb.get("PUT"), Some(&15.0));
         assert_eq!(s.by_verb.get("GET"), Some(&7.0));
         assert_eq!(s.by_verb.len(), 2);
         assert_eq!(s.open_watches, 2.0);
+        assert_eq!(s.terminated_watchers, 17.0);
     }
 }

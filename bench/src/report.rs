@@ -301,6 +301,13 @@ pub(crate) fn write_csv(path: &Path, report: &Report) -> Result<()> {
         );
         row(
             name,
+            "many_watches_ended_unresponsive",
+            &format!("n={n}"),
+            Some(m.terminated_watchers),
+            "count",
+        );
+        row(
+            name,
             "many_lost",
             &format!("n={n}"),
             Some(m.lost as f64),
@@ -591,7 +598,11 @@ fn markdown(r: &Report, analysis: &str) -> String {
          clientset, client-side rate limit lifted). Ramp = start to every elector leading; then \
          {:?} settle and a {:?} window: losses count over both, requests and CPU over the \
          window. Connections = the process's TCP connections to the API server at the end \
-         of the window (peak: the most seen at once, sampled every second from the start).\n",
+         of the window (peak: the most seen at once, sampled every second from the start). \
+         Watches ended as unresponsive: `apiserver_terminated_watchers_total{{resource=\"leases\"}}` \
+         over the window, watches kube-apiserver closed because its watch cache could not hand \
+         them an event in time (a watcher without an index has a 100-event buffer and at most \
+         100 ms of waiting); a client resumes from its last resourceVersion (no relist).\n",
         o.many
             .iter()
             .map(ToString::to_string)
@@ -618,9 +629,9 @@ fn markdown(r: &Report, analysis: &str) -> String {
         rule.push_str("---|");
     }
     header.push_str(
-        " open watches | RSS MiB | CPU % | connections (peak) | kube-apiserver CPU % | etcd CPU % | losses |",
+        " open watches | watches ended as unresponsive | RSS MiB | CPU % | connections (peak) | kube-apiserver CPU % | etcd CPU % | losses |",
     );
-    rule.push_str("---|---|---|---|---|---|---|");
+    rule.push_str("---|---|---|---|---|---|---|---|");
     let _ = writeln!(w, "{header}\n{rule}");
     let mut many: Vec<&(String, Many)> = r.many.iter().collect();
     many.sort_by_key(|(name, m)| (m.n, name.clone()));
@@ -640,8 +651,9 @@ fn markdown(r: &Report, analysis: &str) -> String {
         }
         let _ = write!(
             line,
-            " {:.0} | {} | {} | {} ({}) | {} | {} | {} |",
+            " {:.0} | {:.0} | {} | {} | {} ({}) | {} | {} | {} |",
             m.open_watches - r.baseline_watches,
+            m.terminated_watchers,
             fmt(m.process.map(|c| c.rss_mib), 1),
             fmt(m.process.map(|c| c.cpu_pct), 1),
             m.sockets.map_or_else(|| "-".to_owned(), |s| s.to_string()),

@@ -128,6 +128,8 @@ pub(crate) struct Many {
     pub(crate) ramp_secs: Option<f64>,
     pub(crate) rates: Rates,
     pub(crate) open_watches: f64,
+    /// Watches on Leases the API server ended as unresponsive during the window.
+    pub(crate) terminated_watchers: f64,
     pub(crate) process: Option<Cost>,
     pub(crate) apiserver: Option<Cost>,
     pub(crate) etcd: Option<Cost>,
@@ -585,6 +587,7 @@ impl Bench {
             let window = window_start.elapsed();
             result.rates = apimetrics::net(&apimetrics::rates(&before, &after), &self.baseline);
             result.open_watches = after.open_watches;
+            result.terminated_watchers = after.terminated_watchers - before.terminated_watchers;
             result.process = cost(proc_before, proc_after, window);
             result.apiserver = cost(api_before, api_after, window);
             result.etcd = cost(etcd_before, etcd_after, window);

@@ -48,6 +48,10 @@ struct Args {
     /// Start this many electors per second instead of all at once (0: all at once).
     #[arg(long, default_value_t = 0)]
     start_rate: u32,
+    /// The shared watch's client: `same` (the electors' client and connection), `own`
+    /// (an HTTP/2 connection of its own), `http1` (an HTTP/1.1 connection of its own).
+    #[arg(long, default_value = "same")]
+    watch_client: String,
 }
 
 fn log(event: &str, extra: Option<(&str, serde_json::Value)>) {
@@ -77,8 +81,15 @@ async fn main() -> anyhow::Result<()> {
         "kube" => kube::Client::try_default().await?,
         _ => leaderz::client::infer().await?,
     };
+    let watch_client = match args.watch_client.as_str() {
+        "own" => leaderz::client::infer().await?,
+        "http1" => leaderz::client::Options::default()
+            .http2(false)
+            .build(kube::Config::infer().await?)?,
+        _ => client.clone(),
+    };
     let shared = (args.watch == "shared")
-        .then(|| leaderz::lock::SharedLeaseWatch::new(client.clone(), &args.namespace));
+        .then(|| leaderz::lock::SharedLeaseWatch::new(watch_client, &args.namespace));
     let leading = Arc::new(AtomicUsize::new(0));
     // How many lead, every 5 s: the shape of the ramp, and losses as they happen.
     tokio::spawn({

@@ -144,8 +144,13 @@ impl<L: Lock> Elector<L> {
 }
 
 type Pending<T> = Pin<Box<dyn Future<Output = T> + Send>>;
-/// A lock request's answer, and when it left the process if the client said so.
-type Outcome = (Result<Answer, LockError>, Option<Instant>);
+/// What became of a lock request.
+enum Outcome {
+    /// Its answer, and when it left the process if the client said so.
+    Answered(Result<Answer, LockError>, Option<Instant>),
+    /// Dropped while it still waited in the client, at its `send_by`.
+    Unsent,
+}
 type Events = BoxStream<'static, Result<LockEvent, LockError>>;
 
 enum WatchSlot {
@@ -314,13 +319,18 @@ impl<L: Lock> Driver<L> {
                     shutdown_seen = true;
                     Input::Shutdown
                 }
-                (reply, sent) = poll_pending(&mut request) => {
+                outcome = poll_pending(&mut request) => {
                     request = None;
                     ticket = None;
-                    if let Some(at) = sent {
-                        m.handle(Input::Sent(at), Instant::now());
+                    match outcome {
+                        Outcome::Answered(reply, sent) => {
+                            if let Some(at) = sent {
+                                m.handle(Input::Sent(at), Instant::now());
+                            }
+                            Input::Reply(reply)
+                        }
+                        Outcome::Unsent => Input::Unsent,
                     }
-                    Input::Reply(reply)
                 }
                 input = next_watch(&mut watch) => input,
                 Some(command) = commands.next() => {
@@ -362,6 +372,7 @@ impl<L: Lock> Driver<L> {
             op,
             deadline,
             timeout,
+            send_by,
             ..
         } = req;
         Box::pin(async move {
@@ -369,7 +380,7 @@ impl<L: Lock> Driver<L> {
             if deadline <= start {
                 // Too late already (a starved runtime): do not send what cannot be
                 // answered in time, only to be cancelled.
-                return (Err(LockError::Timeout(Duration::ZERO)), None);
+                return Outcome::Answered(Err(LockError::Timeout(Duration::ZERO)), None);
             }
             // Each attempt is boxed: only one that is under way takes its memory.
             type Call<'a> = Pin<Box<dyn Future<Output = Result<Answer, LockError>> + Send + 'a>>;
@@ -387,6 +398,11 @@ impl<L: Lock> Driver<L> {
             let mut call = attempt();
             let mut limit = (start + timeout).min(deadline);
             loop {
+                // Until it has left, also wake at `send_by`.
+                let wake = match send_by {
+                    Some(by) if by > Instant::now() && ticket.sent().is_none() => limit.min(by),
+                    _ => limit,
+                };
                 tokio::select! {
                     r = &mut call => {
                         // Only if nothing left: a lock that sent again after it was
@@ -401,9 +417,19 @@ impl<L: Lock> Driver<L> {
                             });
                             continue;
                         }
-                        return (r, ticket.sent());
+                        return Outcome::Answered(r, ticket.sent());
                     }
-                    () = sleep_until(limit) => {}
+                    () = sleep_until(wake) => {}
+                }
+                // Still waiting for its place (queued or deferred; not a request the
+                // client may have sent without telling) at `send_by`: drop it unsent.
+                if send_by.is_some_and(|by| Instant::now() >= by)
+                    && ticket.state() == TicketState::Queued
+                {
+                    return Outcome::Unsent;
+                }
+                if Instant::now() < limit {
+                    continue;
                 }
                 // Time spent waiting in the client to be sent does not count against
                 // the timeout; the deadline bounds both. While it waits, look again a
@@ -414,7 +440,10 @@ impl<L: Lock> Driver<L> {
                     TicketState::Unseen => limit,
                 };
                 if next <= limit {
-                    return (Err(LockError::Timeout(limit - start)), ticket.sent());
+                    return Outcome::Answered(
+                        Err(LockError::Timeout(limit - start)),
+                        ticket.sent(),
+                    );
                 }
                 limit = next;
             }
@@ -495,5 +524,98 @@ async fn sleep_until_some(at: Option<Instant>) {
     match at {
         Some(at) => sleep_until(at).await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use super::*;
+    use crate::client::Gate;
+    use crate::lock::MemoryLock;
+    use crate::record::LeaderRecord;
+
+    /// A lock whose creates go through an admission gate (as a leaderz client's
+    /// requests do), and that notes when each read and create was made.
+    struct Gated {
+        inner: MemoryLock,
+        gate: Arc<Gate>,
+        log: Arc<Mutex<Vec<(&'static str, Instant)>>>,
+    }
+
+    impl Lock for Gated {
+        async fn get(&self) -> Result<Option<Versioned>, LockError> {
+            self.log.lock().unwrap().push(("get", Instant::now()));
+            self.inner.get().await
+        }
+
+        async fn create(&self, record: &LeaderRecord) -> Result<Versioned, LockError> {
+            let _permit = self.gate.enter().await.map_err(LockError::Transport)?;
+            self.log.lock().unwrap().push(("create", Instant::now()));
+            self.inner.create(record).await
+        }
+
+        async fn update(
+            &self,
+            current: &Versioned,
+            record: &LeaderRecord,
+        ) -> Result<Versioned, LockError> {
+            self.inner.update(current, record).await
+        }
+
+        async fn watch(
+            &self,
+            version: &str,
+            timeout: Duration,
+        ) -> Result<BoxStream<'static, Result<LockEvent, LockError>>, LockError> {
+            self.inner.watch(version, timeout).await
+        }
+
+        fn describe(&self) -> String {
+            self.inner.describe()
+        }
+    }
+
+    /// A create that waits in the client for longer than a retry period after the read
+    /// that found the Lease absent is dropped unsent, and the Lease read again: what the
+    /// read showed may no longer hold (created, led and deleted meanwhile).
+    #[tokio::test(start_paused = true)]
+    async fn a_create_held_in_the_client_past_its_read_s_freshness_reads_again() {
+        let gate = Gate::new(1);
+        let held = gate.enter().await.unwrap();
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let lock = Gated {
+            inner: MemoryLock::new("l"),
+            gate: gate.clone(),
+            log: log.clone(),
+        };
+        let config = ElectionConfig::new("a");
+        let retry = config.retry_period;
+        let handle = Elector::new(lock, config).unwrap().spawn();
+        // The gate stays full for three and a half retry periods.
+        tokio::time::sleep(retry * 7 / 2).await;
+        assert!(!handle.is_leader());
+        drop(held);
+        let mut leader = handle.leader();
+        tokio::time::timeout(retry * 3, leader.wait_for(|l| l.as_deref() == Some("a")))
+            .await
+            .expect("leads once the gate has room")
+            .unwrap();
+        let log = log.lock().unwrap().clone();
+        let (create, created_at) = log.last().copied().unwrap();
+        assert_eq!(create, "create", "{log:?}");
+        let (_, read_at) = log[..log.len() - 1]
+            .iter()
+            .rev()
+            .find(|(op, _)| *op == "get")
+            .copied()
+            .unwrap();
+        assert!(
+            created_at - read_at < retry,
+            "created {:?} after the read that found it absent: {log:?}",
+            created_at - read_at
+        );
+        assert_eq!(log.iter().filter(|(op, _)| *op == "create").count(), 1);
     }
 }

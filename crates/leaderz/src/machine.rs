@@ -230,6 +230,10 @@ pub struct Request {
     pub timeout: Duration,
     /// Its order among requests that wait to be sent.
     pub priority: Priority,
+    /// If it still waits in the client at this instant, drop it and report
+    /// [`Input::Unsent`]: a create of a Lease that a read found absent must leave
+    /// within a retry period of that read (what the read showed may no longer hold).
+    pub send_by: Option<Instant>,
 }
 
 /// A lock operation (see [`Lock`](crate::Lock)).
@@ -633,8 +637,9 @@ impl Machine {
     /// Safe however stale the knowledge: a Lease that exists makes the create fail
     /// (and the machine reads), and one that was led and deleted meanwhile is no
     /// different from what a read just before the create would show. The rule that a
-    /// create follows a read sent within a retry period still holds: an older
-    /// `read_sent_at` makes the machine read first, as it would anyway.
+    /// create leaves within a retry period of a read that found the Lease absent still
+    /// holds: an older `read_sent_at` makes the machine read first, and a create still
+    /// waiting in the client after that is dropped ([`Request::send_by`]).
     #[must_use]
     pub fn with_absent(mut self, read_sent_at: Instant) -> Self {
         let first_read = matches!(
@@ -869,10 +874,11 @@ impl Machine {
                 return;
             }
             // Create only on a fresh look: a Lease re-created and deleted again since an
-            // old one (a slow answer, a paused process) could still have a leader.
+            // old one (a slow answer, a paused process) could still have a leader. The
+            // create must also leave while the look is fresh (`send_by`).
             if self
                 .absent_read_sent
-                .is_none_or(|t| now > t + self.config.retry_period)
+                .is_none_or(|t| now >= t + self.config.retry_period)
             {
                 self.send(Purpose::Read, Op::Get, now);
                 return;
@@ -1106,6 +1112,11 @@ impl Machine {
     /// Sends a request that may wait to be sent until `limit` (default: a renew
     /// deadline), and is in flight for at most the request timeout.
     fn send_until(&mut self, purpose: Purpose, op: Op, now: Instant, limit: Option<Instant>) {
+        // Created only on a fresh look (see `campaign`), sent only while it is fresh.
+        let send_by = match &op {
+            Op::Create(_) => self.absent_read_sent.map(|t| t + self.config.retry_period),
+            _ => None,
+        };
         let deadline = limit.unwrap_or(now + self.config.renew_deadline);
         let priority = match (&purpose, &self.role) {
             (Purpose::Renew | Purpose::RenewRead | Purpose::RenewWrite, Role::Leader(l)) => {
@@ -1134,6 +1145,7 @@ impl Machine {
             deadline,
             timeout: self.request_timeout(),
             priority,
+            send_by,
         }));
     }
 
@@ -1157,6 +1169,19 @@ impl Machine {
                 // Nothing of it can land, nothing is learned: the way is free.
                 debug!("a request of the ended term was dropped before it was sent");
                 self.inflight = None;
+            }
+            Some(Inflight {
+                purpose: Purpose::Take,
+                ..
+            }) => {
+                // A create whose read is no longer fresh (`Request::send_by`): it cannot
+                // land; look again (or, shutting down, there is nothing to resolve).
+                debug!("a take was dropped before it was sent");
+                self.inflight = None;
+                self.pending_take = None;
+                if matches!(self.role, Role::ShuttingDown(Closing::Resolving { .. })) {
+                    self.stop(Ok(()));
+                }
             }
             Some(_) => self.on_reply(Err(LockError::Timeout(Duration::ZERO)), now),
             None => {}
@@ -2719,6 +2744,34 @@ mod tests {
             panic!("expected a renewal")
         };
         assert_eq!(renewal.renew_time, Some(stepped));
+    }
+
+    /// A create may leave only within a retry period of the read that found the Lease
+    /// absent (the admission queue can hold it for seconds, and the Lease can be
+    /// created, led and deleted meanwhile). Dropped unsent at that instant, it leads to
+    /// a new read, not to a term or a failure.
+    #[test]
+    fn a_create_is_sent_only_while_its_absence_read_is_fresh() {
+        let t0 = Instant::now() + Duration::from_secs(60);
+        let config = ElectionConfig::new("a");
+        let retry = config.retry_period;
+        let mut m = Machine::new(config, "ns/l", t0).unwrap();
+        assert!(matches!(take_send(&mut m).op, Op::Get));
+        let read_sent = t0 + Duration::from_millis(10);
+        m.handle(Input::Sent(read_sent), read_sent);
+        m.handle(Input::Reply(Ok(Answer::Read(None))), t0 + Duration::from_millis(20));
+        let create = take_send(&mut m);
+        assert!(matches!(create.op, Op::Create(_)));
+        assert_eq!(create.send_by, Some(read_sent + retry));
+        // Still queued at `send_by`: dropped.
+        let by = read_sent + retry;
+        m.handle(Input::Unsent, by);
+        assert!(m.leader(by).is_none());
+        assert!(m.status().last_error.is_none(), "not a failure");
+        m.handle(Input::Tick, by);
+        let next = take_send(&mut m);
+        assert!(matches!(next.op, Op::Get), "reads again: {next:?}");
+        assert_eq!(next.send_by, None);
     }
 
     /// A Lease known absent from a recent list is created at once; from an old one it

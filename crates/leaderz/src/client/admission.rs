@@ -149,7 +149,9 @@ impl Ticket {
     /// Waits for the place of a deferred request, which the next request sent with this
     /// ticket takes. At once if it was not deferred.
     pub(crate) async fn admitted(&self) -> Result<(), GateClosed> {
-        let (gate, mut rx) = match std::mem::take(&mut *self.place()) {
+        // Taken out first: a guard in the `match` scrutinee would live through its arms.
+        let place = std::mem::take(&mut *self.place());
+        let (gate, mut rx) = match place {
             Place::Waiting { gate, rx } => (gate, rx),
             other => {
                 *self.place() = other;
@@ -744,6 +746,21 @@ mod tests {
         );
         drop(held);
         assert_eq!(gate.in_flight(), 0);
+    }
+
+    /// `admitted` on a ticket that waits for nothing returns at once (it used to lock
+    /// the ticket's place twice, and hang for good).
+    #[test]
+    fn admitted_returns_at_once_when_nothing_was_deferred() {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .build()
+                .unwrap();
+            let ticket = Ticket::deferring(Priority::Normal);
+            tx.send(rt.block_on(ticket.admitted()).is_ok()).unwrap();
+        });
+        assert_eq!(rx.recv_timeout(Duration::from_secs(5)), Ok(true));
     }
 
     #[tokio::test]
