@@ -4,6 +4,7 @@ use std::future::Future;
 
 use futures::future::BoxFuture;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::AbortOnDropHandle;
 
 use crate::elector::{ElectionError, Elector};
 use crate::lock::Lock;
@@ -87,7 +88,9 @@ impl<L: Lock> Elector<L> {
     ///
     /// If the elector stops while `on_started_leading` still runs after its term ended
     /// (its `shutdown_grace` ran out, or it failed), the work is aborted: it is never
-    /// left running without an elector.
+    /// left running without an elector. Dropping this future (a `select!` that chose
+    /// another branch) also aborts the work, and shuts the elector down in the
+    /// background (it releases the lease if the work was stopped in time).
     pub async fn run(
         self,
         mut callbacks: Callbacks,
@@ -112,7 +115,9 @@ impl<L: Lock> Elector<L> {
                 term = handle.acquired() => {
                     let Ok(term) = term else { break };
                     let token = term.token();
-                    let mut work = tokio::spawn((callbacks.started)(term));
+                    // Aborted if this future is dropped: the elector then shuts down
+                    // in the background, and the work must not outlive it.
+                    let mut work = AbortOnDropHandle::new(tokio::spawn((callbacks.started)(term)));
                     // Keep reporting leader changes while leading.
                     loop {
                         tokio::select! {

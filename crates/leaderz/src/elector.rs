@@ -145,6 +145,7 @@ impl<L: Lock> Elector<L> {
 
 type Pending<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 /// What became of a lock request.
+#[allow(clippy::large_enum_variant)] // returned once, never stored
 enum Outcome {
     /// Its answer, and when it left the process if the client said so.
     Answered(Result<Answer, LockError>, Option<Instant>),
@@ -252,16 +253,9 @@ impl<L: Lock> Driver<L> {
                         // the client (under load; deferred, or queued) is dropped unsent,
                         // so that the release need not wait for it to go out and come
                         // back.
-                        if request.is_some()
-                            && ticket
-                                .as_ref()
-                                .is_some_and(|t| t.state() == TicketState::Queued)
-                        {
-                            request = None;
-                            ticket = None;
-                            m.handle(Input::Unsent, Instant::now());
-                        }
+                        withdraw_unsent(&mut request, &mut ticket, &mut m);
                     }
+                    Action::Withdraw => withdraw_unsent(&mut request, &mut ticket, &mut m),
                     Action::Announce { leading } => {
                         let lock = self.lock.clone();
                         let identity = self.config.identity.clone();
@@ -471,6 +465,24 @@ impl<L: Lock> Driver<L> {
     }
 }
 
+/// Drops the outstanding request if it still waits for a place in the client (queued,
+/// or deferred), and tells the machine it was never sent.
+fn withdraw_unsent(
+    request: &mut Option<Pending<Outcome>>,
+    ticket: &mut Option<Arc<Ticket>>,
+    m: &mut Machine,
+) {
+    if request.is_some()
+        && ticket
+            .as_ref()
+            .is_some_and(|t| t.state() == TicketState::Queued)
+    {
+        *request = None;
+        *ticket = None;
+        m.handle(Input::Unsent, Instant::now());
+    }
+}
+
 async fn poll_pending<T>(pending: &mut Option<Pending<T>>) -> T {
     match pending {
         Some(p) => p.await,
@@ -617,5 +629,35 @@ mod tests {
             created_at - read_at
         );
         assert_eq!(log.iter().filter(|(op, _)| *op == "create").count(), 1);
+    }
+
+    /// A take still waiting for a place in the client at shutdown is dropped: the
+    /// elector stops at once, without sending it (and then releasing what it took).
+    #[tokio::test(start_paused = true)]
+    async fn a_take_still_waiting_in_the_client_at_shutdown_is_not_sent() {
+        let gate = Gate::new(1);
+        let held = gate.enter().await.unwrap();
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let lock = Gated {
+            inner: MemoryLock::new("l"),
+            gate: gate.clone(),
+            log: log.clone(),
+        };
+        let handle = Elector::new(lock, ElectionConfig::new("a"))
+            .unwrap()
+            .spawn();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let stopping = Instant::now();
+        handle.shutdown_token().cancel();
+        let mut handle = handle;
+        tokio::time::timeout(Duration::from_secs(1), handle.join())
+            .await
+            .expect("stops at once")
+            .unwrap();
+        assert!(stopping.elapsed() < Duration::from_millis(100));
+        drop(held);
+        tokio::task::yield_now().await;
+        let log = log.lock().unwrap().clone();
+        assert!(log.iter().all(|(op, _)| *op == "get"), "{log:?}");
     }
 }

@@ -197,6 +197,10 @@ pub enum Action {
     },
     /// The term's deadline moved (a successful renewal).
     ExtendTerm(Instant),
+    /// Drop the outstanding request if it still waits in the client, and report
+    /// [`Input::Unsent`] (a take decided before a shutdown: there is no point sending
+    /// it now). Nothing if it has left, or the caller cannot tell.
+    Withdraw,
     /// The term ended: cancel it, and report [`Input::WorkStopped`] once its work has
     /// dropped every handle.
     EndTerm,
@@ -1771,11 +1775,13 @@ impl Machine {
                     .as_ref()
                     .is_some_and(|i| matches!(i.purpose, Purpose::Take)) =>
             {
-                // The taking write may land: find out, and release it if it did.
+                // The taking write may land: find out, and release it if it did. If it
+                // still waits in the client it is dropped, and there is nothing to find.
                 self.role = Role::ShuttingDown(Closing::Resolving {
                     until: now + self.config.renew_deadline,
                     retry_at: None,
                 });
+                self.actions.push_back(Action::Withdraw);
             }
             Role::Follower if self.pending_take.is_some() && self.config.release_on_cancel => {
                 // A taking write whose answer was lost may have landed: read (once the
@@ -1854,10 +1860,13 @@ impl Machine {
         match reply {
             Ok(Answer::Read(Some(v))) => {
                 self.observe(v.clone(), now);
+                // Ours by what only our write has (holder, transitions, renew time): a
+                // handoff annotation or a `preferredHolder` written on top since does not
+                // make it someone else's.
                 let landed = self
                     .pending_take
                     .as_ref()
-                    .is_some_and(|p| p.record == v.record);
+                    .is_some_and(|p| OwnWrite::of(&p.record).is(&v.record));
                 if landed {
                     self.release_untaken(v, now);
                 } else {
@@ -2759,7 +2768,10 @@ mod tests {
         assert!(matches!(take_send(&mut m).op, Op::Get));
         let read_sent = t0 + Duration::from_millis(10);
         m.handle(Input::Sent(read_sent), read_sent);
-        m.handle(Input::Reply(Ok(Answer::Read(None))), t0 + Duration::from_millis(20));
+        m.handle(
+            Input::Reply(Ok(Answer::Read(None))),
+            t0 + Duration::from_millis(20),
+        );
         let create = take_send(&mut m);
         assert!(matches!(create.op, Op::Create(_)));
         assert_eq!(create.send_by, Some(read_sent + retry));

@@ -541,6 +541,47 @@ async fn a_callback_that_drops_its_term_is_waited_for_before_the_release() {
     assert_eq!(lock.peek().unwrap().record.holder_identity, "", "released");
 }
 
+/// Dropping `run` (a `select!` that chose another branch) aborts a callback that
+/// ignores its term, and the elector, shutting down in the background, then releases.
+#[tokio::test(start_paused = true)]
+async fn dropping_run_aborts_the_work_and_releases() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    struct Alive(Arc<AtomicBool>);
+    impl Drop for Alive {
+        fn drop(&mut self) {
+            self.0.store(false, Ordering::SeqCst);
+        }
+    }
+    let lock = MemoryLock::new("l");
+    let alive = Arc::new(AtomicBool::new(false));
+    let flag = alive.clone();
+    let callbacks = Callbacks::new(move |_term| {
+        let flag = flag.clone();
+        async move {
+            flag.store(true, Ordering::SeqCst);
+            let _alive = Alive(flag);
+            std::future::pending::<()>().await;
+        }
+    });
+    let run = Elector::new(lock.clone(), config("a"))
+        .unwrap()
+        .run(callbacks, CancellationToken::new());
+    let working = async {
+        sleep(secs(2)).await;
+        assert!(alive.load(Ordering::SeqCst), "leading, and the work runs");
+    };
+    tokio::select! {
+        _ = run => panic!("run ended by itself"),
+        () = working => {}
+    }
+    // An aborted task ends when the runtime next gets to it.
+    sleep(Duration::from_millis(10)).await;
+    assert!(!alive.load(Ordering::SeqCst), "the work outlived `run`");
+    sleep(secs(1)).await;
+    assert_eq!(lock.peek().unwrap().record.holder_identity, "", "released");
+}
+
 #[tokio::test(start_paused = true)]
 async fn run_while_leading_aborts_the_work_on_loss() {
     let mem = MemoryLock::new("l");

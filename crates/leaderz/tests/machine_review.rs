@@ -829,3 +829,30 @@ fn a_take_answered_409_at_shutdown_is_looked_for_and_released_if_it_landed() {
     assert!(release[0].holder_identity.is_empty());
     assert!(matches!(&did.ops[0], Op::Update(v, _) if v.version == "1"));
 }
+
+/// The take looked for at shutdown is recognised by what only our write has (holder,
+/// transitions, renew time): a handoff request or a `preferredHolder` written on top of
+/// it since does not make it someone else's, and it is still released (before, it was
+/// left to expire with our name on it, a lease duration with nobody leading).
+#[test]
+fn a_take_found_at_shutdown_with_an_annotation_on_top_is_still_released() {
+    let t0 = Instant::now();
+    let mut m = Machine::new(ElectionConfig::new("a"), "ns/l", t0).unwrap();
+    assert!(drain(&mut m).reads());
+    let did = step(&mut m, Input::Reply(Ok(Answer::Read(None))), t0);
+    let take = did.writes()[0].clone();
+    step(&mut m, Input::Shutdown, t0 + ms(10));
+    let did = step(
+        &mut m,
+        Input::Reply(Err(LockError::AlreadyExists)),
+        t0 + ms(20),
+    );
+    assert!(did.reads(), "looks for the take: {did:?}");
+    let mut on_top = take.clone();
+    on_top.preferred_holder = Some("b".into());
+    let did = step(&mut m, read(&on_top, "2"), t0 + ms(30));
+    let release = did.writes();
+    assert_eq!(release.len(), 1, "releases what landed: {did:?}");
+    assert!(release[0].holder_identity.is_empty());
+    assert!(matches!(&did.ops[0], Op::Update(v, _) if v.version == "2"));
+}

@@ -107,6 +107,8 @@ struct SimWatch {
 #[derive(Debug)]
 struct Inflight {
     seq: u64,
+    /// When it leaves the client's queue (global time).
+    left_at: Ns,
 }
 
 /// When a request was sent (local time): when the elector asked, and when it left the
@@ -132,6 +134,9 @@ struct Node {
     faults: Faults,
     inflight: Option<Inflight>,
     req_seq: u64,
+    /// A request dropped while it waited in the client (`Action::Withdraw`, or an
+    /// ended term's renewal): it never leaves.
+    withdrawn: Option<u64>,
     watch: Option<SimWatch>,
     watch_gen: u64,
     tick_gen: u64,
@@ -245,6 +250,12 @@ enum Ev {
         /// When it left the client's queue, if it waited there (local time).
         left: Option<Ns>,
     },
+    /// Dropped unsent at its `send_by`, still queued.
+    Unsent {
+        node: usize,
+        inc: u64,
+        seq: u64,
+    },
     WatchOpened {
         node: usize,
         inc: u64,
@@ -317,6 +328,7 @@ impl Sim {
                 faults: Faults::default(),
                 inflight: None,
                 req_seq: 0,
+                withdrawn: None,
                 watch: None,
                 watch_gen: 0,
                 tick_gen: 0,
@@ -444,6 +456,17 @@ impl Sim {
                         self.feed(node, Input::Sent(self.base + Duration::from_nanos(left)));
                     }
                     self.feed(node, Input::Reply(result));
+                }
+            }
+            Ev::Unsent { node, inc, seq } => {
+                if self.alive(node, inc)
+                    && self.nodes[node]
+                        .inflight
+                        .as_ref()
+                        .is_some_and(|f| f.seq == seq)
+                {
+                    self.nodes[node].inflight = None;
+                    self.feed(node, Input::Unsent);
                 }
             }
             Ev::WatchOpened {
@@ -716,6 +739,7 @@ impl Sim {
                 }
                 self.terms[t].deadline_local = deadline_local;
             }
+            Action::Withdraw => self.withdraw(i),
             Action::EndTerm => {
                 let Some(t) = self.nodes[i].term.take() else {
                     self.violation(format!("node {i}: ended a term it does not hold"));
@@ -739,6 +763,8 @@ impl Sim {
                         term: t,
                     },
                 );
+                // The elector drops a renewal of the ended term still queued.
+                self.withdraw(i);
             }
             Action::Announce { .. } => {}
             Action::Stop(result) => {
@@ -757,6 +783,20 @@ impl Sim {
         }
     }
 
+    /// Drops the outstanding request if it still waits in the client's queue, as the
+    /// elector does, and tells the machine.
+    fn withdraw(&mut self, i: usize) {
+        let Some(f) = &self.nodes[i].inflight else {
+            return;
+        };
+        if self.now >= f.left_at {
+            return;
+        }
+        self.nodes[i].withdrawn = Some(f.seq);
+        self.nodes[i].inflight = None;
+        self.feed(i, Input::Unsent);
+    }
+
     fn send(&mut self, i: usize, req: Request) {
         if self.nodes[i].inflight.is_some() {
             self.violation(format!(
@@ -766,7 +806,6 @@ impl Sim {
         let inc = self.nodes[i].incarnation;
         self.nodes[i].req_seq += 1;
         let seq = self.nodes[i].req_seq;
-        self.nodes[i].inflight = Some(Inflight { seq });
         let clock = self.nodes[i].clock;
         let f = self.nodes[i].faults.clone();
         let deadline = clock.global(self.local_ns(req.deadline));
@@ -775,6 +814,19 @@ impl Sim {
         } else {
             0
         };
+        self.nodes[i].inflight = Some(Inflight {
+            seq,
+            left_at: self.now + queued,
+        });
+        // Still queued at its `send_by` (a create whose read is no longer fresh): the
+        // elector drops it unsent.
+        if let Some(by) = req.send_by {
+            let by = clock.global(self.local_ns(by));
+            if queued > 0 && self.now + queued >= by {
+                self.at(by.max(self.now), Ev::Unsent { node: i, inc, seq });
+                return;
+            }
+        }
         let reply = |result, left| Ev::Reply {
             node: i,
             inc,
@@ -855,6 +907,9 @@ impl Sim {
         sent: Sent,
         reply_after: Option<(Ns, bool, Option<Ns>)>,
     ) {
+        if self.nodes[i].incarnation == inc && self.nodes[i].withdrawn == Some(seq) {
+            return;
+        }
         let by = Some((i, inc));
         let is_create = matches!(op, Op::Create(_));
         let result = match op {

@@ -44,7 +44,9 @@ use tower::BoxError;
 
 /// How soon a request should leave the process when
 /// [`Options::max_in_flight`](super::Options::max_in_flight) requests are already in
-/// flight. Elections set it on their own requests; anything else is [`Priority::Normal`].
+/// flight. Elections set it on their own requests; anything else is [`Priority::Normal`]
+/// (other code cannot set it: this is public so that [`Request`](crate::machine::Request)
+/// can say how its caller should queue it).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Priority {

@@ -10,7 +10,11 @@
 //! shared watch needs **`list` and `watch` on `leases.coordination.k8s.io` in the
 //! namespace** — for all Leases there: a label selector narrows what is sent, not what
 //! must be granted. If they are denied, each election falls back to polling (and says
-//! why in its status), as it does when its own watch is denied.
+//! why in its status), as it does when its own watch is denied. A watch that fails
+//! after its first list is retried (kube's backoff) and resumes where it stopped, or
+//! lists again; meanwhile its elections stay subscribed and learn nothing new, and
+//! each notices that its Lease's renewals stopped showing as any watching election
+//! does (it reads the Lease when the holder's next renewal is overdue).
 //!
 //! How it keeps each election's view right:
 //! - the watch is kube-runtime's `watcher` (list, then watch; re-listed after a `410
@@ -64,9 +68,13 @@ const SUBSCRIBER_BUFFER: usize = 64;
 const VERSIONS_KEPT: usize = 4;
 
 /// How long a deletion is remembered for locks that are not subscribed when it is
-/// learned of (longer than any lock goes between two watches). Forgotten at the first
-/// relist after that (a watch relists after every error or expiry of its version).
+/// learned of (longer than any lock goes between two watches). Forgotten at the next
+/// relist after that, or the next deletion learned a [`SWEEP_EVERY`] after the last
+/// sweep (a watch resumes from its last version and may go days without a relist).
 const DELETIONS_KEPT: Duration = Duration::from_secs(600);
+
+/// How often deletions learned from the watch sweep the ones long gone.
+const SWEEP_EVERY: Duration = Duration::from_secs(60);
 
 /// Stands for the version of a deletion the shared watch learned of without one (a
 /// relist that no longer shows the Lease); never a resourceVersion.
@@ -216,9 +224,9 @@ impl SharedLeaseWatch {
 
     /// When Lease `name` is known not to exist: as of a list sent at the instant
     /// returned (the last one; a consistent list, kube's default), nor seen since.
-    /// `None` if the watch has not listed yet, knows of the Lease (even deleted: that
-    /// is for the election to judge), or sees only Leases with some labels (a Lease
-    /// without them exists unseen).
+    /// `None` if the watch has not listed yet, knows of the Lease (even deleted: the
+    /// election then reads it first, as one without the shared watch would), or sees
+    /// only Leases with some labels (a Lease without them exists unseen).
     pub(super) fn known_absent(&self, name: &str) -> Option<Instant> {
         if self.inner.labels.is_some() || !matches!(*self.inner.hub.phase.borrow(), Phase::Ready) {
             return None;
@@ -331,6 +339,8 @@ struct State {
     /// first), and when the last complete one was.
     listing_from: Option<Instant>,
     listed_from: Option<Instant>,
+    /// When deletions long gone were last forgotten.
+    swept_at: Option<Instant>,
 }
 
 /// What the shared watch knows of one Lease.
@@ -423,6 +433,9 @@ impl Hub {
             entry.gone(version);
             state.deliver(name, LockEvent::Deleted);
         }
+        if state.swept_at.is_none_or(|at| at.elapsed() >= SWEEP_EVERY) {
+            state.forget_old_deletions();
+        }
     }
 
     /// A (re-)list finished: tell each lock what changed since the previous one.
@@ -458,23 +471,29 @@ impl Hub {
             entry.current = Some(v.clone());
             state.deliver(&name, LockEvent::Changed(v));
         }
-        // Forget Leases deleted long ago that nobody listens to. Not at once: a lock
-        // between two watches (its stream ended, it reads, it watches again) must
-        // still be told of the deletion when it subscribes again.
-        let State {
+        state.forget_old_deletions();
+    }
+}
+
+impl State {
+    /// Forgets Leases deleted long ago that nobody listens to. Not at once: a lock
+    /// between two watches (its stream ended, it reads, it watches again) must still be
+    /// told of the deletion when it subscribes again.
+    fn forget_old_deletions(&mut self) {
+        let Self {
             leases,
             subscribers,
+            swept_at,
             ..
-        } = &mut *state;
+        } = self;
+        *swept_at = Some(Instant::now());
         leases.retain(|name, e| {
             e.current.is_some()
                 || subscribers.contains_key(name)
                 || e.gone_at.is_some_and(|at| at.elapsed() < DELETIONS_KEPT)
         });
     }
-}
 
-impl State {
     /// What a lock that starts watching `name` after `version` must be told first.
     fn catch_up(&self, name: &str, version: &str) -> Option<LockEvent> {
         let entry = self.leases.get(name)?;
@@ -626,5 +645,24 @@ mod tests {
         hub.lock().relisting = Some(HashMap::new());
         hub.relisted();
         assert!(hub.lock().leases.is_empty());
+    }
+
+    /// Deletions learned from a watch that never relists are forgotten too, once long
+    /// gone: Leases come and go for as long as the process runs.
+    #[tokio::test(start_paused = true)]
+    async fn deletions_are_forgotten_without_a_relist() {
+        let hub = Hub::new();
+        for round in 0..30u64 {
+            for i in 0..100u64 {
+                let name = format!("l-{round}-{i}");
+                hub.apply(lease(&name, &(round * 1000 + i * 2).to_string()));
+                hub.delete(&name, Some(&(round * 1000 + i * 2 + 1).to_string()));
+            }
+            tokio::time::advance(Duration::from_secs(60)).await;
+        }
+        // 3000 deleted in 30 minutes; those of the last ten minutes (and one sweep) kept.
+        let kept = hub.lock().leases.len();
+        assert!(kept <= 1200, "{kept} deleted Leases still remembered");
+        assert!(kept >= 1000, "recent deletions are kept: {kept}");
     }
 }
