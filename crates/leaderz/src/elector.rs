@@ -366,9 +366,10 @@ impl<L: Lock> Driver<L> {
             op,
             deadline,
             timeout,
-            send_by,
+            mut send_by,
             ..
         } = req;
+        let fresh_for = self.config.retry_period;
         Box::pin(async move {
             let start = Instant::now();
             if deadline <= start {
@@ -416,11 +417,15 @@ impl<L: Lock> Driver<L> {
                     () = sleep_until(wake) => {}
                 }
                 // Still waiting for its place (queued or deferred; not a request the
-                // client may have sent without telling) at `send_by`: drop it unsent.
-                if send_by.is_some_and(|by| Instant::now() >= by)
-                    && ticket.state() == TicketState::Queued
-                {
-                    return Outcome::Unsent;
+                // client may have sent without telling) at `send_by`: unless the lock
+                // knows the Lease absent as of later (a shared watch that has shown
+                // everything up to then), drop it unsent.
+                let now = Instant::now();
+                if send_by.is_some_and(|by| now >= by) && ticket.state() == TicketState::Queued {
+                    match lock.known_absent().map(|t| t + fresh_for) {
+                        Some(by) if by > now => send_by = Some(by),
+                        _ => return Outcome::Unsent,
+                    }
                 }
                 if Instant::now() < limit {
                     continue;
@@ -554,6 +559,9 @@ mod tests {
         inner: MemoryLock,
         gate: Arc<Gate>,
         log: Arc<Mutex<Vec<(&'static str, Instant)>>>,
+        /// Vouches that the Lease is absent as of now (as a shared watch that keeps
+        /// showing every change does).
+        vouch: bool,
     }
 
     impl Lock for Gated {
@@ -587,6 +595,10 @@ mod tests {
         fn describe(&self) -> String {
             self.inner.describe()
         }
+
+        fn known_absent(&self) -> Option<Instant> {
+            (self.vouch && self.inner.peek().is_none()).then(Instant::now)
+        }
     }
 
     /// A create that waits in the client for longer than a retry period after the read
@@ -601,6 +613,7 @@ mod tests {
             inner: MemoryLock::new("l"),
             gate: gate.clone(),
             log: log.clone(),
+            vouch: false,
         };
         let config = ElectionConfig::new("a");
         let retry = config.retry_period;
@@ -631,6 +644,38 @@ mod tests {
         assert_eq!(log.iter().filter(|(op, _)| *op == "create").count(), 1);
     }
 
+    /// A lock that still vouches for the absence when the create has waited a retry
+    /// period (a shared watch that has shown every change until now) keeps it waiting
+    /// in its place: no read, one create.
+    #[tokio::test(start_paused = true)]
+    async fn a_create_waits_on_while_the_lock_vouches_for_the_absence() {
+        let gate = Gate::new(1);
+        let held = gate.enter().await.unwrap();
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let lock = Gated {
+            inner: MemoryLock::new("l"),
+            gate: gate.clone(),
+            log: log.clone(),
+            vouch: true,
+        };
+        let config = ElectionConfig::new("a");
+        let retry = config.retry_period;
+        let handle = Elector::new(lock, config).unwrap().spawn();
+        tokio::time::sleep(retry * 7 / 2).await;
+        drop(held);
+        let mut leader = handle.leader();
+        tokio::time::timeout(retry, leader.wait_for(|l| l.as_deref() == Some("a")))
+            .await
+            .expect("leads once the gate has room")
+            .unwrap();
+        let ops: Vec<_> = log.lock().unwrap().iter().map(|(op, _)| *op).collect();
+        assert_eq!(
+            ops,
+            ["create"],
+            "created on the lock's word, without reading"
+        );
+    }
+
     /// A take still waiting for a place in the client at shutdown is dropped: the
     /// elector stops at once, without sending it (and then releasing what it took).
     #[tokio::test(start_paused = true)]
@@ -642,6 +687,7 @@ mod tests {
             inner: MemoryLock::new("l"),
             gate: gate.clone(),
             log: log.clone(),
+            vouch: false,
         };
         let handle = Elector::new(lock, ElectionConfig::new("a"))
             .unwrap()

@@ -111,6 +111,15 @@ impl LeaseLock {
         &self.name
     }
 
+    /// A write of ours landed at `v.version`, asked for at `asked`: a shared watch that
+    /// later shows that version has shown every change made before `asked`.
+    fn wrote(&self, v: Versioned, asked: tokio::time::Instant) -> Versioned {
+        if let Some(shared) = &self.shared {
+            shared.wrote(&v.version, asked);
+        }
+        v
+    }
+
     fn error(&self, verb: &'static str, err: kube::Error) -> LockError {
         match err {
             kube::Error::Api(status) => match status.code {
@@ -193,8 +202,9 @@ impl Lock for LeaseLock {
         };
         set_handoff(&mut lease, record);
         self.label(&mut lease);
+        let asked = tokio::time::Instant::now();
         match self.api.create(&PostParams::default(), &lease).await {
-            Ok(lease) => Ok(versioned(lease)),
+            Ok(lease) => Ok(self.wrote(versioned(lease), asked)),
             Err(e) => Err(self.error("create", e)),
         }
     }
@@ -222,12 +232,13 @@ impl Lock for LeaseLock {
         lease.spec = Some(record.to_spec());
         set_handoff(&mut lease, record);
         self.label(&mut lease);
+        let asked = tokio::time::Instant::now();
         match self
             .api
             .replace(&self.name, &PostParams::default(), &lease)
             .await
         {
-            Ok(lease) => Ok(versioned(lease)),
+            Ok(lease) => Ok(self.wrote(versioned(lease), asked)),
             Err(e) => Err(self.error("update", e)),
         }
     }

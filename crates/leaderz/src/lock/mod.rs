@@ -93,9 +93,12 @@ pub trait Lock: Send + Sync + 'static {
     /// When the record is known not to exist without asking: as of a consistent read
     /// sent at the instant returned, or later. A cache kept by a list and a watch, such
     /// as [`SharedLeaseWatch`]'s, knows it as of when its last list was sent (a list
-    /// served from the API server's own cache, `resourceVersion=0`, does not count). A
-    /// new election then creates the record at once instead of reading first, if that
-    /// instant is within a retry period. `None` (the default): not known.
+    /// served from the API server's own cache, `resourceVersion=0`, does not count), or
+    /// as of when a write was asked for that the watch has since shown. A new election
+    /// then creates the record at once instead of reading first, if that instant is
+    /// within a retry period; and a create that still waits in the client a retry period
+    /// after the read it was decided on is sent only if this still vouches for a retry
+    /// period. `None` (the default): not known.
     ///
     /// The instant must not be later than that read: the election trusts an absence
     /// for a retry period after it. A record that exists after all only costs a refused

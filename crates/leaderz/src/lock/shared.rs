@@ -76,6 +76,11 @@ const DELETIONS_KEPT: Duration = Duration::from_secs(600);
 /// How often deletions learned from the watch sweep the ones long gone.
 const SWEEP_EVERY: Duration = Duration::from_secs(60);
 
+/// Own writes noted to date what the watch has shown ([`State::marks`]): at most one
+/// per this long, and this many waiting to be shown.
+const MARK_EVERY: Duration = Duration::from_millis(100);
+const MARKS_KEPT: usize = 64;
+
 /// Stands for the version of a deletion the shared watch learned of without one (a
 /// relist that no longer shows the Lease); never a resourceVersion.
 const DELETED: &str = "deleted";
@@ -222,8 +227,12 @@ impl SharedLeaseWatch {
         }
     }
 
-    /// When Lease `name` is known not to exist: as of a list sent at the instant
-    /// returned (the last one; a consistent list, kube's default), nor seen since.
+    /// When Lease `name` is known not to exist, not seen by the watch since: as of the
+    /// last list (a consistent list, kube's default, sent at the instant returned), or
+    /// later, as of a write of one of its locks asked for at the instant returned that
+    /// the watch has since shown (every change made before that write has been shown,
+    /// in order). A watch that stalls or fails shows nothing more, so the instant stops
+    /// moving: the knowledge ages as a read's would.
     /// `None` if the watch has not listed yet, knows of the Lease (even deleted: the
     /// election then reads it first, as one without the shared watch would), or sees
     /// only Leases with some labels (a Lease without them exists unseen).
@@ -231,11 +240,14 @@ impl SharedLeaseWatch {
         if self.inner.labels.is_some() || !matches!(*self.inner.hub.phase.borrow(), Phase::Ready) {
             return None;
         }
-        let state = self.inner.hub.lock();
-        if state.leases.contains_key(name) {
-            return None;
-        }
-        state.listed_from
+        self.inner.hub.lock().absent_as_of(name)
+    }
+
+    /// A lock's write landed at `version`, asked for at `asked`: once the watch shows
+    /// that version (or a later one), every change made before `asked` has been shown,
+    /// and a Lease it has not shown is known absent as of `asked`.
+    pub(super) fn wrote(&self, version: &str, asked: Instant) {
+        self.inner.hub.lock().note_write(version, asked);
     }
 
     /// Changes of Lease `name` after `version`, ending after `timeout`.
@@ -341,6 +353,12 @@ struct State {
     listed_from: Option<Instant>,
     /// When deletions long gone were last forgotten.
     swept_at: Option<Instant>,
+    /// Writes of the locks on this watch that it has not shown yet: version, and when
+    /// the write was asked for. Once the watch shows a version at least as new, it has
+    /// shown every change made before that instant ([`State::shown_until`]).
+    marks: VecDeque<(u64, Instant)>,
+    /// Every change made before this instant has been shown by the watch.
+    shown_until: Option<Instant>,
 }
 
 /// What the shared watch knows of one Lease.
@@ -409,6 +427,7 @@ impl Hub {
     fn apply(&self, v: Versioned) {
         let Some(name) = lease_name(&v) else { return };
         let mut state = self.lock();
+        state.shown(&v.version);
         let entry = state.leases.entry(name.clone()).or_default();
         if entry
             .current
@@ -426,6 +445,9 @@ impl Hub {
     /// it does not say when).
     fn delete(&self, name: &str, version: Option<&str>) {
         let mut state = self.lock();
+        if let Some(version) = version {
+            state.shown(version);
+        }
         let Some(entry) = state.leases.get_mut(name) else {
             return;
         };
@@ -476,6 +498,44 @@ impl Hub {
 }
 
 impl State {
+    /// See [`SharedLeaseWatch::known_absent`] (this, once the watch has listed).
+    fn absent_as_of(&self, name: &str) -> Option<Instant> {
+        if self.leases.contains_key(name) {
+            return None;
+        }
+        self.listed_from.max(self.shown_until)
+    }
+
+    /// See [`SharedLeaseWatch::wrote`].
+    fn note_write(&mut self, version: &str, asked: Instant) {
+        let Ok(version) = version.parse::<u64>() else {
+            return;
+        };
+        if self.marks.len() >= MARKS_KEPT
+            || self
+                .marks
+                .back()
+                .is_some_and(|(_, at)| asked < *at + MARK_EVERY)
+        {
+            return;
+        }
+        self.marks.push_back((version, asked));
+    }
+
+    /// The watch showed a change at `version`: every noted write at or below it has
+    /// been shown, and so has every change made before it was asked for.
+    fn shown(&mut self, version: &str) {
+        let Ok(version) = version.parse::<u64>() else {
+            return;
+        };
+        while let Some(&(v, asked)) = self.marks.front()
+            && v <= version
+        {
+            self.marks.pop_front();
+            self.shown_until = self.shown_until.max(Some(asked));
+        }
+    }
+
     /// Forgets Leases deleted long ago that nobody listens to. Not at once: a lock
     /// between two watches (its stream ended, it reads, it watches again) must still be
     /// told of the deletion when it subscribes again.
@@ -645,6 +705,34 @@ mod tests {
         hub.lock().relisting = Some(HashMap::new());
         hub.relisted();
         assert!(hub.lock().leases.is_empty());
+    }
+
+    /// A write of a lock, once the watch shows its version (or a later one), dates
+    /// what the watch has shown: a Lease it has not shown is known absent as of when
+    /// that write was asked for. Until then, and after the watch stops showing
+    /// anything, the instant does not move.
+    #[tokio::test(start_paused = true)]
+    async fn writes_shown_by_the_watch_date_what_it_knows_absent() {
+        let hub = Hub::new();
+        let absent = |name| hub.lock().absent_as_of(name);
+        let listed = Instant::now();
+        hub.lock().listed_from = Some(listed);
+        assert_eq!(absent("x"), Some(listed));
+        tokio::time::advance(Duration::from_secs(1)).await;
+        let asked = Instant::now();
+        hub.lock().note_write("120", asked);
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert_eq!(absent("x"), Some(listed), "not shown yet");
+        hub.apply(lease("other", "119"));
+        assert_eq!(absent("x"), Some(listed), "an older change");
+        hub.apply(lease("other", "121"));
+        assert_eq!(absent("x"), Some(asked));
+        assert_eq!(absent("other"), None, "seen");
+        // Nothing shown after a later write: the instant stays.
+        tokio::time::advance(Duration::from_secs(1)).await;
+        hub.lock().note_write("130", Instant::now());
+        tokio::time::advance(Duration::from_secs(5)).await;
+        assert_eq!(absent("x"), Some(asked));
     }
 
     /// Deletions learned from a watch that never relists are forgotten too, once long
