@@ -353,9 +353,10 @@ impl<L: Lock> Driver<L> {
         }
     }
 
-    /// A lock request, answered with `Timeout` when it has waited to be sent until its
-    /// deadline or been in flight for its timeout; with when it left the process, if
-    /// it did and the client said so.
+    /// A lock request, answered with `Timeout` when it has been in flight for its
+    /// timeout or until its deadline; with when it left the process, if it did and the
+    /// client said so. `Unsent` if it never left: still waiting for its place at its
+    /// deadline, or at its `send_by` (see [`Request::send_by`]).
     ///
     /// When the client has no place for it at once, the request is not kept, built,
     /// while it waits (with 10 000 elections in a process that was most of its memory):
@@ -392,14 +393,38 @@ impl<L: Lock> Driver<L> {
             };
             let mut call = attempt();
             let mut limit = (start + timeout).min(deadline);
+            ticket.set_send_by(send_by);
+            let mut polled = false;
             loop {
+                // At `send_by`, a request that has not left (not yet tried, or waiting for
+                // its place; not one the client may have sent without telling) goes on
+                // only while the lock knows the Lease absent as of a retry period ago or
+                // later (a shared watch that has shown everything up to then).
+                let now = Instant::now();
+                if let Some(by) = send_by
+                    && now >= by
+                    && (!polled || ticket.state() == TicketState::Queued)
+                {
+                    match lock.known_absent().map(|t| t + fresh_for) {
+                        Some(later) if later > now => {
+                            send_by = Some(later);
+                            ticket.set_send_by(send_by);
+                        }
+                        _ => return Outcome::Unsent,
+                    }
+                }
                 // Until it has left, also wake at `send_by`.
                 let wake = match send_by {
-                    Some(by) if by > Instant::now() && ticket.sent().is_none() => limit.min(by),
+                    Some(by) if by > now && ticket.sent().is_none() => limit.min(by),
                     _ => limit,
                 };
                 tokio::select! {
+                    biased;
                     r = &mut call => {
+                        // Refused at its place for leaving too late: it never left.
+                        if ticket.state() == TicketState::TooLate {
+                            return Outcome::Unsent;
+                        }
                         // Only if nothing left: a lock that sent again after it was
                         // deferred (against the contract) is not run a second time.
                         if r.is_err() && ticket.sent().is_none() && ticket.deferred() {
@@ -410,23 +435,14 @@ impl<L: Lock> Driver<L> {
                                     Err(e) => Err(LockError::Transport(Box::new(e))),
                                 }
                             });
+                            polled = true;
                             continue;
                         }
                         return Outcome::Answered(r, ticket.sent());
                     }
                     () = sleep_until(wake) => {}
                 }
-                // Still waiting for its place (queued or deferred; not a request the
-                // client may have sent without telling) at `send_by`: unless the lock
-                // knows the Lease absent as of later (a shared watch that has shown
-                // everything up to then), drop it unsent.
-                let now = Instant::now();
-                if send_by.is_some_and(|by| now >= by) && ticket.state() == TicketState::Queued {
-                    match lock.known_absent().map(|t| t + fresh_for) {
-                        Some(by) if by > now => send_by = Some(by),
-                        _ => return Outcome::Unsent,
-                    }
-                }
+                polled = true;
                 if Instant::now() < limit {
                     continue;
                 }
@@ -436,9 +452,13 @@ impl<L: Lock> Driver<L> {
                 let next = match ticket.state() {
                     TicketState::Queued => (limit + timeout).min(deadline),
                     TicketState::Sent(at) => (at + timeout).min(deadline),
-                    TicketState::Unseen => limit,
+                    TicketState::Unseen | TicketState::TooLate => limit,
                 };
                 if next <= limit {
+                    // Given up while it still waited for its place: it never left.
+                    if ticket.state() == TicketState::Queued {
+                        return Outcome::Unsent;
+                    }
                     return Outcome::Answered(
                         Err(LockError::Timeout(limit - start)),
                         ticket.sent(),

@@ -136,7 +136,7 @@ struct Node {
     req_seq: u64,
     /// A request dropped while it waited in the client (`Action::Withdraw`, or an
     /// ended term's renewal): it never leaves.
-    withdrawn: Option<u64>,
+    withdrawn: std::collections::HashSet<u64>,
     watch: Option<SimWatch>,
     watch_gen: u64,
     tick_gen: u64,
@@ -328,7 +328,7 @@ impl Sim {
                 faults: Faults::default(),
                 inflight: None,
                 req_seq: 0,
-                withdrawn: None,
+                withdrawn: std::collections::HashSet::new(),
                 watch: None,
                 watch_gen: 0,
                 tick_gen: 0,
@@ -792,7 +792,8 @@ impl Sim {
         if self.now >= f.left_at {
             return;
         }
-        self.nodes[i].withdrawn = Some(f.seq);
+        let seq = f.seq;
+        self.nodes[i].withdrawn.insert(seq);
         self.nodes[i].inflight = None;
         self.feed(i, Input::Unsent);
     }
@@ -907,7 +908,7 @@ impl Sim {
         sent: Sent,
         reply_after: Option<(Ns, bool, Option<Ns>)>,
     ) {
-        if self.nodes[i].incarnation == inc && self.nodes[i].withdrawn == Some(seq) {
+        if self.nodes[i].incarnation == inc && self.nodes[i].withdrawn.remove(&seq) {
             return;
         }
         let by = Some((i, inc));
@@ -1014,6 +1015,7 @@ impl Sim {
         node.term = None;
         node.landed.clear();
         node.created.clear();
+        node.withdrawn.clear();
         node.max_seen = None;
         node.max_seen_at.clear();
         node.seen_lease = false;

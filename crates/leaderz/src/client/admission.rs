@@ -78,6 +78,9 @@ pub(crate) struct Ticket {
     defer: bool,
     state: Mutex<State>,
     place: Mutex<Place>,
+    /// Past this instant no attempt of the request leaves (kube's client retries after
+    /// a 429 or 503 too): see [`Request::send_by`](crate::machine::Request::send_by).
+    send_by: Mutex<Option<Instant>>,
 }
 
 /// The place a deferred request waits for, or has been given.
@@ -104,6 +107,11 @@ enum Taken {
 #[error("the request waits for a place to be sent (it is sent again once it has one)")]
 pub(crate) struct Deferred;
 
+/// The request was not sent: it reached its place after the instant it had to leave by.
+#[derive(Debug, thiserror::Error)]
+#[error("the request was not sent: the instant it had to leave by had passed")]
+pub(crate) struct TooLate;
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum State {
     /// Not seen by a gate (yet, or ever: a client without one).
@@ -113,6 +121,8 @@ pub(crate) enum State {
     Queued,
     /// Left the process at this instant (its first attempt, if retried).
     Sent(Instant),
+    /// Never sent: its first attempt reached its place after the ticket's `send_by`.
+    TooLate,
 }
 
 impl Ticket {
@@ -124,6 +134,7 @@ impl Ticket {
             defer: false,
             state: Mutex::new(State::Unseen),
             place: Mutex::new(Place::None),
+            send_by: Mutex::new(None),
         })
     }
 
@@ -136,7 +147,20 @@ impl Ticket {
             defer: true,
             state: Mutex::new(State::Unseen),
             place: Mutex::new(Place::None),
+            send_by: Mutex::new(None),
         })
+    }
+
+    /// No attempt of the request leaves after `by` (`None`: no limit).
+    pub(crate) fn set_send_by(&self, by: Option<Instant>) {
+        *self.send_by.lock().unwrap_or_else(|e| e.into_inner()) = by;
+    }
+
+    fn too_late(&self) -> bool {
+        self.send_by
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .is_some_and(|by| Instant::now() >= by)
     }
 
     fn place(&self) -> std::sync::MutexGuard<'_, Place> {
@@ -202,6 +226,18 @@ impl Ticket {
             State::Sent(at) => Some(at),
             _ => None,
         }
+    }
+
+    /// The request takes its place and leaves, unless its `send_by` has passed: the
+    /// place is then given back and the attempt fails with [`TooLate`].
+    fn depart(&self, permit: Permit) -> Result<Permit, BoxError> {
+        if self.too_late() {
+            drop(permit);
+            self.set(State::TooLate);
+            return Err(TooLate.into());
+        }
+        self.set(State::Sent(Instant::now()));
+        Ok(permit)
     }
 
     fn set(&self, new: State) {
@@ -367,8 +403,7 @@ impl Gate {
                 None => None,
             };
             if let Some(permit) = permit {
-                t.set(State::Sent(Instant::now()));
-                return Ok(permit);
+                return t.depart(permit);
             }
         }
         let rx = {
@@ -407,10 +442,10 @@ impl Gate {
                 self.wait(&mut rx, urgent_at).await?
             }
         };
-        if let Some(t) = &ticket {
-            t.set(State::Sent(Instant::now()));
+        match &ticket {
+            Some(t) => t.depart(permit),
+            None => Ok(permit),
         }
-        Ok(permit)
     }
 
     /// Waits for a place handed over through `rx`; a renewal that becomes urgent while
@@ -747,6 +782,31 @@ mod tests {
             gate.queue().len()
         );
         drop(held);
+        assert_eq!(gate.in_flight(), 0);
+    }
+
+    /// No attempt leaves after the ticket's `send_by`, a retry neither (kube's client
+    /// retries after a 429 or 503): the place is given back, and a ticket that never
+    /// left says so.
+    #[tokio::test(start_paused = true)]
+    async fn nothing_leaves_after_send_by() {
+        let gate = Gate::new(1);
+        let ticket = Ticket::new(Priority::Normal);
+        ticket.set_send_by(Some(Instant::now()));
+        let refused = ticket.scope(gate.enter()).await;
+        assert!(refused.unwrap_err().is::<TooLate>());
+        assert_eq!(ticket.state(), State::TooLate);
+        assert_eq!(gate.in_flight(), 0, "the place is given back");
+
+        let ticket = Ticket::new(Priority::Normal);
+        ticket.set_send_by(Some(Instant::now() + Duration::from_secs(1)));
+        let first = ticket.scope(gate.enter()).await.unwrap();
+        let sent = ticket.sent().expect("left");
+        drop(first);
+        tokio::time::advance(Duration::from_secs(1)).await;
+        let retry = ticket.scope(gate.enter()).await;
+        assert!(retry.unwrap_err().is::<TooLate>());
+        assert_eq!(ticket.sent(), Some(sent), "the first attempt left");
         assert_eq!(gate.in_flight(), 0);
     }
 

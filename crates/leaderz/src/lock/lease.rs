@@ -238,6 +238,10 @@ impl Lock for LeaseLock {
             .replace(&self.name, &PostParams::default(), &lease)
             .await
         {
+            // An update that changed nothing keeps the version: it dates nothing.
+            Ok(lease) if lease.metadata.resource_version.as_ref() == Some(&current.version) => {
+                Ok(versioned(lease))
+            }
             Ok(lease) => Ok(self.wrote(versioned(lease), asked)),
             Err(e) => Err(self.error("update", e)),
         }

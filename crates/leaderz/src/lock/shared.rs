@@ -359,6 +359,8 @@ struct State {
     marks: VecDeque<(u64, Instant)>,
     /// Every change made before this instant has been shown by the watch.
     shown_until: Option<Instant>,
+    /// The newest version the watch has shown (0: none, or none that parses).
+    newest_shown: u64,
 }
 
 /// What the shared watch knows of one Lease.
@@ -511,6 +513,11 @@ impl State {
         let Ok(version) = version.parse::<u64>() else {
             return;
         };
+        // Its own event often comes before its answer: already shown.
+        if version <= self.newest_shown {
+            self.shown_until = self.shown_until.max(Some(asked));
+            return;
+        }
         if self.marks.len() >= MARKS_KEPT
             || self
                 .marks
@@ -528,6 +535,7 @@ impl State {
         let Ok(version) = version.parse::<u64>() else {
             return;
         };
+        self.newest_shown = self.newest_shown.max(version);
         while let Some(&(v, asked)) = self.marks.front()
             && v <= version
         {
@@ -547,6 +555,11 @@ impl State {
             ..
         } = self;
         *swept_at = Some(Instant::now());
+        // Locks gone since their Lease's last event.
+        subscribers.retain(|_, txs| {
+            txs.retain(|tx| !tx.is_closed());
+            !txs.is_empty()
+        });
         leases.retain(|name, e| {
             e.current.is_some()
                 || subscribers.contains_key(name)
@@ -733,6 +746,28 @@ mod tests {
         hub.lock().note_write("130", Instant::now());
         tokio::time::advance(Duration::from_secs(5)).await;
         assert_eq!(absent("x"), Some(asked));
+        // A write whose own event came before its answer: shown already.
+        hub.apply(lease("other", "140"));
+        let asked = Instant::now();
+        hub.lock().note_write("140", asked);
+        assert_eq!(absent("x"), Some(asked));
+    }
+
+    /// A lock gone since its Lease's deletion (its stream dropped, nothing more sent to
+    /// it) does not keep the deletion remembered for ever.
+    #[tokio::test(start_paused = true)]
+    async fn a_deletion_is_forgotten_once_its_lock_has_gone() {
+        let hub = Hub::new();
+        hub.apply(lease("a", "100"));
+        let (tx, rx) = mpsc::channel(SUBSCRIBER_BUFFER);
+        hub.lock().subscribers.insert("a".into(), vec![tx]);
+        hub.delete("a", Some("101"));
+        drop(rx);
+        tokio::time::advance(DELETIONS_KEPT).await;
+        hub.apply(lease("b", "102"));
+        hub.delete("b", Some("103"));
+        assert!(!hub.lock().leases.contains_key("a"));
+        assert!(hub.lock().subscribers.is_empty());
     }
 
     /// Deletions learned from a watch that never relists are forgotten too, once long
