@@ -578,7 +578,7 @@ mod tests {
     struct Gated {
         inner: MemoryLock,
         gate: Arc<Gate>,
-        log: Arc<Mutex<Vec<(&'static str, Instant)>>>,
+        log: Log,
         /// Vouches that the Lease is absent as of now (as a shared watch that keeps
         /// showing every change does).
         vouch: bool,
@@ -621,20 +621,29 @@ mod tests {
         }
     }
 
+    type Log = Arc<Mutex<Vec<(&'static str, Instant)>>>;
+
+    /// A gated lock on a Lease that does not exist, with the gate's one place held (drop
+    /// the second item to free it), and its log.
+    async fn full_gate(vouch: bool) -> (Gated, impl Sized, Log) {
+        let gate = Gate::new(1);
+        let held = gate.enter().await.unwrap();
+        let log = Log::default();
+        let lock = Gated {
+            inner: MemoryLock::new("l"),
+            gate,
+            log: log.clone(),
+            vouch,
+        };
+        (lock, held, log)
+    }
+
     /// A create that waits in the client for longer than a retry period after the read
     /// that found the Lease absent is dropped unsent, and the Lease read again: what the
     /// read showed may no longer hold (created, led and deleted meanwhile).
     #[tokio::test(start_paused = true)]
     async fn a_create_held_in_the_client_past_its_read_s_freshness_reads_again() {
-        let gate = Gate::new(1);
-        let held = gate.enter().await.unwrap();
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let lock = Gated {
-            inner: MemoryLock::new("l"),
-            gate: gate.clone(),
-            log: log.clone(),
-            vouch: false,
-        };
+        let (lock, held, log) = full_gate(false).await;
         let config = ElectionConfig::new("a");
         let retry = config.retry_period;
         let handle = Elector::new(lock, config).unwrap().spawn();
@@ -669,15 +678,7 @@ mod tests {
     /// in its place: no read, one create.
     #[tokio::test(start_paused = true)]
     async fn a_create_waits_on_while_the_lock_vouches_for_the_absence() {
-        let gate = Gate::new(1);
-        let held = gate.enter().await.unwrap();
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let lock = Gated {
-            inner: MemoryLock::new("l"),
-            gate: gate.clone(),
-            log: log.clone(),
-            vouch: true,
-        };
+        let (lock, held, log) = full_gate(true).await;
         let config = ElectionConfig::new("a");
         let retry = config.retry_period;
         let handle = Elector::new(lock, config).unwrap().spawn();
@@ -700,15 +701,7 @@ mod tests {
     /// elector stops at once, without sending it (and then releasing what it took).
     #[tokio::test(start_paused = true)]
     async fn a_take_still_waiting_in_the_client_at_shutdown_is_not_sent() {
-        let gate = Gate::new(1);
-        let held = gate.enter().await.unwrap();
-        let log = Arc::new(Mutex::new(Vec::new()));
-        let lock = Gated {
-            inner: MemoryLock::new("l"),
-            gate: gate.clone(),
-            log: log.clone(),
-            vouch: false,
-        };
+        let (lock, held, log) = full_gate(false).await;
         let handle = Elector::new(lock, ElectionConfig::new("a"))
             .unwrap()
             .spawn();

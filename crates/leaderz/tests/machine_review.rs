@@ -805,12 +805,9 @@ fn a_renewal_dropped_unsent_frees_the_way_for_the_release() {
     assert!(matches!(&did.ops[0], Op::Update(v, _) if v.version == "1"));
 }
 
-/// A take outstanding at shutdown answered with a conflict may have landed all the
-/// same (kube's client retries a write after a 503 or 504, and the retry of a write that
-/// landed meets a 409): the machine reads, and releases the Lease if it shows the take,
-/// instead of leaving it to expire with its name on it.
-#[test]
-fn a_take_answered_409_at_shutdown_is_looked_for_and_released_if_it_landed() {
+/// A machine whose take was answered 409 after a shutdown, reading to find out whether
+/// it landed; the take, and when the machine started.
+fn take_answered_409_at_shutdown() -> (Machine, LeaderRecord, Instant) {
     let t0 = Instant::now();
     let mut m = Machine::new(ElectionConfig::new("a"), "ns/l", t0).unwrap();
     assert!(drain(&mut m).reads());
@@ -823,6 +820,16 @@ fn a_take_answered_409_at_shutdown_is_looked_for_and_released_if_it_landed() {
         t0 + ms(20),
     );
     assert!(did.reads(), "looks for the take: {did:?}");
+    (m, take, t0)
+}
+
+/// A take outstanding at shutdown answered with a conflict may have landed all the
+/// same (kube's client retries a write after a 503 or 504, and the retry of a write that
+/// landed meets a 409): the machine reads, and releases the Lease if it shows the take,
+/// instead of leaving it to expire with its name on it.
+#[test]
+fn a_take_answered_409_at_shutdown_is_looked_for_and_released_if_it_landed() {
+    let (mut m, take, t0) = take_answered_409_at_shutdown();
     let did = step(&mut m, read(&take, "1"), t0 + ms(30));
     let release = did.writes();
     assert_eq!(release.len(), 1, "releases what landed: {did:?}");
@@ -836,18 +843,7 @@ fn a_take_answered_409_at_shutdown_is_looked_for_and_released_if_it_landed() {
 /// left to expire with our name on it, a lease duration with nobody leading).
 #[test]
 fn a_take_found_at_shutdown_with_an_annotation_on_top_is_still_released() {
-    let t0 = Instant::now();
-    let mut m = Machine::new(ElectionConfig::new("a"), "ns/l", t0).unwrap();
-    assert!(drain(&mut m).reads());
-    let did = step(&mut m, Input::Reply(Ok(Answer::Read(None))), t0);
-    let take = did.writes()[0].clone();
-    step(&mut m, Input::Shutdown, t0 + ms(10));
-    let did = step(
-        &mut m,
-        Input::Reply(Err(LockError::AlreadyExists)),
-        t0 + ms(20),
-    );
-    assert!(did.reads(), "looks for the take: {did:?}");
+    let (mut m, take, t0) = take_answered_409_at_shutdown();
     let mut on_top = take.clone();
     on_top.preferred_holder = Some("b".into());
     let did = step(&mut m, read(&on_top, "2"), t0 + ms(30));

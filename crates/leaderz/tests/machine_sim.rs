@@ -445,13 +445,7 @@ impl Sim {
                 result,
                 left,
             } => {
-                if self.alive(node, inc)
-                    && self.nodes[node]
-                        .inflight
-                        .as_ref()
-                        .is_some_and(|f| f.seq == seq)
-                {
-                    self.nodes[node].inflight = None;
+                if self.answered(node, inc, seq) {
                     if let Some(left) = left {
                         self.feed(node, Input::Sent(self.base + Duration::from_nanos(left)));
                     }
@@ -459,13 +453,7 @@ impl Sim {
                 }
             }
             Ev::Unsent { node, inc, seq } => {
-                if self.alive(node, inc)
-                    && self.nodes[node]
-                        .inflight
-                        .as_ref()
-                        .is_some_and(|f| f.seq == seq)
-                {
-                    self.nodes[node].inflight = None;
+                if self.answered(node, inc, seq) {
                     self.feed(node, Input::Unsent);
                 }
             }
@@ -781,6 +769,20 @@ impl Sim {
             }
             _ => self.violation(format!("node {i}: unknown action")),
         }
+    }
+
+    /// Whether request `seq` of incarnation `inc` is the node's outstanding one; if so,
+    /// it is outstanding no more.
+    fn answered(&mut self, node: usize, inc: u64, seq: u64) -> bool {
+        let outstanding = self.alive(node, inc)
+            && self.nodes[node]
+                .inflight
+                .as_ref()
+                .is_some_and(|f| f.seq == seq);
+        if outstanding {
+            self.nodes[node].inflight = None;
+        }
+        outstanding
     }
 
     /// Drops the outstanding request if it still waits in the client's queue, as the
