@@ -139,8 +139,9 @@ pub enum Input {
     /// [`Input::Reply`].
     Sent(Instant),
     /// The outstanding [`Request`] was dropped while it still waited in the client, so
-    /// it was never sent and cannot land. A caller may do this to a request whose term
-    /// has ended ([`Action::EndTerm`]), so that the release does not wait for it.
+    /// it was never sent and cannot land: at its [`Request::send_by`], at its deadline,
+    /// on [`Action::Withdraw`], or when its term has ended ([`Action::EndTerm`]), so
+    /// that the release does not wait for it.
     Unsent,
     /// The watch asked for by [`Action::Watch`] is open, or could not be opened.
     WatchOpened(Result<(), LockError>),
