@@ -1179,8 +1179,9 @@ impl Machine {
                 purpose: Purpose::Take,
                 ..
             }) => {
-                // A create whose read is no longer fresh (`Request::send_by`): it cannot
-                // land; look again (or, shutting down, there is nothing to resolve).
+                // Dropped before it left (its read no longer fresh, its deadline, or a
+                // shutdown): it cannot land; look again (or, shutting down, there is
+                // nothing to resolve).
                 debug!("a take was dropped before it was sent");
                 self.inflight = None;
                 self.pending_take = None;

@@ -68,10 +68,7 @@ use tracing::warn;
 mod admission;
 mod transport;
 
-#[cfg(test)]
 pub(crate) use admission::Gate;
-#[cfg(not(test))]
-use admission::Gate;
 pub use admission::Priority;
 pub(crate) use admission::{State as TicketState, Ticket};
 use transport::{Pool, Transport};
