@@ -149,7 +149,8 @@ type Pending<T> = Pin<Box<dyn Future<Output = T> + Send>>;
 enum Outcome {
     /// Its answer, and when it left the process if the client said so.
     Answered(Result<Answer, LockError>, Option<Instant>),
-    /// Dropped while it still waited in the client, at its `send_by`.
+    /// Never left: it still waited for its place at its `send_by` or its deadline, or
+    /// was refused its place for being past `send_by`.
     Unsent,
 }
 type Events = BoxStream<'static, Result<LockEvent, LockError>>;
@@ -372,6 +373,7 @@ impl<L: Lock> Driver<L> {
         } = req;
         let fresh_for = self.config.retry_period;
         Box::pin(async move {
+            ticket.begin();
             let start = Instant::now();
             if deadline <= start {
                 // Too late already (a starved runtime): do not send what cannot be
@@ -490,18 +492,15 @@ impl<L: Lock> Driver<L> {
     }
 }
 
-/// Drops the outstanding request if it still waits for a place in the client (queued,
-/// or deferred), and tells the machine it was never sent.
+/// Drops the outstanding request if it has not left: not yet begun (built but not yet
+/// polled), or waiting for a place in the client (queued, or deferred); and tells the
+/// machine it was never sent.
 fn withdraw_unsent(
     request: &mut Option<Pending<Outcome>>,
     ticket: &mut Option<Arc<Ticket>>,
     m: &mut Machine,
 ) {
-    if request.is_some()
-        && ticket
-            .as_ref()
-            .is_some_and(|t| t.state() == TicketState::Queued)
-    {
+    if request.is_some() && ticket.as_ref().is_some_and(|t| !t.may_have_left()) {
         *request = None;
         *ticket = None;
         m.handle(Input::Unsent, Instant::now());

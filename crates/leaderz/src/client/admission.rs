@@ -36,6 +36,7 @@
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, VecDeque};
 use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::oneshot;
@@ -81,6 +82,9 @@ pub(crate) struct Ticket {
     /// Past this instant no attempt of the request leaves (kube's client retries after
     /// a 429 or 503 too): see [`Request::send_by`](crate::machine::Request::send_by).
     send_by: Mutex<Option<Instant>>,
+    /// Its caller has begun sending it (an `Unseen` ticket not begun has surely not
+    /// left).
+    begun: AtomicBool,
 }
 
 /// The place a deferred request waits for, or has been given.
@@ -135,6 +139,7 @@ impl Ticket {
             state: Mutex::new(State::Unseen),
             place: Mutex::new(Place::None),
             send_by: Mutex::new(None),
+            begun: AtomicBool::new(false),
         })
     }
 
@@ -148,12 +153,23 @@ impl Ticket {
             state: Mutex::new(State::Unseen),
             place: Mutex::new(Place::None),
             send_by: Mutex::new(None),
+            begun: AtomicBool::new(false),
         })
     }
 
     /// No attempt of the request leaves after `by` (`None`: no limit).
     pub(crate) fn set_send_by(&self, by: Option<Instant>) {
         *self.send_by.lock().unwrap_or_else(|e| e.into_inner()) = by;
+    }
+
+    /// The caller begins sending the request.
+    pub(crate) fn begin(&self) {
+        self.begun.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether the request may have left: it has begun and is not known to wait.
+    pub(crate) fn may_have_left(&self) -> bool {
+        self.begun.load(Ordering::Relaxed) && !matches!(self.state(), State::Queued)
     }
 
     fn too_late(&self) -> bool {
@@ -808,6 +824,24 @@ mod tests {
         assert!(retry.unwrap_err().is::<TooLate>());
         assert_eq!(ticket.sent(), Some(sent), "the first attempt left");
         assert_eq!(gate.in_flight(), 0);
+    }
+
+    /// A request not yet begun, or waiting for its place, has not left; one begun and
+    /// unseen by a gate (a client without one) may have; one sent has.
+    #[tokio::test(start_paused = true)]
+    async fn what_may_have_left() {
+        let gate = Gate::new(1);
+        let held = gate.enter().await.unwrap();
+        let ticket = Ticket::deferring(Priority::Normal);
+        assert!(!ticket.may_have_left(), "not begun");
+        ticket.begin();
+        assert!(ticket.may_have_left(), "begun, unseen by a gate");
+        assert!(ticket.scope(gate.enter()).await.is_err(), "deferred");
+        assert!(!ticket.may_have_left(), "waits for its place");
+        drop(held);
+        ticket.admitted().await.unwrap();
+        let _permit = ticket.scope(gate.enter()).await.unwrap();
+        assert!(ticket.may_have_left(), "sent");
     }
 
     /// `admitted` on a ticket that waits for nothing returns at once (it used to lock

@@ -535,6 +535,10 @@ impl State {
         let Ok(version) = version.parse::<u64>() else {
             return;
         };
+        if version < self.newest_shown {
+            // Versions went back (an etcd restore): what they dated no longer holds.
+            self.forget_marks();
+        }
         self.newest_shown = self.newest_shown.max(version);
         while let Some(&(v, asked)) = self.marks.front()
             && v <= version
@@ -542,6 +546,14 @@ impl State {
             self.marks.pop_front();
             self.shown_until = self.shown_until.max(Some(asked));
         }
+    }
+
+    /// Forgets what the watch's versions dated (at a relist, an error, or versions
+    /// going back): knowledge of absence falls back to the last list's.
+    fn forget_marks(&mut self) {
+        self.marks.clear();
+        self.newest_shown = 0;
+        self.shown_until = None;
     }
 
     /// Forgets Leases deleted long ago that nobody listens to. Not at once: a lock
@@ -620,6 +632,7 @@ async fn run(hub: Arc<Hub>, api: Api<Lease>, config: watcher::Config) {
                         let mut state = hub.lock();
                         state.relisting = Some(HashMap::new());
                         state.listing_from = Some(Instant::now());
+                        state.forget_marks();
                     }
                     Event::InitApply(lease) => {
                         let v = versioned(lease);
@@ -642,6 +655,7 @@ async fn run(hub: Arc<Hub>, api: Api<Lease>, config: watcher::Config) {
                 }
             }
             Err(e) => {
+                hub.lock().forget_marks();
                 if !failing {
                     warn!(error = %e, "the shared Lease watch failed; retrying");
                     failing = true;
@@ -751,6 +765,9 @@ mod tests {
         let asked = Instant::now();
         hub.lock().note_write("140", asked);
         assert_eq!(absent("x"), Some(asked));
+        // Versions going back (an etcd restore) void what they dated.
+        hub.apply(lease("other", "5"));
+        assert_eq!(absent("x"), Some(listed));
     }
 
     /// A lock gone since its Lease's deletion (its stream dropped, nothing more sent to
